@@ -1,0 +1,24 @@
+"""vllm-steer: per-request activation steering for stock vLLM."""
+
+from vllm_steer.config import ARCHITECTURE, SteeringConfig, hf_overrides
+from vllm_steer.spec import SteeringError, SteeringSpec, VectorEntry, parse_spec
+
+__all__ = [
+    "ARCHITECTURE",
+    "SteeredLLM",
+    "SteeringConfig",
+    "SteeringError",
+    "SteeringSpec",
+    "VectorEntry",
+    "hf_overrides",
+    "parse_spec",
+]
+
+
+def __getattr__(name: str):
+    # Lazy: importing the package must not import vLLM (the plugin entry point imports it).
+    if name == "SteeredLLM":
+        from vllm_steer.offline import SteeredLLM
+
+        return SteeredLLM
+    raise AttributeError(name)

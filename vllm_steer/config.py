@@ -1,0 +1,50 @@
+"""Static steering settings of a served model, carried in ``hf_overrides``.
+
+    hf_overrides={"architectures": ["SteeredLlamaForCausalLM"],
+                  "steering": {"vector_files": ["steering_vectors.pt"],
+                               "max_directions": 4, "layers": None}}
+
+vLLM sets dict-valued overrides on the HF config, so every process (front end and
+workers) reads the same settings from ``hf_config.steering``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ARCHITECTURE = "SteeredLlamaForCausalLM"
+
+
+class SteeringConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Files loaded into every process's vector registry at start (see vectors/files.py).
+    vector_files: tuple[str, ...] = ()
+    # Clamp/ablate directions one request may use per layer; 0 skips that math entirely.
+    max_directions: int = Field(default=4, ge=0, le=64)
+    # Layers that can be steered (None: all). Each costs (1 + max_directions) rows of
+    # hidden_size floats per running request slot.
+    layers: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> SteeringConfig:
+        return cls.model_validate(getattr(hf_config, "steering", None) or {})
+
+    def steerable_layers(self, num_layers: int) -> tuple[int, ...]:
+        if self.layers is None:
+            return tuple(range(num_layers))
+        bad = [layer for layer in self.layers if not 0 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"steering.layers {bad} out of range: the model has layers 0-{num_layers - 1}")
+        return tuple(sorted(set(self.layers)))
+
+
+def hf_overrides(**steering: Any) -> dict[str, Any]:
+    """The ``hf_overrides`` that select the steered architecture with these settings."""
+    settings = SteeringConfig(**steering).model_dump(exclude_defaults=True)
+    overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+    if settings:
+        overrides["steering"] = settings
+    return overrides

@@ -1,0 +1,126 @@
+"""Front-end side: validate, resolve and salt every request's steering before it is queued.
+
+vLLM's ``InputProcessor.process_inputs`` is the one place every entry path passes (the
+offline ``LLM``, the OpenAI server, raw ``extra_args``), so the plugin wraps it. For a
+request with ``extra_args["steering"]`` it
+1. resolves the spec against the model and the front end's vector registry (a bad spec
+   raises a 400-class ``VLLMValidationError`` naming the field, before the engine sees it);
+2. replaces it with the resolved spec (vectors by digest), so the worker applies exactly
+   what was validated, even if a name is re-registered meanwhile;
+3. folds the spec's content fingerprint into ``cache_salt``: vLLM's prefix-cache hashes
+   cover the salt but not ``extra_args``, so without this a steered request's KV blocks
+   would be reused by unsteered or differently steered requests with the same prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+from vllm.exceptions import VLLMValidationError
+
+from vllm_steer.config import ARCHITECTURE, SteeringConfig
+from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve
+from vllm_steer.spec import SteeringError
+from vllm_steer.vectors import VectorRegistry, load_vector_file
+
+SALT_PREFIX = "vllm-steer:"
+
+
+class SteeringRequestError(VLLMValidationError, SteeringError):
+    """A bad spec at the front end: vLLM maps it to HTTP 400; Python callers may catch
+    it as ``SteeringError`` or ``ValueError``."""
+
+    def __init__(self, error: SteeringError):
+        Exception.__init__(self, str(error))
+        self.field, self.reason = error.field, error.reason
+        self.parameter, self.value = error.field, None
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+def steering_salt(fingerprint: str, user_salt: str | None) -> str:
+    """The cache namespace of a steered request: its content, plus any salt of the user's."""
+    if user_salt is None:
+        return SALT_PREFIX + fingerprint
+    return SALT_PREFIX + hashlib.sha256(f"{fingerprint}\0{user_salt}".encode()).hexdigest()[:32]
+
+
+class SteeringFrontend:
+    """The front end's view of the served model: its shape and a registry mirroring the workers'."""
+
+    def __init__(self, hf_config: Any):
+        settings = SteeringConfig.from_hf_config(hf_config)
+        self.shape = ModelShape(
+            num_layers=hf_config.num_hidden_layers,
+            hidden_size=hf_config.hidden_size,
+            steerable_layers=settings.steerable_layers(hf_config.num_hidden_layers),
+            max_directions=settings.max_directions,
+        )
+        self.registry = VectorRegistry()
+        for path in settings.vector_files:
+            load_vector_file(path, self.registry)
+
+    def resolve(self, spec: Any) -> ResolvedSteering | None:
+        return resolve(spec, self.shape, self.registry)
+
+
+_LOCK = threading.Lock()
+
+
+def frontend_of(input_processor: Any) -> SteeringFrontend | None:
+    """The SteeringFrontend of an engine's InputProcessor; None if the model is not steerable."""
+    frontend = getattr(input_processor, "_vllm_steer", None)
+    if frontend is None:
+        with _LOCK:
+            frontend = getattr(input_processor, "_vllm_steer", None)
+            if frontend is None:
+                hf_config = input_processor.model_config.hf_config
+                steerable = ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+                frontend = SteeringFrontend(hf_config) if steerable else False
+                input_processor._vllm_steer = frontend
+    return frontend or None
+
+
+def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
+    """Resolve and salt one EngineCoreRequest in place (see the module docstring)."""
+    params = request.sampling_params
+    extra = getattr(params, "extra_args", None)
+    if not extra or "steering" not in extra:
+        return
+    if frontend is None:
+        raise SteeringRequestError(
+            SteeringError(
+                f"needs the {ARCHITECTURE} architecture; start the engine with "
+                f'hf_overrides={{"architectures": ["{ARCHITECTURE}"]}} (launch.py and vllm_steer.SteeredLLM do this)'
+            )
+        )
+    try:
+        resolved = frontend.resolve(extra["steering"])
+    except SteeringError as exc:
+        raise SteeringRequestError(exc) from None
+    extra = dict(extra)
+    if resolved is None:  # nothing to apply: the request is unsteered, and shares its cache
+        del extra["steering"]
+    else:
+        extra["steering"] = resolved.wire()
+        request.cache_salt = steering_salt(resolved.fingerprint, request.cache_salt)
+    params.extra_args = extra or None
+
+
+def install() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.process_inputs
+    if getattr(original, "_vllm_steer", False):
+        return
+
+    def process_inputs(self, *args, **kwargs):
+        request = original(self, *args, **kwargs)
+        prepare_request(frontend_of(self), request)
+        return request
+
+    process_inputs._vllm_steer = True
+    InputProcessor.process_inputs = process_inputs

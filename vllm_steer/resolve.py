@@ -1,0 +1,178 @@
+"""Spec -> concrete operations on concrete vectors, checked against the model.
+
+Runs in the front end (to validate, fingerprint and salt the prefix cache) and again in the
+worker (to build slot rows). The front end sends the worker a *resolved* spec in which every
+vector is a ``sha256:`` reference or inline bytes, so both sides resolve to the same ops and
+a re-registered name can never change a request already accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from vllm_steer.spec import ApplyTo, Mode, SteeringError, SteeringSpec, encode_b64, parse_spec, vector_digest
+from vllm_steer.vectors.registry import VectorRegistry, feature_name
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What validation needs to know about the served model."""
+
+    num_layers: int
+    hidden_size: int
+    steerable_layers: tuple[int, ...]
+    max_directions: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation at one layer, ``coeff = spec.scale * entry.scale``."""
+
+    layer: int
+    mode: Mode
+    digest: str
+    coeff: float
+    normalize: bool
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    ops: tuple[Op, ...]
+    apply_to: ApplyTo
+    # Inline vectors (not in any registry) travel with the request.
+    inline: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+
+    @cached_property
+    def canonical(self) -> str:
+        body = {
+            "apply_to": self.apply_to,
+            "ops": [[op.layer, op.mode, op.digest, op.coeff, op.normalize] for op in self.ops],
+        }
+        return json.dumps(body, separators=(",", ":"))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the steering by content: equal fingerprints steer identically."""
+        return hashlib.sha256(self.canonical.encode()).hexdigest()[:32]
+
+    def arrays(self, registry: VectorRegistry) -> dict[str, np.ndarray]:
+        """digest -> float32 vector for every op (inline ones first, then the registry's)."""
+        return {op.digest: self.inline[op.digest] if op.digest in self.inline else registry.array(op.digest) for op in self.ops}
+
+    def wire(self) -> str:
+        """A spec (JSON) that resolves to exactly these ops on any registry holding the digests."""
+        vectors = []
+        for op in self.ops:
+            entry: dict = {"layers": [op.layer], "scale": op.coeff, "mode": op.mode, "normalize": op.normalize}
+            if op.digest in self.inline:
+                entry["vector_b64"] = encode_b64(self.inline[op.digest])
+            else:
+                entry["name"] = op.digest
+            vectors.append(entry)
+        return json.dumps({"vectors": vectors, "apply_to": self.apply_to}, separators=(",", ":"))
+
+
+def unit(vector: torch.Tensor) -> torch.Tensor:
+    """The notebook's normalization, exactly: ``v / (||v|| + 1e-12)``."""
+    return vector / (vector.norm() + 1e-12)
+
+
+def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> ResolvedSteering | None:
+    """Validate against the model and registry. None when the spec changes nothing."""
+    spec: SteeringSpec = parse_spec(spec_value)
+    ops: list[Op] = []
+    inline: dict[str, np.ndarray] = {}
+
+    for index, entry in enumerate(spec.vectors):
+        where = f"steering.vectors[{index}]"
+        array = entry.inline_array()
+        if array is None:
+            digest = registry.digest_of(entry.name)
+            if digest is None:
+                raise SteeringError(_unknown_name(entry.name, registry), f"{where}.name")
+            array = registry.array(digest)
+        else:
+            digest = vector_digest(array)
+            if registry.digest_of(digest) is None:
+                inline[digest] = array
+        source_field = "name" if entry.name is not None else ("vector" if entry.vector is not None else "vector_b64")
+        _check_vector(array, entry.mode != "add" or entry.normalize, shape, f"{where}.{source_field}")
+        for position, layer in enumerate(entry.layers):
+            _check_layer(layer, shape, f"{where}.layers[{position}]")
+            # Ablation has no strength; a fixed coefficient keeps equal steering equal.
+            coeff = 0.0 if entry.mode == "ablate" else spec.scale * entry.scale
+            ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
+
+    mode: Mode = "clamp" if spec.use_clamp else "add"
+    for index, (layer, feature_id, strength) in enumerate(spec.features):
+        where = f"steering.features[{index}]"
+        _check_layer(layer, shape, where)
+        digest = registry.feature_digest(layer, feature_id)
+        if digest is None:
+            raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
+        _check_vector(registry.array(digest), True, shape, where)
+        effective = strength * layer if spec.use_reduced_strengths else strength
+        ops.append(Op(layer, mode, digest, spec.scale * effective, True))
+
+    directions = Counter(op.layer for op in ops if op.mode != "add")
+    for layer, count in sorted(directions.items()):
+        if count > shape.max_directions:
+            raise SteeringError(
+                f"layer {layer} has {count} clamp/ablate directions; this server allows at most "
+                f"{shape.max_directions} per layer (hf_overrides steering.max_directions)"
+            )
+
+    # An add with coefficient 0 is exactly nothing: drop it, so `scale: 0` is unsteered.
+    ops = [op for op in ops if op.mode != "add" or op.coeff != 0.0]
+    if not ops:
+        return None
+    used = {op.digest for op in ops}
+    return ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
+
+
+def _check_layer(layer: int, shape: ModelShape, where: str) -> None:
+    if not 0 <= layer < shape.num_layers:
+        raise SteeringError(
+            f"layer {layer} is out of range: this model has layers 0-{shape.num_layers - 1}", where
+        )
+    if layer not in shape.steerable_layers:
+        raise SteeringError(
+            f"layer {layer} is not steerable on this server; steerable layers: "
+            f"{list(shape.steerable_layers)} (hf_overrides steering.layers)",
+            where,
+        )
+
+
+def _check_vector(array: np.ndarray, needs_direction: bool, shape: ModelShape, where: str) -> None:
+    if array.size != shape.hidden_size:
+        raise SteeringError(
+            f"vector has {array.size} values; this model's hidden size is {shape.hidden_size}", where
+        )
+    if needs_direction and not np.any(array):
+        raise SteeringError("vector is all zeros, so it has no direction to clamp, ablate or normalize", where)
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    if not items:
+        return "none are loaded"
+    shown = ", ".join(items[:limit])
+    return f"loaded: {shown}" + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _unknown_name(name: str, registry: VectorRegistry) -> str:
+    return f"unknown vector {name!r}; {_listing(registry.names())}"
+
+
+def _unknown_feature(layer: int, feature_id: int, registry: VectorRegistry) -> str:
+    held = [f"[{layer_}, {fid}]" for layer_, fid in registry.features()]
+    return (
+        f"no feature vector for (layer {layer}, feature {feature_id}) = {feature_name(layer, feature_id)}; "
+        f"{_listing(held)}"
+    )

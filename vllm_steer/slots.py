@@ -1,0 +1,169 @@
+"""Worker side: admit a request into a slot, write its rows, and fill ``token_slot``.
+
+A slot is a row index into every steerable layer's tables. Slot 0 is all zeros (no
+steering); slots 1..max_num_seqs are handed to steered requests on admission and zeroed
+on release. The rows are computed once per admission from the request's resolved spec, so
+the per-step work is only "which slot does each token read", done with tensor ops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve, unit
+from vllm_steer.vectors.registry import VectorRegistry
+
+logger = logging.getLogger("vllm_steer")
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class LayerRows:
+    add: torch.Tensor  # [hidden]: every add of this layer, pre-summed
+    directions: list[tuple[torch.Tensor, float]]  # (unit direction, target), in order
+
+
+def build_rows(resolved: ResolvedSteering, vectors: dict[str, np.ndarray], hidden: int) -> dict[int, LayerRows]:
+    """Per layer: the summed add row and the ordered clamp/ablate directions (float32)."""
+    rows: dict[int, LayerRows] = defaultdict(lambda: LayerRows(torch.zeros(hidden), []))
+    for op in resolved.ops:
+        vector = torch.from_numpy(vectors[op.digest].copy())
+        direction = unit(vector) if op.normalize else vector
+        layer = rows[op.layer]
+        if op.mode == "add":
+            layer.add += op.coeff * direction
+        else:
+            layer.directions.append((direction, op.coeff if op.mode == "clamp" else 0.0))
+    return dict(rows)
+
+
+def phase_bounds(apply_to: str, prompt_len: int) -> tuple[int, int]:
+    """Positions [lo, hi) a slot steers: prompt tokens, generated tokens, or all."""
+    return {"all": (0, NEVER), "prompt": (0, prompt_len), "generated": (prompt_len, NEVER)}[apply_to]
+
+
+class SteeringRuntime:
+    """Owns the slot tables of one model replica (one worker)."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        registry: VectorRegistry,
+        layers: dict[int, Any],
+        num_slots: int,
+        max_tokens: int,
+    ):
+        self.shape = shape
+        self.registry = registry
+        self.layers = layers
+        self.num_slots = num_slots
+        # Shared by every steerable layer: which slot each token of the flattened batch reads.
+        self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
+        self.phase_lo = torch.zeros(num_slots, dtype=torch.int64)
+        self.phase_hi = torch.full((num_slots,), NEVER, dtype=torch.int64)
+        for layer in layers.values():
+            layer.attach_steering(self.token_slot, num_slots, shape.max_directions)
+        self._free = list(range(num_slots - 1, 0, -1))
+        self._slot_of: dict[str, int] = {}
+        self._layers_of: dict[int, tuple[int, ...]] = {}
+
+    # ---- admission -------------------------------------------------------------------
+    def admit(self, req_id: str, sampling_params: Any, prompt_len: int) -> int:
+        """Give ``req_id`` a slot holding its steering; 0 when unsteered. Never raises:
+        an exception here would kill the engine, so a bad spec degrades to no steering."""
+        self.release(req_id)
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        spec = extra.get("steering")
+        if spec is None:
+            self._slot_of[req_id] = 0
+            return 0
+        try:
+            resolved = resolve(spec, self.shape, self.registry)
+            slot = self._write(resolved, prompt_len) if resolved is not None else 0
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            logger.warning("request %s runs unsteered: its steering could not be applied: %s", req_id, exc)
+            slot = 0
+        self._slot_of[req_id] = slot
+        return slot
+
+    def _write(self, resolved: ResolvedSteering, prompt_len: int) -> int:
+        if not self._free:
+            raise RuntimeError(f"all {self.num_slots - 1} steering slots are in use")
+        rows = build_rows(resolved, resolved.arrays(self.registry), self.shape.hidden_size)
+        slot = self._free.pop()
+        local = tuple(layer for layer in rows if layer in self.layers)
+        for index in local:
+            table, layer_rows = self.layers[index], rows[index]
+            table.steer_add[slot] = layer_rows.add
+            for k, (direction, target) in enumerate(layer_rows.directions):
+                table.steer_dirs[k, slot] = direction
+                table.steer_target[k, slot] = target
+        lo, hi = phase_bounds(resolved.apply_to, prompt_len)
+        self.phase_lo[slot] = lo
+        self.phase_hi[slot] = hi
+        self._layers_of[slot] = local
+        return slot
+
+    def release(self, req_id: str) -> None:
+        slot = self._slot_of.pop(req_id, 0)
+        if slot == 0:
+            return
+        for index in self._layers_of.pop(slot):
+            table = self.layers[index]
+            table.steer_add[slot] = 0
+            table.steer_dirs[:, slot] = 0
+            table.steer_target[:, slot] = 0
+        self._free.append(slot)
+
+    def slot_of(self, req_id: str) -> int | None:
+        return self._slot_of.get(req_id)
+
+    def tracked(self) -> list[str]:
+        return list(self._slot_of)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.num_slots - 1 - len(self._free)
+
+    # ---- per step ----------------------------------------------------------------------
+    def fill_token_slot(
+        self,
+        slot_per_request: torch.Tensor,
+        tokens_per_request: torch.Tensor,
+        positions: torch.Tensor,
+        num_tokens: int,
+        num_padded: int,
+    ) -> None:
+        """token_slot[:num_tokens] = each token's request slot, 0 outside the slot's phase;
+        the padded tail reads slot 0."""
+        if self.slots_in_use == 0:
+            # Nothing steered: one cheap fill keeps every token (and padding) on slot 0.
+            self.token_slot[:num_padded].zero_()
+            return
+        slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
+        pos = positions[:num_tokens]
+        inside = (pos >= self.phase_lo[slots]) & (pos < self.phase_hi[slots])
+        self.token_slot[:num_tokens] = torch.where(inside, slots, torch.zeros_like(slots))
+        self.token_slot[num_tokens:num_padded] = 0
+
+    # ---- control plane (collective_rpc) --------------------------------------------------
+    def rpc(self, op: str, *args: Any) -> Any:
+        if op == "add_vector":
+            name, raw, replace, source = args
+            return self.registry.add(name, np.frombuffer(raw, dtype="<f4"), replace=replace, source=source)
+        if op == "add_feature":
+            layer, feature_id, raw, source = args
+            return self.registry.add_feature(layer, feature_id, np.frombuffer(raw, dtype="<f4"), source=source)
+        if op == "remove_vector":
+            self.registry.remove(args[0])
+            return None
+        if op == "stats":
+            return {"slots_in_use": self.slots_in_use, "vectors": len(self.registry)}
+        raise ValueError(f"unknown steering rpc {op!r}")

@@ -1,0 +1,220 @@
+"""The request-level steering spec: one pydantic model for every entry path.
+
+The same object arrives as the server's ``steering`` JSON field, the offline API's
+``steering=`` argument and ``SamplingParams.extra_args["steering"]`` (a JSON string or a
+dict). ``parse_spec`` validates its *shape*; what needs the model and the vector
+registry (layer range, dimension, vector names) is checked in ``resolve.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Mode = Literal["add", "clamp", "ablate"]
+ApplyTo = Literal["all", "prompt", "generated"]
+
+# A vector addressed by content: "sha256:<hex of the float32 little-endian bytes>".
+DIGEST_PREFIX = "sha256:"
+
+
+class SteeringError(ValueError):
+    """A steering spec that cannot be applied. ``field`` names the offending part."""
+
+    def __init__(self, message: str, field: str = "steering"):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.reason = message
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+class VectorEntry(BaseModel):
+    """One direction applied at one or more layers.
+
+    Exactly one of ``name`` (a vector the engine has loaded), ``vector`` (inline floats)
+    or ``vector_b64`` (base64 of float32 little-endian bytes) gives the direction.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(default=None, min_length=1)
+    vector: list[float] | None = Field(default=None, min_length=1)
+    vector_b64: str | None = Field(default=None, min_length=1)
+    layers: list[int] = Field(min_length=1)
+    scale: float = 1.0
+    mode: Mode = "add"
+    normalize: bool = False
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, layers: list[int]) -> list[int]:
+        for layer in layers:
+            if layer < 0:
+                raise ValueError(f"layer numbers start at 0, got {layer}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"each layer may appear once, got {layers}")
+        return layers
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_finite(cls, scale: float) -> float:
+        return _finite(scale, "scale")
+
+    @field_validator("vector")
+    @classmethod
+    def _vector_finite(cls, vector: list[float] | None) -> list[float] | None:
+        if vector is not None and not all(math.isfinite(x) for x in vector):
+            raise ValueError("vector contains NaN or inf")
+        return vector
+
+    @field_validator("vector_b64")
+    @classmethod
+    def _b64_decodes(cls, text: str | None) -> str | None:
+        if text is not None:
+            decode_b64(text)
+        return text
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VectorEntry:
+        given = [k for k in ("name", "vector", "vector_b64") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'name', 'vector' or 'vector_b64'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    def inline_array(self) -> np.ndarray | None:
+        """The inline direction as float32, or None for a named one."""
+        if self.vector is not None:
+            return np.asarray(self.vector, dtype=np.float32)
+        if self.vector_b64 is not None:
+            return decode_b64(self.vector_b64)
+        return None
+
+
+Feature = tuple[int, int, float]
+
+
+class SteeringSpec(BaseModel):
+    """What one request asks for.
+
+    ``vectors`` is the general form. ``features`` is the original notebook's form:
+    ``[layer, feature_id, strength]`` rows resolved through the engine's loaded feature
+    vectors, unit-normalized, effective strength ``strength * layer`` when
+    ``reduced_strengths`` (the notebook's default), and ``clamp`` choosing clamp over add.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vectors: list[VectorEntry] = Field(default_factory=list)
+    features: list[Feature] = Field(default_factory=list)
+    scale: float = 1.0
+    clamp: bool | None = None
+    reduced_strengths: bool | None = None
+    apply_to: ApplyTo = "all"
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_finite(cls, scale: float) -> float:
+        return _finite(scale, "scale")
+
+    @field_validator("features")
+    @classmethod
+    def _features_sane(cls, features: list[Feature]) -> list[Feature]:
+        for layer, feature_id, strength in features:
+            if layer < 0 or feature_id < 0:
+                raise ValueError(
+                    f"[layer, feature_id, strength] needs non-negative layer and feature_id, "
+                    f"got {[layer, feature_id, strength]}"
+                )
+            _finite(strength, "strength")
+        return features
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SteeringSpec:
+        if not self.vectors and not self.features:
+            raise ValueError("empty steering spec: give 'vectors' or 'features'")
+        if not self.features and (self.clamp is not None or self.reduced_strengths is not None):
+            raise ValueError(
+                "'clamp' and 'reduced_strengths' apply to 'features' only; "
+                "give each entry of 'vectors' a 'mode' instead"
+            )
+        return self
+
+    @property
+    def use_clamp(self) -> bool:
+        return bool(self.clamp)
+
+    @property
+    def use_reduced_strengths(self) -> bool:
+        return True if self.reduced_strengths is None else self.reduced_strengths
+
+
+def decode_b64(text: str) -> np.ndarray:
+    """base64 of float32 little-endian bytes -> a finite float32 vector."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"vector_b64 is not valid base64 ({exc})") from None
+    if not raw or len(raw) % 4:
+        raise ValueError(f"vector_b64 must hold float32 values (a multiple of 4 bytes), got {len(raw)} bytes")
+    array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError("vector_b64 contains NaN or inf")
+    return array
+
+
+def encode_b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def vector_digest(array: np.ndarray) -> str:
+    """Content address of a vector: sha256 of its float32 little-endian bytes."""
+    import hashlib
+
+    return DIGEST_PREFIX + hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    path = "steering"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def parse_spec(value: SteeringSpec | str | bytes | dict[str, Any]) -> SteeringSpec:
+    """Validate a spec given as a model, a dict or JSON text; raise one SteeringError."""
+    if isinstance(value, SteeringSpec):
+        return value
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise SteeringError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SteeringError(f"must be a JSON object, got {type(value).__name__}")
+    try:
+        return SteeringSpec.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field; allowed: " + ", ".join(
+                sorted((VectorEntry if "vectors" in first["loc"] else SteeringSpec).model_fields)
+            )
+        more = len(exc.errors()) - 1
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise SteeringError(message, _format_location(first["loc"])) from None
