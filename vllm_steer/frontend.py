@@ -1,8 +1,9 @@
 """Front-end side: validate, resolve and salt every request's steering before it is queued.
 
-vLLM's ``InputProcessor.process_inputs`` is the one place every entry path passes (the
-offline ``LLM``, the OpenAI server, raw ``extra_args``), so the plugin wraps it. For a
-request with ``extra_args["steering"]`` it
+Every entry path (the offline ``LLM``, the OpenAI server, raw ``extra_args``, pre-built
+``EngineCoreRequest``s) hands each request once to ``InputProcessor.assign_request_id``
+before queueing it, so the plugin wraps that. For a request with
+``extra_args["steering"]`` it
 1. resolves the spec against the model and the front end's vector registry (a bad spec
    raises a 400-class ``VLLMValidationError`` naming the field, before the engine sees it);
 2. replaces it with the resolved spec (vectors by digest), so the worker applies exactly
@@ -111,16 +112,18 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
 
 
 def install() -> None:
+    """Wrap ``InputProcessor.assign_request_id``: the one call every entry path makes exactly
+    once per request, after the request is built (pre-built EngineCoreRequests included)."""
     from vllm.v1.engine.input_processor import InputProcessor
 
-    original = InputProcessor.process_inputs
+    original = InputProcessor.__dict__["assign_request_id"]
     if getattr(original, "_vllm_steer", False):
         return
+    assign = original.__func__ if isinstance(original, staticmethod) else original
 
-    def process_inputs(self, *args, **kwargs):
-        request = original(self, *args, **kwargs)
+    def assign_request_id(self, request):
         prepare_request(frontend_of(self), request)
-        return request
+        return assign(request)
 
-    process_inputs._vllm_steer = True
-    InputProcessor.process_inputs = process_inputs
+    assign_request_id._vllm_steer = True
+    InputProcessor.assign_request_id = assign_request_id
