@@ -64,6 +64,10 @@ class SteeredLLM:
         self.llm = LLM(model=str(model), hf_overrides=overrides, **llm_kwargs)
         self.cfg = {**NOTEBOOK_CFG, **(cfg or {})}
 
+    def shutdown(self) -> None:
+        """Stop the engine's processes now (otherwise they stop when the interpreter exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     @property
     def frontend(self) -> SteeringFrontend:
         frontend = frontend_of(self.llm.llm_engine.input_processor)

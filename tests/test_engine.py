@@ -1,0 +1,135 @@
+"""Steering inside the engine, checked against the notebook's method and for isolation.
+
+Every test here runs on each selected model runner (``--runner v1|v2|both``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_same_tokens_close_logprobs, reference, run
+from vllm_steer.spec import encode_b64
+
+
+@pytest.fixture(scope="session")
+def directions(hf_model, prompt_ids) -> dict[str, list[float]]:
+    """Random directions, plus the mean stream after the last layer (a direction that matters)."""
+    generator = np.random.default_rng(7)
+    found = {f"random{i}": generator.standard_normal(256).astype(np.float32).tolist() for i in range(3)}
+    with torch.no_grad():
+        states = hf_model(torch.tensor([prompt_ids[0]]), output_hidden_states=True).hidden_states
+    found["mean_last"] = states[4][0].mean(0).tolist()
+    return found
+
+
+def parity_cases(d) -> dict[str, dict]:
+    return {
+        "add first layer": {"vectors": [{"vector": d["random0"], "layers": [0], "scale": 3.0}]},
+        "clamp middle layer": {"vectors": [{"vector": d["random1"], "layers": [2], "mode": "clamp", "scale": 40.0}]},
+        "ablate last layer": {"vectors": [{"vector": d["mean_last"], "layers": [3], "mode": "ablate"}]},
+        "several entries": {
+            "vectors": [
+                {"name": "L1/F7", "layers": [1], "scale": 20.0, "normalize": True},
+                {"vector": d["random1"], "layers": [1, 3], "mode": "clamp", "scale": -10.0},
+                {"vector_b64": encode_b64(np.asarray(d["mean_last"], np.float32)), "layers": [3], "mode": "ablate"},
+                {"vector": d["random2"], "layers": [3], "scale": 2.0},
+            ]
+        },
+        "prompt tokens only": {"vectors": [{"vector": d["random0"], "layers": [1], "scale": 4.0}], "apply_to": "prompt"},
+        "generated tokens only": {"vectors": [{"vector": d["random0"], "layers": [1], "scale": 4.0}], "apply_to": "generated"},
+        "negative scale": {"vectors": [{"name": "L2/F42", "layers": [2], "scale": 30.0, "normalize": True}], "scale": -1.5},
+        "notebook features, clamp": {"features": [[1, 7, 10.0], [2, 42, 5.0]], "scale": 0.8, "clamp": True},
+    }
+
+
+CASES = list(parity_cases({k: [0.0] for k in ("random0", "random1", "random2", "mean_last")}))
+
+
+@pytest.fixture(scope="session")
+def parity_batch(engines, runner, prompt_ids, directions):
+    """Every case and an unsteered request, all in one batch."""
+    cases = parity_cases(directions)
+    prompt = prompt_ids[0]
+    specs = [None, *cases.values()]
+    length = {"v1": 12, "v2": 5}[runner]
+    outputs = run(engines(runner), [prompt] * len(specs), specs, length)
+    return prompt, length, dict(zip(["unsteered", *cases], zip(specs, outputs)))
+
+
+@pytest.mark.parametrize("case", ["unsteered", *CASES])
+def test_parity_with_notebook_method(case, parity_batch, hf_model, llm):
+    prompt, length, results = parity_batch
+    spec, got = results[case]
+    expected = reference(hf_model, llm, prompt, spec, length)
+    assert_same_tokens_close_logprobs(got, expected)
+    if case != "unsteered":
+        assert got.token_ids != results["unsteered"][1].token_ids, "this steering should change the output"
+
+
+def test_mixed_batch_gives_each_request_what_it_gets_alone(llm, prompt_ids, directions, gen_len):
+    specs = [
+        None,
+        {"vectors": [{"vector": directions["random0"], "layers": [1], "scale": 3.0}]},
+        None,
+        {"vectors": [{"vector": directions["random1"], "layers": [2], "mode": "clamp", "scale": 30.0}], "apply_to": "generated"},
+        {"features": [[3, 5, 4.0]]},
+        None,
+    ]
+    prompts = [prompt_ids[i % len(prompt_ids)] for i in range(len(specs))]
+    together = run(llm, prompts, specs, gen_len)
+    alone = [run(llm, [p], [s], gen_len)[0] for p, s in zip(prompts, specs)]
+    for mixed, single in zip(together, alone):
+        assert_same_tokens_close_logprobs(mixed, single, tolerance=1e-5)
+    # Unsteered requests are bit-identical to the same batch with no steering at all.
+    plain = run(llm, prompts, [None] * len(specs), gen_len)
+    for index, spec in enumerate(specs):
+        if spec is None:
+            assert together[index].token_ids == plain[index].token_ids
+            assert together[index].logprobs == plain[index].logprobs
+
+
+def test_as_many_distinct_configs_as_running_requests(llm, prompt_ids, gen_len):
+    """max_num_seqs (8) requests, each with its own vector, in one batch."""
+    generator = np.random.default_rng(3)
+    specs = [{"vectors": [{"vector": generator.standard_normal(256).tolist(), "layers": [1, 2], "scale": 2.0}]} for _ in range(8)]
+    prompts = [prompt_ids[1]] * 8
+    together = run(llm, prompts, specs, gen_len)
+    assert len({tuple(g.token_ids) for g in together}) > 1
+    for spec, got in zip(specs[:3], together[:3]):
+        assert_same_tokens_close_logprobs(got, run(llm, [prompt_ids[1]], [spec], gen_len)[0], tolerance=1e-5)
+
+
+def test_scale_zero_equals_unsteered(llm, prompt_ids, directions, gen_len):
+    spec = {"vectors": [{"vector": directions["random0"], "layers": [0, 1, 2, 3], "scale": 5.0}], "scale": 0.0}
+    zero, plain = run(llm, [prompt_ids[2]] * 2, [spec, None], gen_len)
+    assert zero.token_ids == plain.token_ids and zero.logprobs == plain.logprobs
+
+
+def test_bad_specs_get_clear_errors_and_the_engine_keeps_serving(llm, prompt_ids, gen_len):
+    bad = {
+        "unknown vector 'tower'": {"vectors": [{"name": "tower", "layers": [1]}]},
+        "has 3 values; this model's hidden size is 256": {"vectors": [{"vector": [1.0, 2.0, 3.0], "layers": [1]}]},
+        "layer 4 is out of range: this model has layers 0-3": {"vectors": [{"name": "L1/F7", "layers": [4]}]},
+        "NaN or inf": {"vectors": [{"vector": [float("nan")] * 256, "layers": [1]}]},
+        "at most 4 per layer": {"vectors": [{"name": "L1/F7", "layers": [1], "mode": "clamp"}] * 5},
+        "empty steering spec": {},
+        "no feature vector for (layer 1, feature 8)": {"features": [[1, 8, 1.0]]},
+    }
+    before = run(llm, [prompt_ids[1]], [None], gen_len)[0]
+    for message, spec in bad.items():
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            # The bad one is in the middle of a batch: nothing of the batch is queued.
+            run(llm, [prompt_ids[0], prompt_ids[1], prompt_ids[2]], [None, spec, None], gen_len)
+    after = run(llm, [prompt_ids[1]], [None], gen_len)[0]
+    assert after.token_ids == before.token_ids
+
+
+def test_worker_side_failure_degrades_to_unsteered(llm, prompt_ids, gen_len):
+    """A vector only the front end knows (the worker never got it) runs unsteered, logged."""
+    llm.frontend.registry.add("front-end-only", np.ones(256, np.float32), replace=True)
+    ghost, plain = run(llm, [prompt_ids[0]] * 2, [{"vectors": [{"name": "front-end-only", "layers": [1], "scale": 50.0}]}, None], gen_len)
+    llm.frontend.registry.remove("front-end-only")
+    assert ghost.token_ids == plain.token_ids
+    assert run(llm, [prompt_ids[0]], [None], gen_len)[0].token_ids == plain.token_ids

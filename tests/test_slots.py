@@ -1,0 +1,221 @@
+"""Worker-side logic on constructed inputs: slot rows, the layer math, and both per-step
+writers (V1 by request id, V2 by stable request index), without starting an engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vllm_steer.model import SteeredLlamaDecoderLayer
+from vllm_steer.resolve import ModelShape, resolve, unit
+from vllm_steer.runners import V2SlotWriter, write_v1
+from vllm_steer.slots import SteeringRuntime
+from vllm_steer.vectors import VectorRegistry
+
+HIDDEN, LAYERS, SLOTS = 16, 3, 5
+SHAPE = ModelShape(num_layers=LAYERS, hidden_size=HIDDEN, steerable_layers=(0, 1, 2), max_directions=2)
+
+
+class Layer(nn.Module):
+    """The steering half of SteeredLlamaDecoderLayer, without vLLM's attention and MLP."""
+
+    hidden_size = HIDDEN
+    max_directions = None
+    attach_steering = SteeredLlamaDecoderLayer.attach_steering
+    steer = SteeredLlamaDecoderLayer.steer
+
+
+@pytest.fixture
+def runtime() -> SteeringRuntime:
+    torch.manual_seed(0)
+    registry = VectorRegistry()
+    for name in ("a", "b", "c"):
+        registry.add(name, torch.randn(HIDDEN).numpy())
+    layers = {index: Layer() for index in range(LAYERS)}
+    return SteeringRuntime(SHAPE, registry, layers, num_slots=SLOTS, max_tokens=32)
+
+
+def params(spec=None):
+    return SimpleNamespace(extra_args=None if spec is None else {"steering": json.dumps(spec)})
+
+
+def reference_stream(stream: torch.Tensor, spec, registry, layer: int, positions, prompt_len: int) -> torch.Tensor:
+    """The notebook's hook, op by op, on a stream of tokens of one request."""
+    resolved = resolve(spec, SHAPE, registry)
+    lo, hi = {"all": (0, 10**9), "prompt": (0, prompt_len), "generated": (prompt_len, 10**9)}[resolved.apply_to]
+    inside = ((positions >= lo) & (positions < hi)).unsqueeze(-1).float()
+    ops = [op for op in resolved.ops if op.layer == layer]
+    for op in [o for o in ops if o.mode == "add"] + [o for o in ops if o.mode != "add"]:
+        vector = torch.from_numpy(registry.array(op.digest).copy())
+        vector = unit(vector) if op.normalize else vector
+        if op.mode == "add":
+            change = op.coeff * vector
+        else:
+            target = op.coeff if op.mode == "clamp" else 0.0
+            change = (target - (stream * vector).sum(-1, keepdim=True)) * vector
+        stream = stream + inside * change
+    return stream
+
+
+SPEC_A = {"vectors": [{"name": "a", "layers": [0, 1], "scale": 3.0}, {"name": "b", "layers": [1], "mode": "clamp", "scale": 2.0}]}
+SPEC_B = {"vectors": [{"name": "c", "layers": [1], "mode": "ablate"}, {"name": "a", "layers": [1], "mode": "clamp", "scale": -1.0}, {"name": "b", "layers": [1], "scale": 0.5, "normalize": True}], "apply_to": "generated"}
+
+
+def test_mixed_batch_matches_reference_and_leaves_unsteered_bits(runtime):
+    slot_a = runtime.admit("ra", params(SPEC_A), prompt_len=3)
+    slot_b = runtime.admit("rb", params(SPEC_B), prompt_len=2)
+    assert runtime.admit("plain", params(), prompt_len=4) == 0
+    assert {slot_a, slot_b} == {1, 2}
+    # Batch: ra (3 prompt tokens), plain (2), rb (4: 2 prompt + 2 generated)
+    positions = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 3])
+    runtime.fill_token_slot(torch.tensor([slot_a, 0, slot_b]), torch.tensor([3, 2, 4]), positions, 9, 12)
+    assert runtime.token_slot[:12].tolist() == [slot_a] * 3 + [0, 0] + [0, 0, slot_b, slot_b] + [0, 0, 0]
+    hidden, residual = torch.randn(9, HIDDEN), torch.randn(9, HIDDEN)
+    for index, layer in runtime.layers.items():
+        new_residual = layer.steer(hidden, residual)
+        assert torch.equal(new_residual[3:5], residual[3:5])  # unsteered: bit-identical
+        for rows, spec, prompt_len in ((slice(0, 3), SPEC_A, 3), (slice(5, 9), SPEC_B, 2)):
+            expected = reference_stream(hidden[rows] + residual[rows], spec, runtime.registry, index, positions[rows], prompt_len)
+            torch.testing.assert_close(hidden[rows] + new_residual[rows], expected, atol=1e-5, rtol=1e-5)
+    clamped = runtime.layers[1].steer(hidden, residual)[:3] + hidden[:3]
+    b_hat = unit(torch.from_numpy(runtime.registry.array(runtime.registry.digest_of("b")).copy()))
+    torch.testing.assert_close(clamped @ b_hat, torch.full((3,), 2.0), atol=1e-5, rtol=0)
+
+
+def test_release_zeroes_rows_and_slots_are_reused(runtime):
+    for i in range(SLOTS - 1):  # every slot but the zero one: no cap below max_num_seqs
+        assert runtime.admit(f"r{i}", params(SPEC_A), prompt_len=1) == i + 1
+    assert runtime.slots_in_use == SLOTS - 1
+    runtime.release("r1")
+    for layer in runtime.layers.values():
+        assert not layer.steer_add[2].any() and not layer.steer_dirs[:, 2].any() and not layer.steer_target[:, 2].any()
+    assert runtime.admit("late", params(SPEC_B), prompt_len=1) == 2
+    assert runtime.layers[0].steer_add[2].abs().sum() == 0  # SPEC_B does not touch layer 0
+    for i in (0, 2, 3):
+        runtime.release(f"r{i}")
+    runtime.release("late")
+    runtime.release("never-admitted")
+    assert runtime.slots_in_use == 0
+    for layer in runtime.layers.values():
+        assert not layer.steer_add.any() and not layer.steer_dirs.any()
+
+
+def test_exhausted_or_unresolvable_specs_degrade_to_unsteered(runtime, caplog):
+    with caplog.at_level(logging.WARNING, logger="vllm_steer"):
+        assert runtime.admit("ghost", params({"vectors": [{"name": "sha256:" + "0" * 64, "layers": [1]}]}), 1) == 0
+        assert runtime.admit("garbage", SimpleNamespace(extra_args={"steering": "{not json"}), 1) == 0
+        for i in range(SLOTS - 1):
+            runtime.admit(f"r{i}", params(SPEC_A), 1)
+        assert runtime.admit("one-too-many", params(SPEC_A), 1) == 0
+    assert "ghost runs unsteered" in caplog.text and "steering slots are in use" in caplog.text
+
+
+def test_phase_masks_and_padding(runtime):
+    prompt_only = runtime.admit("p", params({**SPEC_A, "apply_to": "prompt"}), prompt_len=2)
+    generated_only = runtime.admit("g", params({**SPEC_A, "apply_to": "generated"}), prompt_len=2)
+    runtime.token_slot.fill_(99)
+    positions = torch.tensor([1, 2, 1, 2, 7, 7])
+    runtime.fill_token_slot(torch.tensor([prompt_only, generated_only]), torch.tensor([2, 2]), positions, 4, 6)
+    assert runtime.token_slot[:7].tolist() == [prompt_only, 0, 0, generated_only, 0, 0, 99]
+
+
+class FakeV1Runner:
+    """What write_v1 reads from vLLM's V1 GPUModelRunner."""
+
+    def __init__(self):
+        self.requests = {}
+        self.input_batch = SimpleNamespace(req_ids=[], num_reqs=0)
+        self.query_start_loc = SimpleNamespace(np=np.zeros(9, dtype=np.int32))
+
+    def schedule(self, batch: list[tuple[str, int]]):
+        self.input_batch = SimpleNamespace(req_ids=[r for r, _ in batch] + ["stale-row"], num_reqs=len(batch))
+        self.query_start_loc.np[: len(batch) + 1] = np.concatenate([[0], np.cumsum([n for _, n in batch])])
+
+
+def test_v1_writer_follows_rows_by_request_id(runtime):
+    runner = FakeV1Runner()
+    runner.requests = {
+        "a": SimpleNamespace(sampling_params=params(SPEC_A), num_prompt_tokens=3),
+        "b": SimpleNamespace(sampling_params=params(SPEC_B), num_prompt_tokens=2),
+        "u": SimpleNamespace(sampling_params=params(), num_prompt_tokens=2),
+    }
+    runner.schedule([("a", 3), ("u", 2)])
+    write_v1(runtime, runner, torch.tensor([0, 1, 2, 0, 1, 0, 0, 0]))
+    slot_a = runtime.slot_of("a")
+    assert runtime.token_slot[:8].tolist() == [slot_a] * 3 + [0, 0, 0, 0, 0]
+    # Next step: rows reordered (condensed), b joins, a decodes one token.
+    runner.schedule([("b", 2), ("a", 1)])
+    write_v1(runtime, runner, torch.tensor([0, 1, 3]))
+    assert runtime.token_slot[:3].tolist() == [0, 0, slot_a]  # b steers generated tokens only
+    assert runtime.slot_of("u") is None  # left the batch: released
+    # a is preempted (leaves), b decodes; a comes back later and is admitted again.
+    runner.schedule([("b", 1)])
+    write_v1(runtime, runner, torch.tensor([2]))
+    assert runtime.slot_of("a") is None and runtime.slots_in_use == 1
+    assert runtime.token_slot[0].item() == runtime.slot_of("b")
+    runner.schedule([("a", 4), ("b", 1)])
+    write_v1(runtime, runner, torch.tensor([0, 1, 2, 3, 3]))
+    assert runtime.token_slot[:5].tolist() == [runtime.slot_of("a")] * 4 + [runtime.slot_of("b")]
+
+
+def new_request(req_id: str, spec=None, prompt_len: int = 2):
+    return SimpleNamespace(req_id=req_id, sampling_params=params(spec), prompt_len=prompt_len)
+
+
+def v2_batch(req_ids, idx_mapping, tokens, positions, padded):
+    starts = np.concatenate([[0], np.cumsum(tokens)])
+    return SimpleNamespace(
+        req_ids=req_ids,
+        num_reqs=len(req_ids),
+        idx_mapping=torch.tensor(idx_mapping),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        positions=torch.tensor(positions + [0] * (padded - len(positions))),
+        num_tokens=int(starts[-1]),
+        num_tokens_after_padding=padded,
+    )
+
+
+def test_v2_writer_order_padding_dummy_and_preemption(runtime):
+    writer = V2SlotWriter(runtime, max_num_reqs=4, device="cpu")
+    states = SimpleNamespace(req_id_to_index={"a": 2, "u": 0, "b": 3})
+    writer.add_request(2, new_request("a", SPEC_A))
+    writer.add_request(0, new_request("u"))
+    writer.add_request(3, new_request("b", SPEC_B, prompt_len=1))
+    slot_a, slot_b = runtime.slot_of("a"), runtime.slot_of("b")
+    # Batch order differs from request-index order; the tail is padding.
+    writer.prepare_inputs(v2_batch(["b", "a", "u"], [3, 2, 0], [2, 1, 1], [0, 1, 5, 3], padded=8), states)
+    assert runtime.token_slot[:8].tolist() == [0, slot_b, slot_a, 0, 0, 0, 0, 0]
+    # Order changes next step.
+    writer.prepare_inputs(v2_batch(["u", "a", "b"], [0, 2, 3], [1, 1, 1], [4, 6, 2], padded=4), states)
+    assert runtime.token_slot[:4].tolist() == [0, slot_a, slot_b, 0]
+    # A dummy batch (ids unknown to the runner) reads slot 0 everywhere.
+    writer.prepare_inputs(v2_batch(["dummy_0", "dummy_1"], [0, 1], [2, 2], [0, 1, 0, 1], padded=4), states)
+    assert not runtime.token_slot[:4].any()
+    runtime.token_slot.fill_(7)
+    writer.prepare_dummy_inputs(num_tokens=6)
+    assert not runtime.token_slot[:6].any()
+    # Preemption: V2 removes "a", later adds it again as new, possibly at another index.
+    writer.remove_request("a")
+    assert runtime.slot_of("a") is None and runtime.slots_in_use == 1
+    writer.add_request(1, new_request("a", SPEC_A))
+    states.req_id_to_index = {"a": 1, "b": 3}
+    writer.prepare_inputs(v2_batch(["a", "b"], [1, 3], [3, 1], [0, 1, 2, 9], padded=4), states)
+    assert runtime.token_slot[:4].tolist() == [runtime.slot_of("a")] * 3 + [slot_b]
+
+
+def test_v2_writer_failure_runs_unsteered_instead_of_raising(runtime, caplog):
+    writer = V2SlotWriter(runtime, max_num_reqs=4, device="cpu")
+    writer.add_request(0, new_request("a", SPEC_A))
+    broken = v2_batch(["a"], [0], [3], [0, 1, 2], padded=4)
+    broken.num_tokens = 5  # inconsistent with query_start_loc
+    runtime.token_slot.fill_(1)
+    with caplog.at_level(logging.ERROR, logger="vllm_steer"):
+        writer.prepare_inputs(broken, SimpleNamespace(req_id_to_index={"a": 0}))
+    assert not runtime.token_slot.any()
+    assert "runs unsteered" in caplog.text

@@ -1,0 +1,170 @@
+"""The spec and its resolution: what a client sees when a spec is wrong, and what it means."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vllm_steer.resolve import ModelShape, Op, resolve
+from vllm_steer.spec import SteeringError, encode_b64, parse_spec, vector_digest
+from vllm_steer.vectors import VectorRegistry
+
+SHAPE = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=2)
+
+
+@pytest.fixture
+def registry() -> VectorRegistry:
+    registry = VectorRegistry()
+    registry.add("eiffel", np.arange(1, 9, dtype=np.float32))
+    registry.add_feature(2, 74457, np.ones(8, dtype=np.float32), source="test")
+    return registry
+
+
+def vec(*values: float) -> list[float]:
+    return list(values) + [0.0] * (8 - len(values))
+
+
+@pytest.mark.parametrize(
+    "spec, field, fragment",
+    [
+        ({}, "steering", "empty steering spec"),
+        ({"vectors": []}, "steering", "empty steering spec"),
+        ({"vectors": [{"name": "eiffel"}]}, "steering.vectors[0].layers", "Field required"),
+        ({"vectors": [{"name": "eiffel", "layers": []}]}, "steering.vectors[0].layers", "at least 1"),
+        ({"vectors": [{"name": "eiffel", "layers": [-1]}]}, "steering.vectors[0].layers", "start at 0"),
+        ({"vectors": [{"name": "eiffel", "layers": [1, 1]}]}, "steering.vectors[0].layers", "once"),
+        ({"vectors": [{"layers": [1]}]}, "steering.vectors[0]", "exactly one of 'name', 'vector'"),
+        ({"vectors": [{"name": "a", "vector": [1.0], "layers": [1]}]}, "steering.vectors[0]", "got name, vector"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "boost"}]}, "steering.vectors[0].mode", "'add', 'clamp' or 'ablate'"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "colour": 1}]}, "steering.vectors[0].colour", "allowed: layers, mode, name"),
+        ({"vectors": [{"vector": [1.0, math.nan], "layers": [1]}]}, "steering.vectors[0].vector", "NaN or inf"),
+        ({"vectors": [{"vector_b64": "!!!", "layers": [1]}]}, "steering.vectors[0].vector_b64", "not valid base64"),
+        ({"vectors": [{"vector_b64": "AAA=", "layers": [1]}]}, "steering.vectors[0].vector_b64", "multiple of 4 bytes"),
+        ({"vectors": [{"vector_b64": encode_b64(np.array([np.inf], np.float32)), "layers": [1]}]}, "steering.vectors[0].vector_b64", "NaN or inf"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "scale": math.inf}]}, "steering.vectors[0].scale", "finite"),
+        ({"vectors": [{"name": "eiffel", "layers": [1]}], "scale": "big"}, "steering.scale", "valid number"),
+        ({"vectors": [{"name": "eiffel", "layers": [1]}], "apply_to": "outputs"}, "steering.apply_to", "'all', 'prompt' or 'generated'"),
+        ({"vectors": [{"name": "eiffel", "layers": [1]}], "clamp": True}, "steering", "apply to 'features' only"),
+        ({"features": [[2, 74457]]}, "steering.features[0][2]", "Field required"),
+        ({"features": [[-2, 74457, 0.1]]}, "steering.features", "non-negative"),
+        ({"steer": True}, "steering.steer", "unknown field"),
+    ],
+)
+def test_shape_errors_name_the_field(spec, field, fragment):
+    with pytest.raises(SteeringError) as info:
+        parse_spec(spec)
+    assert info.value.field == field
+    assert fragment in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "spec, field, fragment",
+    [
+        ({"vectors": [{"name": "tower", "layers": [1]}]}, "steering.vectors[0].name", "unknown vector 'tower'; loaded: L2/F74457, eiffel"),
+        ({"vectors": [{"name": "eiffel", "layers": [4]}]}, "steering.vectors[0].layers[0]", "layer 4 is out of range: this model has layers 0-3"),
+        ({"vectors": [{"vector": [1.0, 2.0], "layers": [1]}]}, "steering.vectors[0].vector", "has 2 values; this model's hidden size is 8"),
+        ({"vectors": [{"vector": vec(), "layers": [1], "mode": "clamp"}]}, "steering.vectors[0].vector", "all zeros"),
+        ({"features": [[2, 1, 0.5]]}, "steering.features[0]", "no feature vector for (layer 2, feature 1)"),
+        ({"features": [[9, 1, 0.5]]}, "steering.features[0]", "out of range"),
+        (
+            {"vectors": [{"vector": vec(1), "layers": [1], "mode": "clamp"}, {"vector": vec(0, 1), "layers": [1], "mode": "ablate"}, {"vector": vec(0, 0, 1), "layers": [1], "mode": "clamp"}]},
+            "steering",
+            "layer 1 has 3 clamp/ablate directions; this server allows at most 2 per layer",
+        ),
+    ],
+)
+def test_model_errors_name_the_field(spec, field, fragment, registry):
+    with pytest.raises(SteeringError) as info:
+        resolve(spec, SHAPE, registry)
+    assert info.value.field == field
+    assert fragment in info.value.reason, info.value.reason
+
+
+def test_layer_not_steerable_says_which_are(registry):
+    shape = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(2,), max_directions=2)
+    with pytest.raises(SteeringError, match=r"layer 1 is not steerable on this server; steerable layers: \[2\]"):
+        resolve({"vectors": [{"name": "eiffel", "layers": [1]}]}, shape, registry)
+
+
+def test_json_text_and_dict_parse_alike():
+    spec = {"vectors": [{"name": "eiffel", "layers": [1, 2], "scale": 2.0}], "apply_to": "prompt"}
+    assert parse_spec(json.dumps(spec)) == parse_spec(spec)
+    with pytest.raises(SteeringError, match="not valid JSON"):
+        parse_spec("{vectors")
+    with pytest.raises(SteeringError, match="must be a JSON object"):
+        parse_spec("[1, 2]")
+
+
+def test_ops_carry_combined_scale_and_order(registry):
+    resolved = resolve(
+        {
+            "vectors": [
+                {"name": "eiffel", "layers": [1, 3], "scale": 2.0},
+                {"vector": vec(1), "layers": [1], "mode": "clamp", "scale": 4.0},
+                {"vector": vec(0, 1), "layers": [1], "mode": "ablate", "scale": 9.0},
+            ],
+            "scale": 0.5,
+        },
+        SHAPE,
+        registry,
+    )
+    eiffel = registry.digest_of("eiffel")
+    assert resolved.ops == (
+        Op(1, "add", eiffel, 1.0, False),
+        Op(3, "add", eiffel, 1.0, False),
+        Op(1, "clamp", vector_digest(np.array(vec(1), np.float32)), 2.0, True),
+        Op(1, "ablate", vector_digest(np.array(vec(0, 1), np.float32)), 0.0, True),
+    )
+
+
+def test_notebook_features_use_reduced_strengths_by_default(registry):
+    digest = registry.feature_digest(2, 74457)
+    reduced = resolve({"features": [[2, 74457, 0.25]], "scale": 0.8, "clamp": True}, SHAPE, registry)
+    assert reduced.ops == (Op(2, "clamp", digest, 0.8 * 0.25 * 2, True),)
+    plain = resolve({"features": [[2, 74457, 0.25]], "reduced_strengths": False}, SHAPE, registry)
+    assert plain.ops == (Op(2, "add", digest, 0.25, True),)
+
+
+def test_scale_zero_add_resolves_to_nothing(registry):
+    assert resolve({"vectors": [{"name": "eiffel", "layers": [1]}], "scale": 0}, SHAPE, registry) is None
+    clamp_to_zero = resolve({"vectors": [{"name": "eiffel", "layers": [1], "mode": "clamp"}], "scale": 0}, SHAPE, registry)
+    assert clamp_to_zero is not None and clamp_to_zero.ops[0].coeff == 0.0
+
+
+def test_fingerprint_is_content_not_name(registry):
+    spec = {"vectors": [{"name": "eiffel", "layers": [1]}]}
+    before = resolve(spec, SHAPE, registry)
+    inline = resolve({"vectors": [{"vector": np.arange(1, 9).tolist(), "layers": [1]}]}, SHAPE, registry)
+    assert inline.fingerprint == before.fingerprint  # same floats, same steering
+    registry.add("eiffel", np.arange(2, 10, dtype=np.float32), replace=True)
+    after = resolve(spec, SHAPE, registry)
+    assert after.fingerprint != before.fingerprint
+    other_scale = resolve({"vectors": [{"name": "eiffel", "layers": [1], "scale": 2}]}, SHAPE, registry)
+    assert other_scale.fingerprint != after.fingerprint
+
+
+def test_wire_form_resolves_to_the_same_ops_after_a_rename(registry):
+    resolved = resolve(
+        {"vectors": [{"name": "eiffel", "layers": [1]}, {"vector": vec(3), "layers": [2], "mode": "clamp"}], "apply_to": "generated"},
+        SHAPE,
+        registry,
+    )
+    registry.add("eiffel", np.ones(8, np.float32), replace=True)  # the name moves on
+    again = resolve(resolved.wire(), SHAPE, registry)
+    assert again == resolved and again.fingerprint == resolved.fingerprint
+    assert again.inline.keys() == resolved.inline.keys()
+
+
+def test_replacing_needs_replace_and_keeps_old_content():
+    registry = VectorRegistry()
+    old = registry.add("v", np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="already exists; pass replace=True"):
+        registry.add("v", np.zeros(4, np.float32))
+    new = registry.add("v", np.full(4, 2, np.float32), replace=True)
+    assert new != old and registry.digest_of("v") == new
+    assert registry.digest_of(old) == old  # in-flight requests still resolve
+    registry.remove("v")
+    assert registry.digest_of("v") is None
