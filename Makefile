@@ -1,18 +1,25 @@
-# make test   run the whole suite (creates .venv on first use)
+# make test   run the whole suite on Model Runner V1, then the engine tests on V2 (creates .venv on first use)
 # make serve  start the steering server (creates .venv on first use)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vllm-steer-installed
+# Model Runner V2 (vLLM's GPU default) on this CPU, through Triton's interpreter: test-only.
+V2_ON_CPU := PYTHONPATH=tests/v2_on_cpu VLLM_STEER_TEST_V2_ON_CPU=1
 
-.PHONY: test serve venv clean
+.PHONY: test test-v1 test-v2 serve venv clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	scripts/bootstrap.sh
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: test-v1 test-v2
+
+test-v1: $(STAMP)
+	$(PY) -m pytest --runner v1 $(PYTEST_ARGS)
+
+test-v2: $(STAMP)
+	$(V2_ON_CPU) $(PY) -m pytest --runner v2 -m runner $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(PY) launch.py serve $(ARGS)

@@ -3,6 +3,7 @@ live for the whole session (an engine takes ~30 s to start on CPU)."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,13 +18,40 @@ CACHE = REPO / ".cache"
 FEATURES = [(1, 7), (2, 42), (3, 5)]
 
 
+V2_FLAG = "VLLM_STEER_TEST_V2_ON_CPU"
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--runner",
-        choices=["v1", "v2", "both"],
-        default="both",
-        help="model runner(s) for the engine-level tests (v2 runs on CPU through Triton's interpreter)",
+        choices=["v1", "v2"],
+        default="v2" if os.environ.get(V2_FLAG) == "1" else "v1",
+        help="model runner of the engine-level tests; v2 runs on CPU through Triton's interpreter and "
+        f"needs the test hook active from process start: PYTHONPATH=tests/v2_on_cpu {V2_FLAG}=1 "
+        "(see the Makefile). Default: v2 when the hook is active, else v1.",
     )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runner: an engine-level test that runs on the selected model runner")
+    runner = config.getoption("--runner")
+    hook_active = os.environ.get(V2_FLAG) == "1"
+    if (runner == "v2") != hook_active:
+        raise pytest.UsageError(
+            f"--runner {runner} needs {V2_FLAG}={'1' if runner == 'v2' else 'unset'} from process start "
+            f"(with PYTHONPATH=tests/v2_on_cpu for v2): the Triton hook must run before vLLM is imported"
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "runner" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.runner)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    terminalreporter.write_line(f"engine-level tests ran on Model Runner {config.getoption('--runner').upper()}")
 
 
 @pytest.fixture(scope="session")
@@ -67,37 +95,18 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 # ---- engines ---------------------------------------------------------------------------
 ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=1 << 28, seed=0)
-V2_HOOK = REPO / "tests" / "v2_on_cpu"
 # Model Runner V2 runs on CPU through Triton's interpreter: ~40x slower per decode step.
 GENERATION_LENGTH = {"v1": 12, "v2": 5}
 
 
-def selected_runners(config) -> list[str]:
-    choice = config.getoption("--runner")
-    return ["v1", "v2"] if choice == "both" else [choice]
-
-
-def pytest_generate_tests(metafunc):
-    if "runner" in metafunc.fixturenames:
-        metafunc.parametrize("runner", selected_runners(metafunc.config), scope="session")
-
-
-def v2_env() -> dict[str, str]:
-    """Environment under which new engine processes use Model Runner V2 (test-only hook)."""
-    import os
-
-    return {
-        "VLLM_STEER_TEST_V2_ON_CPU": "1",
-        "VLLM_USE_V2_MODEL_RUNNER": "1",
-        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(V2_HOOK), os.environ.get("PYTHONPATH")])),
-    }
+@pytest.fixture(scope="session")
+def runner(pytestconfig) -> str:
+    """The model runner this session's engines use ("v1" or "v2")."""
+    return pytestconfig.getoption("--runner")
 
 
 @contextmanager
 def scoped_environ(values: dict[str, str]):
-    import os
-
     saved = dict(os.environ)
     os.environ.update(values)
     try:
@@ -107,22 +116,22 @@ def scoped_environ(values: dict[str, str]):
         os.environ.update(saved)
 
 
-def start_engine(runner: str, model: Path, vector_file: Path, env: dict[str, str] | None = None, **overrides):
+def start_engine(model: Path, vector_file: Path, env: dict[str, str] | None = None, **overrides):
     from vllm_steer import SteeredLLM
 
-    with scoped_environ({**(v2_env() if runner == "v2" else {}), **(env or {})}):
+    with scoped_environ(env or {}):
         return SteeredLLM(model, vectors=[vector_file], **{**ENGINE_ARGS, **overrides})
 
 
 @pytest.fixture(scope="session")
-def engines(tiny_model, feature_file):
-    """engines(runner, **overrides) -> a SteeredLLM, started once per configuration."""
+def engines(tiny_model, feature_file, runner):
+    """engines(env=None, **overrides) -> a SteeredLLM, started once per configuration."""
     started: dict = {}
 
-    def get(runner: str = "v1", env: dict[str, str] | None = None, **overrides):
-        key = (runner, tuple(sorted((env or {}).items())), tuple(sorted(overrides.items())))
+    def get(env: dict[str, str] | None = None, **overrides):
+        key = (tuple(sorted((env or {}).items())), tuple(sorted(overrides.items())))
         if key not in started:
-            started[key] = start_engine(runner, tiny_model, feature_file, env=env, **overrides)
+            started[key] = start_engine(tiny_model, feature_file, env=env, **overrides)
         return started[key]
 
     yield get
@@ -132,10 +141,10 @@ def engines(tiny_model, feature_file):
 
 
 @pytest.fixture
-def llm(engines, runner):
-    return engines(runner)
+def llm(engines):
+    return engines()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gen_len(runner) -> int:
     return GENERATION_LENGTH[runner]

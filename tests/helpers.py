@@ -54,3 +54,10 @@ def assert_same_tokens_close_logprobs(got: Generation, expected: Generation, tol
     assert got.token_ids == expected.token_ids
     worst = max(abs(a - b) for a, b in zip(got.logprobs, expected.logprobs))
     assert worst <= tolerance, f"logprobs differ by {worst}"
+
+
+def slots_in_use(llm) -> list[int]:
+    """Steering slots held on each worker once finished requests are released. vLLM tells
+    workers about finished requests with the next step, so run one unsteered token first."""
+    run(llm, [[1, 2, 3]], [None], 1)
+    return [stats["slots_in_use"] for stats in llm.steering_stats()]

@@ -1,6 +1,6 @@
 """Steering inside the engine, checked against the notebook's method and for isolation.
 
-Every test here runs on each selected model runner (``--runner v1|v2|both``).
+Every test here runs on the session's model runner (``--runner v1`` or ``v2``; ``make test`` runs both).
 """
 
 from __future__ import annotations
@@ -48,14 +48,13 @@ CASES = list(parity_cases({k: [0.0] for k in ("random0", "random1", "random2", "
 
 
 @pytest.fixture(scope="session")
-def parity_batch(engines, runner, prompt_ids, directions):
+def parity_batch(engines, gen_len, prompt_ids, directions):
     """Every case and an unsteered request, all in one batch."""
     cases = parity_cases(directions)
     prompt = prompt_ids[0]
     specs = [None, *cases.values()]
-    length = {"v1": 12, "v2": 5}[runner]
-    outputs = run(engines(runner), [prompt] * len(specs), specs, length)
-    return prompt, length, dict(zip(["unsteered", *cases], zip(specs, outputs)))
+    outputs = run(engines(), [prompt] * len(specs), specs, gen_len)
+    return prompt, gen_len, dict(zip(["unsteered", *cases], zip(specs, outputs)))
 
 
 @pytest.mark.parametrize("case", ["unsteered", *CASES])

@@ -25,19 +25,19 @@ def batch(tokenizer, prompt_ids):
     return [long_prompt, prompt_ids[1], long_prompt, prompt_ids[2]], specs
 
 
-def test_eager_with_small_chunked_prefill_budget_matches_compiled(engines, runner, batch, hf_model, gen_len):
+def test_eager_with_small_chunked_prefill_budget_matches_compiled(engines, batch, hf_model, gen_len):
     prompts, specs = batch
-    compiled = run(engines(runner), prompts, specs, gen_len)
+    compiled = run(engines(), prompts, specs, gen_len)
     # 16 tokens per step: the long prompts are prefilled in many chunks, mixed with decodes.
-    eager = run(engines(runner, enforce_eager=True, max_num_batched_tokens=16, max_num_seqs=4), prompts, specs, gen_len)
+    eager = run(engines(enforce_eager=True, max_num_batched_tokens=16, max_num_seqs=4), prompts, specs, gen_len)
     for index, (a, b) in enumerate(zip(compiled, eager)):
         assert_same_tokens_close_logprobs(b, a)
-        assert_same_tokens_close_logprobs(b, reference(hf_model, engines(runner), prompts[index], specs[index], gen_len))
+        assert_same_tokens_close_logprobs(b, reference(hf_model, engines(), prompts[index], specs[index], gen_len))
 
 
 def test_tensor_parallel_2_matches_one_process(engines, batch, gen_len):
     prompts, specs = batch
-    single = run(engines("v1"), prompts, specs, gen_len)
-    tp2 = engines("v1", tensor_parallel_size=2, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    single = run(engines(), prompts, specs, gen_len)
+    tp2 = engines(tensor_parallel_size=2, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     for a, b in zip(single, run(tp2, prompts, specs, gen_len)):
         assert_same_tokens_close_logprobs(b, a)

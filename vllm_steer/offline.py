@@ -90,6 +90,10 @@ class SteeredLLM:
         self.frontend.registry.remove(name)
         self.llm.collective_rpc("steering_rpc", args=("remove_vector", name))
 
+    def steering_stats(self) -> list[dict[str, Any]]:
+        """Per worker: the model runner in use, steering slots in use, vectors loaded."""
+        return self.llm.collective_rpc("steering_rpc", args=("stats",))
+
     # ---- generation ---------------------------------------------------------------------
     def _params(self, sampling_params, count: int, steering: SpecLike | Sequence[SpecLike]) -> list:
         from vllm import SamplingParams

@@ -29,6 +29,7 @@ def _runtime_of(model: Any):
 # ---- Model Runner V1 -------------------------------------------------------------------
 def write_v1(runtime, runner: Any, positions: torch.Tensor) -> None:
     """Admit requests new to the batch, release those gone, fill token_slot."""
+    runtime.runner = "v1"
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     req_ids = batch.req_ids[:num_reqs]
@@ -92,6 +93,7 @@ class V2SlotWriter:
 
     def __init__(self, runtime, max_num_reqs: int, device):
         self.runtime = runtime
+        runtime.runner = "v2"
         self.slot_of_req_index = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
 
     def add_request(self, req_index: int, new_req_data: Any) -> None:

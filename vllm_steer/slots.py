@@ -73,6 +73,7 @@ class SteeringRuntime:
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}
         self._layers_of: dict[int, tuple[int, ...]] = {}
+        self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
 
     # ---- admission -------------------------------------------------------------------
     def admit(self, req_id: str, sampling_params: Any, prompt_len: int) -> int:
@@ -165,5 +166,5 @@ class SteeringRuntime:
             self.registry.remove(args[0])
             return None
         if op == "stats":
-            return {"slots_in_use": self.slots_in_use, "vectors": len(self.registry)}
+            return {"runner": self.runner, "slots_in_use": self.slots_in_use, "vectors": len(self.registry)}
         raise ValueError(f"unknown steering rpc {op!r}")

@@ -95,3 +95,18 @@ def build_tiny_llama(
     tokenizer.save_pretrained(path)
     stamp.write_text(json.dumps(settings))
     return path
+
+
+def build_demo_vectors(model_dir: str | Path, features: int = 4, layer: int = 1) -> Path:
+    """A notebook-layout ``steering_vectors.pt`` for the tiny model: features
+    ``(layer, 0..features-1)`` with random directions (mechanics only: random weights
+    have no concepts to find)."""
+    import torch
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "steering_vectors.pt"
+    if not path.exists():
+        hidden = AutoConfig.from_pretrained(model_dir).hidden_size
+        generator = torch.Generator().manual_seed(layer)
+        torch.save({(layer, i): torch.randn(hidden, generator=generator) for i in range(features)}, path)
+    return path
