@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vllm_steer.model import SteeredLlamaDecoderLayer
+from vllm_steer.reference import layer_ops, phase_mask, steer_stream
 from vllm_steer.resolve import ModelShape, resolve, unit
 from vllm_steer.runners import V2SlotWriter, write_v1
 from vllm_steer.slots import SteeringRuntime
@@ -48,19 +49,8 @@ def params(spec=None):
 def reference_stream(stream: torch.Tensor, spec, registry, layer: int, positions, prompt_len: int) -> torch.Tensor:
     """The notebook's hook, op by op, on a stream of tokens of one request."""
     resolved = resolve(spec, SHAPE, registry)
-    lo, hi = {"all": (0, 10**9), "prompt": (0, prompt_len), "generated": (prompt_len, 10**9)}[resolved.apply_to]
-    inside = ((positions >= lo) & (positions < hi)).unsqueeze(-1).float()
-    ops = [op for op in resolved.ops if op.layer == layer]
-    for op in [o for o in ops if o.mode == "add"] + [o for o in ops if o.mode != "add"]:
-        vector = torch.from_numpy(registry.array(op.digest).copy())
-        vector = unit(vector) if op.normalize else vector
-        if op.mode == "add":
-            change = op.coeff * vector
-        else:
-            target = op.coeff if op.mode == "clamp" else 0.0
-            change = (target - (stream * vector).sum(-1, keepdim=True)) * vector
-        stream = stream + inside * change
-    return stream
+    prepared = layer_ops(resolved, layer, resolved.arrays(registry), stream.dtype)
+    return steer_stream(stream, prepared, phase_mask(positions, resolved.apply_to, prompt_len, stream.dtype))
 
 
 SPEC_A = {"vectors": [{"name": "a", "layers": [0, 1], "scale": 3.0}, {"name": "b", "layers": [1], "mode": "clamp", "scale": 2.0}]}

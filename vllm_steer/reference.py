@@ -8,7 +8,6 @@ each op on its own (no pre-summed rows), so it does not share the engine's table
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,17 +25,41 @@ class ReferenceOutput:
     logprobs: list[float]  # log-probability of each chosen token under the raw logits
 
 
+def layer_ops(steering: ResolvedSteering, layer: int, vectors: dict[str, np.ndarray], dtype: torch.dtype):
+    """The ops of one layer in application order (adds, then clamps/ablates as given),
+    each with its vector (unit when the op normalizes)."""
+    ops = [op for op in steering.ops if op.layer == layer]
+    ordered = [op for op in ops if op.mode == "add"] + [op for op in ops if op.mode != "add"]
+    prepared = []
+    for op in ordered:
+        vector = torch.from_numpy(vectors[op.digest].copy())
+        prepared.append((op, (unit(vector) if op.normalize else vector).to(dtype)))
+    return prepared
+
+
+def steer_stream(hidden: torch.Tensor, prepared, inside: torch.Tensor) -> torch.Tensor:
+    """Apply ops one after another to the residual stream; ``inside`` (0/1 per token) masks
+    tokens outside the steered phase."""
+    for op, vector in prepared:
+        if op.mode == "add":
+            change = op.coeff * vector
+        else:
+            target = op.coeff if op.mode == "clamp" else 0.0
+            change = (target - (hidden * vector).sum(-1, keepdim=True)) * vector
+        hidden = hidden + inside * change
+    return hidden
+
+
+def phase_mask(positions: torch.Tensor, apply_to: str, prompt_len: int, dtype: torch.dtype) -> torch.Tensor:
+    lo, hi = phase_bounds(apply_to, prompt_len)
+    return ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(dtype)
+
+
 class ReferenceSteerer:
     def __init__(self, model, vectors: dict[str, np.ndarray]):
         """``model``: a transformers Llama; ``vectors``: digest -> float32 array."""
         self.model = model
         self.vectors = vectors
-
-    def _vector(self, digest: str, normalize: bool) -> torch.Tensor:
-        vector = torch.from_numpy(self.vectors[digest].copy())
-        if normalize:
-            vector = unit(vector)
-        return vector.to(self.model.dtype)
 
     @contextmanager
     def hooks(self, steering: ResolvedSteering | None, prompt_len: int) -> Iterator[None]:
@@ -44,39 +67,22 @@ class ReferenceSteerer:
         if steering is None:
             yield
             return
-        by_layer = defaultdict(list)
-        for op in steering.ops:
-            by_layer[op.layer].append(op)
-        lo, hi = phase_bounds(steering.apply_to, prompt_len)
         handles = []
-        for layer, ops in by_layer.items():
-            ops = [op for op in ops if op.mode == "add"] + [op for op in ops if op.mode != "add"]
-            prepared = [(op, self._vector(op.digest, op.normalize)) for op in ops]
-            handles.append(
-                self.model.model.layers[layer].register_forward_hook(self._hook(prepared, lo, hi), with_kwargs=True)
-            )
+        for layer in sorted({op.layer for op in steering.ops}):
+            prepared = layer_ops(steering, layer, self.vectors, self.model.dtype)
+
+            def hook(module, args, kwargs, output, prepared=prepared):
+                hidden = output[0] if isinstance(output, tuple) else output
+                inside = phase_mask(kwargs["position_ids"], steering.apply_to, prompt_len, hidden.dtype)
+                hidden = steer_stream(hidden, prepared, inside)
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+            handles.append(self.model.model.layers[layer].register_forward_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-
-    @staticmethod
-    def _hook(prepared, lo: int, hi: int):
-        def hook(module, args, kwargs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            positions = kwargs["position_ids"]
-            inside = ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(hidden.dtype)
-            for op, vector in prepared:
-                if op.mode == "add":
-                    change = op.coeff * vector
-                else:
-                    target = op.coeff if op.mode == "clamp" else 0.0
-                    change = (target - (hidden * vector).sum(-1, keepdim=True)) * vector
-                hidden = hidden + inside * change
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
 
     @torch.inference_mode()
     def generate(
