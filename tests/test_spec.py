@@ -20,6 +20,7 @@ def registry() -> VectorRegistry:
     registry = VectorRegistry()
     registry.add("eiffel", np.arange(1, 9, dtype=np.float32))
     registry.add_feature(2, 74457, np.ones(8, dtype=np.float32), source="test")
+    registry.add("happy", {1: np.full(8, 1.0, np.float32), 2: np.full(8, 2.0, np.float32)}, source="control vector")
     return registry
 
 
@@ -32,7 +33,7 @@ def vec(*values: float) -> list[float]:
     [
         ({}, "steering", "empty steering spec"),
         ({"vectors": []}, "steering", "empty steering spec"),
-        ({"vectors": [{"name": "eiffel"}]}, "steering.vectors[0].layers", "Field required"),
+        ({"vectors": [{"vector": [1.0]}]}, "steering.vectors[0]", "'layers' is required for an inline vector"),
         ({"vectors": [{"name": "eiffel", "layers": []}]}, "steering.vectors[0].layers", "at least 1"),
         ({"vectors": [{"name": "eiffel", "layers": [-1]}]}, "steering.vectors[0].layers", "start at 0"),
         ({"vectors": [{"name": "eiffel", "layers": [1, 1]}]}, "steering.vectors[0].layers", "once"),
@@ -63,8 +64,10 @@ def test_shape_errors_name_the_field(spec, field, fragment):
 @pytest.mark.parametrize(
     "spec, field, fragment",
     [
-        ({"vectors": [{"name": "tower", "layers": [1]}]}, "steering.vectors[0].name", "unknown vector 'tower'; loaded: L2/F74457, eiffel"),
+        ({"vectors": [{"name": "tower", "layers": [1]}]}, "steering.vectors[0].name", "unknown vector 'tower'; loaded: L2/F74457, eiffel, happy"),
         ({"vectors": [{"name": "eiffel", "layers": [4]}]}, "steering.vectors[0].layers[0]", "layer 4 is out of range: this model has layers 0-3"),
+        ({"vectors": [{"name": "eiffel"}]}, "steering.vectors[0].layers", "required: 'eiffel' is one vector, usable at any layer you name"),
+        ({"vectors": [{"name": "happy", "layers": [1, 3]}]}, "steering.vectors[0].layers[1]", "'happy' has directions for layers [1, 2], none for layer 3"),
         ({"vectors": [{"vector": [1.0, 2.0], "layers": [1]}]}, "steering.vectors[0].vector", "has 2 values; this model's hidden size is 8"),
         ({"vectors": [{"vector": vec(), "layers": [1], "mode": "clamp"}]}, "steering.vectors[0].vector", "all zeros"),
         ({"features": [[2, 1, 0.5]]}, "steering.features[0]", "no feature vector for (layer 2, feature 1)"),
@@ -168,3 +171,14 @@ def test_replacing_needs_replace_and_keeps_old_content():
     assert registry.digest_of(old) == old  # in-flight requests still resolve
     registry.remove("v")
     assert registry.digest_of("v") is None
+
+
+def test_layered_vector_steers_its_own_layers_with_their_own_directions(registry):
+    one, two = registry.digest_of("happy", 1), registry.digest_of("happy", 2)
+    assert one != two and registry.layers_of("happy") == (1, 2) and registry.layers_of("eiffel") is None
+    every = resolve({"vectors": [{"name": "happy", "scale": 0.5}]}, SHAPE, registry)
+    assert every.ops == (Op(1, "add", one, 0.5, False), Op(2, "add", two, 0.5, False))
+    chosen = resolve({"vectors": [{"name": "happy", "layers": [2], "mode": "clamp"}]}, SHAPE, registry)
+    assert chosen.ops == (Op(2, "clamp", two, 1.0, True),)
+    info = registry.info("happy")
+    assert (info.layers, info.dimension, info.norm) == ((1, 2), 8, pytest.approx(np.sqrt(32)))

@@ -22,6 +22,9 @@ class SteeringConfig(BaseModel):
 
     # Files loaded into every process's vector registry at start (see vectors/files.py).
     vector_files: tuple[str, ...] = ()
+    # SAE decoders whose features the notebook's ``features`` form may name, read on
+    # demand (see vectors/sae.py).
+    sae: tuple[str, ...] = ()
     # Clamp/ablate directions one request may use per layer; 0 skips that math entirely.
     max_directions: int = Field(default=4, ge=0, le=64)
     # Layers that can be steered (None: all). Each costs (1 + max_directions) rows of

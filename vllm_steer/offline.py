@@ -11,7 +11,7 @@ same front-end validation and cache isolation as the server's.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 from vllm_steer.config import hf_overrides
 from vllm_steer.frontend import SteeringFrontend, frontend_of
 from vllm_steer.spec import SteeringSpec
+from vllm_steer.vectors.registry import vector_to_wire
 
 SpecLike = SteeringSpec | dict[str, Any] | str | None
 
@@ -76,14 +77,19 @@ class SteeredLLM:
 
     # ---- vectors ----------------------------------------------------------------------
     def register_vector(self, name: str, vector: Any, *, replace: bool = False, source: str = "inline") -> str:
-        """Add or replace a named vector on the front end and every worker; returns its digest.
-        Requests already accepted keep the vector they were resolved to."""
-        array = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if array.size != self.frontend.shape.hidden_size:
-            raise ValueError(f"vector {name!r} has {array.size} values; hidden size is {self.frontend.shape.hidden_size}")
-        digest = self.frontend.registry.add(name, array, replace=replace, source=source)
-        raw = array.astype("<f4").tobytes()
-        self.llm.collective_rpc("steering_rpc", args=("add_vector", name, raw, True, source))
+        """Add or replace a named vector (one vector, or ``{layer: vector}``) on the front end
+        and every worker; returns its digest. Requests already accepted keep what they had."""
+        if isinstance(vector, Mapping):
+            vector = {int(layer): np.asarray(v, dtype=np.float32).reshape(-1) for layer, v in vector.items()}
+            sizes = {v.size for v in vector.values()}
+        else:
+            vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+            sizes = {vector.size}
+        hidden = self.frontend.shape.hidden_size
+        if sizes != {hidden}:
+            raise ValueError(f"vector {name!r} has {sorted(sizes)} values; this model's hidden size is {hidden}")
+        digest = self.frontend.registry.add(name, vector, replace=replace, source=source)
+        self.llm.collective_rpc("steering_rpc", args=("add_vector", name, vector_to_wire(vector), True, source))
         return digest
 
     def remove_vector(self, name: str) -> None:

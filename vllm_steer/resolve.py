@@ -92,22 +92,13 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
 
     for index, entry in enumerate(spec.vectors):
         where = f"steering.vectors[{index}]"
-        array = entry.inline_array()
-        if array is None:
-            digest = registry.digest_of(entry.name)
-            if digest is None:
-                raise SteeringError(_unknown_name(entry.name, registry), f"{where}.name")
-            array = registry.array(digest)
-        else:
-            digest = vector_digest(array)
-            if registry.digest_of(digest) is None:
-                inline[digest] = array
-        source_field = "name" if entry.name is not None else ("vector" if entry.vector is not None else "vector_b64")
-        _check_vector(array, entry.mode != "add" or entry.normalize, shape, f"{where}.{source_field}")
-        for position, layer in enumerate(entry.layers):
-            _check_layer(layer, shape, f"{where}.layers[{position}]")
-            # Ablation has no strength; a fixed coefficient keeps equal steering equal.
-            coeff = 0.0 if entry.mode == "ablate" else spec.scale * entry.scale
+        needs_direction = entry.mode != "add" or entry.normalize
+        # Ablation has no strength; a fixed coefficient keeps equal steering equal.
+        coeff = 0.0 if entry.mode == "ablate" else spec.scale * entry.scale
+        for layer, layer_field, digest, vector_field in _entry_vectors(entry, registry, inline, where):
+            _check_layer(layer, shape, layer_field)
+            array = inline[digest] if digest in inline else registry.array(digest)
+            _check_vector(array, needs_direction, shape, vector_field)
             ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
 
     mode: Mode = "clamp" if spec.use_clamp else "add"
@@ -118,6 +109,8 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         if digest is None:
             raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
         _check_vector(registry.array(digest), True, shape, where)
+        if digest in registry.on_demand:
+            inline[digest] = registry.array(digest)
         effective = strength * layer if spec.use_reduced_strengths else strength
         ops.append(Op(layer, mode, digest, spec.scale * effective, True))
 
@@ -135,6 +128,30 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         return None
     used = {op.digest for op in ops}
     return ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
+
+
+def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str):
+    """(layer, its field, digest, the vector's field) for each layer an entry steers."""
+    array = entry.inline_array()
+    if array is not None:
+        digest = vector_digest(array)
+        if registry.digest_of(digest) is None:
+            inline[digest] = array
+        field = f"{where}.{'vector' if entry.vector is not None else 'vector_b64'}"
+        return [(layer, f"{where}.layers[{i}]", digest, field) for i, layer in enumerate(entry.layers)]
+    own_layers = registry.layers_of(entry.name)
+    if registry.digest_of(entry.name) is None and own_layers is None:
+        raise SteeringError(_unknown_name(entry.name, registry), f"{where}.name")
+    if entry.layers is None and own_layers is None:
+        raise SteeringError(f"required: {entry.name!r} is one vector, usable at any layer you name", f"{where}.layers")
+    found = []
+    for i, layer in enumerate(entry.layers or own_layers):
+        layer_field = f"{where}.layers[{i}]" if entry.layers else f"{where}.name"
+        digest = registry.digest_of(entry.name, layer)
+        if digest is None:
+            raise SteeringError(f"{entry.name!r} has directions for layers {list(own_layers)}, none for layer {layer}", layer_field)
+        found.append((layer, layer_field, digest, f"{where}.name"))
+    return found
 
 
 def _check_layer(layer: int, shape: ModelShape, where: str) -> None:
@@ -172,6 +189,7 @@ def _unknown_name(name: str, registry: VectorRegistry) -> str:
 
 def _unknown_feature(layer: int, feature_id: int, registry: VectorRegistry) -> str:
     held = [f"[{layer_}, {fid}]" for layer_, fid in registry.features()]
+    held += [f"layer {s.layer}: features 0-{s.num_features - 1} ({s.description})" for s in registry.feature_sources()]
     return (
         f"no feature vector for (layer {layer}, feature {feature_id}) = {feature_name(layer, feature_id)}; "
         f"{_listing(held)}"

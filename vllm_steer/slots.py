@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve, unit
-from vllm_steer.vectors.registry import VectorRegistry
+from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
 
@@ -158,10 +158,10 @@ class SteeringRuntime:
     def rpc(self, op: str, *args: Any) -> Any:
         if op == "add_vector":
             name, raw, replace, source = args
-            return self.registry.add(name, np.frombuffer(raw, dtype="<f4"), replace=replace, source=source)
+            return self.registry.add(name, vector_from_wire(raw), replace=replace, source=source)
         if op == "add_feature":
             layer, feature_id, raw, source = args
-            return self.registry.add_feature(layer, feature_id, np.frombuffer(raw, dtype="<f4"), source=source)
+            return self.registry.add_feature(layer, feature_id, vector_from_wire(raw), source=source)
         if op == "remove_vector":
             self.registry.remove(args[0])
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 from typing import Any, Literal
@@ -51,14 +52,18 @@ class VectorEntry(BaseModel):
     name: str | None = Field(default=None, min_length=1)
     vector: list[float] | None = Field(default=None, min_length=1)
     vector_b64: str | None = Field(default=None, min_length=1)
-    layers: list[int] = Field(min_length=1)
+    # Layers to steer. May be left out only for a named *layered* vector (one direction per
+    # layer, e.g. a control vector), which then steers all its layers.
+    layers: list[int] | None = Field(default=None, min_length=1)
     scale: float = 1.0
     mode: Mode = "add"
     normalize: bool = False
 
     @field_validator("layers")
     @classmethod
-    def _layers_non_negative(cls, layers: list[int]) -> list[int]:
+    def _layers_non_negative(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is None:
+            return None
         for layer in layers:
             if layer < 0:
                 raise ValueError(f"layer numbers start at 0, got {layer}")
@@ -93,6 +98,8 @@ class VectorEntry(BaseModel):
                 "give exactly one of 'name', 'vector' or 'vector_b64'"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.layers is None and self.name is None:
+            raise ValueError("'layers' is required for an inline vector")
         return self
 
     def inline_array(self) -> np.ndarray | None:
@@ -182,8 +189,6 @@ def encode_b64(array: np.ndarray) -> str:
 
 def vector_digest(array: np.ndarray) -> str:
     """Content address of a vector: sha256 of its float32 little-endian bytes."""
-    import hashlib
-
     return DIGEST_PREFIX + hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
