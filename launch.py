@@ -24,6 +24,8 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id or local path (default: the bundled demo model)")
     parser.add_argument("--vectors", action="append", default=None, metavar="FILE",
                         help="vector file loaded at start (.pt notebook layout or .safetensors); repeatable")
+    parser.add_argument("--sae", action="append", default=[], metavar="SOURCE",
+                        help="SAE decoder whose features the 'features' form may name; repeatable")
     parser.add_argument("--max-directions", type=int, default=4, help="clamp/ablate directions per layer per request")
     parser.add_argument("--steerable-layers", type=int, nargs="+", default=None, help="layers that can be steered (default: all)")
 
@@ -57,7 +59,7 @@ def serve(argv: list[str]) -> None:
     model, vectors = _model_and_vectors(args)
     from vllm_steer.config import hf_overrides
 
-    overrides = hf_overrides(vector_files=tuple(vectors), max_directions=args.max_directions,
+    overrides = hf_overrides(vector_files=tuple(vectors), sae=tuple(args.sae), max_directions=args.max_directions,
                              layers=None if args.steerable_layers is None else tuple(args.steerable_layers))
     extra = _cpu_defaults(passthrough)
     if args.model is None and not any(a.startswith("--max-model-len") for a in passthrough):
@@ -96,7 +98,7 @@ def generate(argv: list[str]) -> None:
 
     from vllm_steer import SteeredLLM
 
-    llm = SteeredLLM(model, vectors=vectors, max_directions=args.max_directions, steerable_layers=args.steerable_layers,
+    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions, steerable_layers=args.steerable_layers,
                      max_model_len=1024 if args.model is None else None)
     spec = json.loads(args.steering)
     chats = [[{"role": "user", "content": p}] for p in args.prompt]

@@ -35,6 +35,22 @@ class SteeringConfig(BaseModel):
     def from_hf_config(cls, hf_config: Any) -> SteeringConfig:
         return cls.model_validate(getattr(hf_config, "steering", None) or {})
 
+    def model_shape(self, hf_config: Any):
+        """What validation needs to know about the served model."""
+        from vllm_steer.resolve import ModelShape
+
+        return ModelShape(
+            num_layers=hf_config.num_hidden_layers,
+            hidden_size=hf_config.hidden_size,
+            steerable_layers=self.steerable_layers(hf_config.num_hidden_layers),
+            max_directions=self.max_directions,
+        )
+
+    def load_registry(self):
+        from vllm_steer.vectors import load_registry
+
+        return load_registry(self.vector_files, self.sae)
+
     def steerable_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.layers is None:
             return tuple(range(num_layers))

@@ -22,9 +22,8 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from vllm_steer.config import ARCHITECTURE, SteeringConfig
-from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve
+from vllm_steer.resolve import ResolvedSteering, resolve
 from vllm_steer.spec import SteeringError
-from vllm_steer.vectors import VectorRegistry, load_vector_file
 
 SALT_PREFIX = "vllm-steer:"
 
@@ -54,15 +53,8 @@ class SteeringFrontend:
 
     def __init__(self, hf_config: Any):
         settings = SteeringConfig.from_hf_config(hf_config)
-        self.shape = ModelShape(
-            num_layers=hf_config.num_hidden_layers,
-            hidden_size=hf_config.hidden_size,
-            steerable_layers=settings.steerable_layers(hf_config.num_hidden_layers),
-            max_directions=settings.max_directions,
-        )
-        self.registry = VectorRegistry()
-        for path in settings.vector_files:
-            load_vector_file(path, self.registry)
+        self.shape = settings.model_shape(hf_config)
+        self.registry = settings.load_registry()
 
     def resolve(self, spec: Any) -> ResolvedSteering | None:
         return resolve(spec, self.shape, self.registry)

@@ -13,9 +13,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from vllm_steer.config import SteeringConfig
-from vllm_steer.resolve import ModelShape
 from vllm_steer.slots import SteeringRuntime
-from vllm_steer.vectors import VectorRegistry, load_vector_file
 
 
 class SteeredLlamaDecoderLayer(LlamaDecoderLayer):
@@ -64,15 +62,7 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SteeredLlamaDecoderLayer)
         hf_config = vllm_config.model_config.hf_config
         settings = SteeringConfig.from_hf_config(hf_config)
-        shape = ModelShape(
-            num_layers=hf_config.num_hidden_layers,
-            hidden_size=hf_config.hidden_size,
-            steerable_layers=settings.steerable_layers(hf_config.num_hidden_layers),
-            max_directions=settings.max_directions,
-        )
-        registry = VectorRegistry()
-        for path in settings.vector_files:
-            load_vector_file(path, registry)
+        shape = settings.model_shape(hf_config)
         scheduler = vllm_config.scheduler_config
         # Pipeline parallel: layers of other ranks are PPMissingLayer and get no tables.
         local_layers = {
@@ -82,7 +72,7 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
         }
         self.steering = SteeringRuntime(
             shape=shape,
-            registry=registry,
+            registry=settings.load_registry(),
             layers=local_layers,
             num_slots=scheduler.max_num_seqs + 1,
             max_tokens=scheduler.max_num_batched_tokens,

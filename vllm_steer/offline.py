@@ -47,17 +47,20 @@ class SteeredLLM:
         model: str | Path,
         *,
         vectors: Sequence[str | Path] = (),
+        sae: Sequence[str] = (),
         max_directions: int = 4,
         steerable_layers: Sequence[int] | None = None,
         cfg: dict[str, Any] | None = None,
         **llm_kwargs: Any,
     ):
         """``model``: hub id or local path (a hub id uses ``HF_TOKEN`` as huggingface-hub
-        reads it). ``vectors``: files for the registry. ``llm_kwargs`` go to ``vllm.LLM``."""
+        reads it). ``vectors``: files for the registry; ``sae``: SAE decoders whose features
+        the ``features`` form may name. ``llm_kwargs`` go to ``vllm.LLM``."""
         from vllm import LLM
 
         overrides = hf_overrides(
             vector_files=tuple(str(Path(p).expanduser().resolve()) for p in vectors),
+            sae=tuple(sae),
             max_directions=max_directions,
             layers=None if steerable_layers is None else tuple(steerable_layers),
         )

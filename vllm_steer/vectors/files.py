@@ -68,3 +68,14 @@ def load_vector_file(path: str | Path, registry: VectorRegistry) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"vector file not found: {path}")
     reader(path, registry)
+
+
+def load_registry(vector_files=(), sae=()) -> VectorRegistry:
+    """A registry holding the configured vector files, with the configured SAE decoders as
+    on-demand feature sources. Every process builds the same one from the same settings."""
+    registry = VectorRegistry()
+    for path in vector_files:
+        load_vector_file(path, registry)
+    if sae:
+        raise NotImplementedError("SAE decoders are not readable yet")
+    return registry
