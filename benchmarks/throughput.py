@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--layers", choices=["one", "all"], default="all")
     parser.add_argument("--mode", choices=["add", "clamp"], default="add")
     parser.add_argument("--shared", action="store_true", help="one spec for all requests (default: each its own vector)")
+    parser.add_argument("--capture", action="store_true", help="start the engine with capture buffers on")
     parser.add_argument("--out", default=str(REPO / "bench_results" / "throughput.json"))
     args = parser.parse_args()
 
@@ -79,7 +80,7 @@ def main() -> None:
     layers = list(range(config.num_hidden_layers)) if args.layers == "all" else [config.num_hidden_layers // 2]
     llm = SteeredLLM(
         model, dtype=args.dtype, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.max_tokens + 16,
-        enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30, seed=0,
+        enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30, seed=0, capture=args.capture,
     )
     generator = np.random.default_rng(1)
     vocab = min(config.vocab_size, 500)

@@ -146,5 +146,11 @@ def llm(engines):
 
 
 @pytest.fixture(scope="session")
+def tp2(engines):
+    """Tensor parallel 2 on the two cores, compiled, with capture on."""
+    return engines(tensor_parallel_size=2, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, capture=True)
+
+
+@pytest.fixture(scope="session")
 def gen_len(runner) -> int:
     return GENERATION_LENGTH[runner]

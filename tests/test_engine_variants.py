@@ -35,9 +35,8 @@ def test_eager_with_small_chunked_prefill_budget_matches_compiled(engines, batch
         assert_same_tokens_close_logprobs(b, reference(hf_model, engines(), prompts[index], specs[index], gen_len))
 
 
-def test_tensor_parallel_2_matches_one_process(engines, batch, gen_len):
+def test_tensor_parallel_2_matches_one_process(engines, tp2, batch, gen_len):
     prompts, specs = batch
     single = run(engines(), prompts, specs, gen_len)
-    tp2 = engines(tensor_parallel_size=2, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     for a, b in zip(single, run(tp2, prompts, specs, gen_len)):
         assert_same_tokens_close_logprobs(b, a)

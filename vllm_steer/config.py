@@ -27,6 +27,9 @@ class SteeringConfig(BaseModel):
     sae: tuple[str, ...] = ()
     # Clamp/ablate directions one request may use per layer; 0 skips that math entirely.
     max_directions: int = Field(default=4, ge=0, le=64)
+    # Allocate capture buffers, so requests may record the residual stream at steerable
+    # layers (extraction). Costs one index_add per steerable layer per step.
+    capture: bool = False
     # Layers that can be steered (None: all). Each costs (1 + max_directions) rows of
     # hidden_size floats per running request slot.
     layers: tuple[int, ...] | None = None

@@ -22,8 +22,8 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from vllm_steer.config import ARCHITECTURE, SteeringConfig
-from vllm_steer.resolve import ResolvedSteering, resolve
-from vllm_steer.spec import SteeringError
+from vllm_steer.resolve import ResolvedSteering, check_layer, resolve
+from vllm_steer.spec import CaptureSpec, SteeringError, parse_capture
 
 SALT_PREFIX = "vllm-steer:"
 
@@ -55,9 +55,18 @@ class SteeringFrontend:
         settings = SteeringConfig.from_hf_config(hf_config)
         self.shape = settings.model_shape(hf_config)
         self.registry = settings.load_registry()
+        self.capture = settings.capture
 
     def resolve(self, spec: Any) -> ResolvedSteering | None:
         return resolve(spec, self.shape, self.registry)
+
+    def check_capture(self, value: Any) -> CaptureSpec:
+        capture = parse_capture(value)
+        if not self.capture:
+            raise SteeringError("capture is off on this server; start it with capture on (hf_overrides steering.capture)", "steering_capture")
+        for position, layer in enumerate(capture.layers):
+            check_layer(layer, self.shape, f"steering_capture.layers[{position}]")
+        return capture
 
 
 _LOCK = threading.Lock()
@@ -81,7 +90,7 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
     """Resolve and salt one EngineCoreRequest in place (see the module docstring)."""
     params = request.sampling_params
     extra = getattr(params, "extra_args", None)
-    if not extra or "steering" not in extra:
+    if not extra or ("steering" not in extra and "steering_capture" not in extra):
         return
     if frontend is None:
         raise SteeringRequestError(
@@ -90,16 +99,20 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
                 f'hf_overrides={{"architectures": ["{ARCHITECTURE}"]}} (launch.py and vllm_steer.SteeredLLM do this)'
             )
         )
+    extra = dict(extra)
     try:
-        resolved = frontend.resolve(extra["steering"])
+        if "steering_capture" in extra:
+            extra["steering_capture"] = frontend.check_capture(extra["steering_capture"]).model_dump_json()
+            # Every captured token must be computed, not read from the prefix cache.
+            params.skip_reading_prefix_cache = True
+        resolved = frontend.resolve(extra["steering"]) if "steering" in extra else None
     except SteeringError as exc:
         raise SteeringRequestError(exc) from None
-    extra = dict(extra)
-    if resolved is None:  # nothing to apply: the request is unsteered, and shares its cache
-        del extra["steering"]
-    else:
+    if resolved is not None:
         extra["steering"] = resolved.wire()
         request.cache_salt = steering_salt(resolved.fingerprint, request.cache_salt)
+    else:  # nothing to apply: the request is unsteered, and shares its cache
+        extra.pop("steering", None)
     params.extra_args = extra or None
 
 

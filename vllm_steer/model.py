@@ -30,13 +30,29 @@ class SteeredLlamaDecoderLayer(LlamaDecoderLayer):
         self.register_buffer("steer_target", torch.zeros(max_directions, num_slots, 1), persistent=False)
         self.max_directions = max_directions
 
+    captures = False  # set by attach_capture
+
+    def attach_capture(self, token_slot: torch.Tensor, token_weight: torch.Tensor, num_slots: int) -> None:
+        self.register_buffer("capture_slot", token_slot, persistent=False)
+        self.register_buffer("capture_weight", token_weight, persistent=False)
+        self.register_buffer("capture_sum", torch.zeros(num_slots, self.hidden_size, dtype=torch.float32), persistent=False)
+        self.captures = True
+
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_states, residual = super().forward(positions, hidden_states, residual)
         if self.max_directions is not None:
             residual = self.steer(hidden_states, residual)
+        if self.captures:
+            self.capture(hidden_states + residual)
         return hidden_states, residual
+
+    def capture(self, stream: torch.Tensor) -> None:
+        """Add each token's stream, weighted, into its request's capture row."""
+        count = stream.shape[0]
+        weighted = stream.float() * self.capture_weight[:count].unsqueeze(-1)
+        self.capture_sum.index_add_(0, self.capture_slot[:count], weighted)
 
     def steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The stream after this layer is ``hidden + residual``; return the new residual.
@@ -76,6 +92,7 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
             layers=local_layers,
             num_slots=scheduler.max_num_seqs + 1,
             max_tokens=scheduler.max_num_batched_tokens,
+            capture=settings.capture,
         )
 
         from vllm_steer import runners

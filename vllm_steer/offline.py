@@ -11,6 +11,7 @@ same front-end validation and cache isolation as the server's.
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class SteeredLLM:
         sae: Sequence[str] = (),
         max_directions: int = 4,
         steerable_layers: Sequence[int] | None = None,
+        capture: bool = False,
         cfg: dict[str, Any] | None = None,
         **llm_kwargs: Any,
     ):
@@ -63,6 +65,7 @@ class SteeredLLM:
             sae=tuple(sae),
             max_directions=max_directions,
             layers=None if steerable_layers is None else tuple(steerable_layers),
+            capture=capture,
         )
         overrides.update(llm_kwargs.pop("hf_overrides", None) or {})
         self.llm = LLM(model=str(model), hf_overrides=overrides, **llm_kwargs)
@@ -104,7 +107,7 @@ class SteeredLLM:
         return self.llm.collective_rpc("steering_rpc", args=("stats",))
 
     # ---- generation ---------------------------------------------------------------------
-    def _params(self, sampling_params, count: int, steering: SpecLike | Sequence[SpecLike]) -> list:
+    def _params(self, sampling_params, count: int, steering: SpecLike | Sequence[SpecLike], captures=None) -> list:
         from vllm import SamplingParams
 
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
@@ -116,11 +119,13 @@ class SteeredLLM:
                 f"got {count} prompts, {len(sampling_params)} sampling params and {len(steering)} steering specs"
             )
         out = []
-        for params, spec in zip(sampling_params, steering):
+        for index, (params, spec) in enumerate(zip(sampling_params, steering)):
             params = copy.copy(params)
             extra = dict(params.extra_args or {})
             if spec is not None:
                 extra["steering"] = _spec_payload(spec)
+            if captures is not None:
+                extra["steering_capture"] = captures[index]
             params.extra_args = extra or None
             out.append(params)
         return out
@@ -137,6 +142,36 @@ class SteeredLLM:
             conversations = [conversations]
         params = self._params(sampling_params, len(conversations), steering)
         return self.llm.chat(conversations, params, use_tqdm=use_tqdm, **chat_kwargs)
+
+    def capture(
+        self,
+        prompts,
+        layers: Sequence[int],
+        *,
+        reduce: str = "last",
+        steering: SpecLike | Sequence[SpecLike] = None,
+        use_tqdm: bool = True,
+    ) -> list[dict[int, np.ndarray]]:
+        """The residual stream after each of ``layers`` for each prompt: the last prompt
+        token's (``reduce="last"``) or the mean over prompt tokens (``"mean"``), float32,
+        computed by this engine alongside whatever else it runs. Needs ``capture=True``."""
+        from vllm import SamplingParams
+
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        keys = [uuid.uuid4().hex for _ in prompts]
+        captures = [{"key": key, "layers": list(layers), "reduce": reduce} for key in keys]
+        params = self._params(SamplingParams(max_tokens=1, temperature=0.0), len(prompts), steering, captures)
+        self.llm.generate(prompts, params, use_tqdm=use_tqdm)
+        merged: dict[str, dict[int, np.ndarray]] = {key: {} for key in keys}
+        # Tensor parallel ranks hold the same rows; pipeline ranks hold their own layers.
+        for worker in self.llm.collective_rpc("steering_rpc", args=("collect_captures", keys)):
+            for key, rows in worker.items():
+                for layer, raw in rows.items():
+                    merged[key].setdefault(int(layer), np.frombuffer(raw, dtype="<f4").copy())
+        missing = [key for key in keys if set(merged[key]) != set(layers)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(keys)} captures did not come back complete")
+        return [merged[key] for key in keys]
 
     # ---- the notebook's shape -------------------------------------------------------------
     def notebook_spec(self, scale: float = 1.0, clamp_intensity: bool = False) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         # Ablation has no strength; a fixed coefficient keeps equal steering equal.
         coeff = 0.0 if entry.mode == "ablate" else spec.scale * entry.scale
         for layer, layer_field, digest, vector_field in _entry_vectors(entry, registry, inline, where):
-            _check_layer(layer, shape, layer_field)
+            check_layer(layer, shape, layer_field)
             array = inline[digest] if digest in inline else registry.array(digest)
             _check_vector(array, needs_direction, shape, vector_field)
             ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
@@ -104,7 +104,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     mode: Mode = "clamp" if spec.use_clamp else "add"
     for index, (layer, feature_id, strength) in enumerate(spec.features):
         where = f"steering.features[{index}]"
-        _check_layer(layer, shape, where)
+        check_layer(layer, shape, where)
         digest = registry.feature_digest(layer, feature_id)
         if digest is None:
             raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
@@ -154,7 +154,7 @@ def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray
     return found
 
 
-def _check_layer(layer: int, shape: ModelShape, where: str) -> None:
+def check_layer(layer: int, shape: ModelShape, where: str) -> None:
     if not 0 <= layer < shape.num_layers:
         raise SteeringError(
             f"layer {layer} is out of range: this model has layers 0-{shape.num_layers - 1}", where

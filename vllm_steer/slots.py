@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_steer.capture import CaptureTables
 from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve, unit
+from vllm_steer.spec import parse_capture
 from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
@@ -59,6 +61,7 @@ class SteeringRuntime:
         layers: dict[int, Any],
         num_slots: int,
         max_tokens: int,
+        capture: bool = False,
     ):
         self.shape = shape
         self.registry = registry
@@ -70,6 +73,7 @@ class SteeringRuntime:
         self.phase_hi = torch.full((num_slots,), NEVER, dtype=torch.int64)
         for layer in layers.values():
             layer.attach_steering(self.token_slot, num_slots, shape.max_directions)
+        self.capture = CaptureTables(layers, num_slots, max_tokens) if capture else None
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}
         self._layers_of: dict[int, tuple[int, ...]] = {}
@@ -77,27 +81,30 @@ class SteeringRuntime:
 
     # ---- admission -------------------------------------------------------------------
     def admit(self, req_id: str, sampling_params: Any, prompt_len: int) -> int:
-        """Give ``req_id`` a slot holding its steering; 0 when unsteered. Never raises:
-        an exception here would kill the engine, so a bad spec degrades to no steering."""
+        """Give ``req_id`` a slot holding its steering (and capture); 0 when it has neither.
+        Never raises: an exception here would kill the engine, so a spec the worker cannot
+        apply degrades to no steering, logged."""
         self.release(req_id)
         extra = getattr(sampling_params, "extra_args", None) or {}
-        spec = extra.get("steering")
-        if spec is None:
-            self._slot_of[req_id] = 0
-            return 0
-        try:
-            resolved = resolve(spec, self.shape, self.registry)
-            slot = self._write(resolved, prompt_len) if resolved is not None else 0
-        except Exception as exc:  # noqa: BLE001 - see docstring
-            logger.warning("request %s runs unsteered: its steering could not be applied: %s", req_id, exc)
-            slot = 0
+        slot = 0
+        if "steering" in extra or "steering_capture" in extra:
+            try:
+                slot = self._admit(extra, prompt_len)
+            except Exception as exc:  # noqa: BLE001 - see docstring
+                logger.warning("request %s runs unsteered: its steering could not be applied: %s", req_id, exc)
         self._slot_of[req_id] = slot
         return slot
 
-    def _write(self, resolved: ResolvedSteering, prompt_len: int) -> int:
+    def _admit(self, extra: dict, prompt_len: int) -> int:
+        resolved = resolve(extra["steering"], self.shape, self.registry) if "steering" in extra else None
+        capture = parse_capture(extra["steering_capture"]) if "steering_capture" in extra else None
+        if capture is not None and self.capture is None:
+            raise ValueError("capture is off on this engine (hf_overrides steering.capture)")
+        if resolved is None and capture is None:
+            return 0
         if not self._free:
             raise RuntimeError(f"all {self.num_slots - 1} steering slots are in use")
-        rows = build_rows(resolved, resolved.arrays(self.registry), self.shape.hidden_size)
+        rows = build_rows(resolved, resolved.arrays(self.registry), self.shape.hidden_size) if resolved else {}
         slot = self._free.pop()
         local = tuple(layer for layer in rows if layer in self.layers)
         for index in local:
@@ -106,16 +113,20 @@ class SteeringRuntime:
             for k, (direction, target) in enumerate(layer_rows.directions):
                 table.steer_dirs[k, slot] = direction
                 table.steer_target[k, slot] = target
-        lo, hi = phase_bounds(resolved.apply_to, prompt_len)
+        lo, hi = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
         self.phase_lo[slot] = lo
         self.phase_hi[slot] = hi
         self._layers_of[slot] = local
+        if capture is not None:
+            self.capture.start(slot, capture, prompt_len)
         return slot
 
     def release(self, req_id: str) -> None:
         slot = self._slot_of.pop(req_id, 0)
         if slot == 0:
             return
+        if self.capture is not None:
+            self.capture.finish(slot)
         for index in self._layers_of.pop(slot):
             table = self.layers[index]
             table.steer_add[slot] = 0
@@ -147,12 +158,16 @@ class SteeringRuntime:
         if self.slots_in_use == 0:
             # Nothing steered: one cheap fill keeps every token (and padding) on slot 0.
             self.token_slot[:num_padded].zero_()
+            if self.capture is not None:
+                self.capture.clear(num_padded)
             return
         slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
         inside = (pos >= self.phase_lo[slots]) & (pos < self.phase_hi[slots])
         self.token_slot[:num_tokens] = torch.where(inside, slots, torch.zeros_like(slots))
         self.token_slot[num_tokens:num_padded] = 0
+        if self.capture is not None:
+            self.capture.fill(slots, pos, num_tokens, num_padded)
 
     # ---- control plane (collective_rpc) --------------------------------------------------
     def rpc(self, op: str, *args: Any) -> Any:
@@ -165,6 +180,8 @@ class SteeringRuntime:
         if op == "remove_vector":
             self.registry.remove(args[0])
             return None
+        if op == "collect_captures":
+            return self.capture.collect(args[0]) if self.capture is not None else {}
         if op == "stats":
             return {"runner": self.runner, "slots_in_use": self.slots_in_use, "vectors": len(self.registry)}
         raise ValueError(f"unknown steering rpc {op!r}")

@@ -192,34 +192,53 @@ def vector_digest(array: np.ndarray) -> str:
     return DIGEST_PREFIX + hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
-def _format_location(loc: tuple[Any, ...]) -> str:
-    path = "steering"
+def _format_location(loc: tuple[Any, ...], root: str) -> str:
+    path = root
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
     return path
 
 
+class CaptureSpec(BaseModel):
+    """Record the residual stream of this request's prompt at ``layers`` (after any steering
+    there): the last prompt token's, or the mean over prompt tokens. Results are collected
+    by ``key``. Needs an engine started with capture on (``hf_overrides`` steering.capture)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(min_length=1, max_length=128)
+    layers: list[int] = Field(min_length=1)
+    reduce: Literal["last", "mean"] = "last"
+
+
 def parse_spec(value: SteeringSpec | str | bytes | dict[str, Any]) -> SteeringSpec:
-    """Validate a spec given as a model, a dict or JSON text; raise one SteeringError."""
-    if isinstance(value, SteeringSpec):
+    """Validate a steering spec given as a model, a dict or JSON text; raise one SteeringError."""
+    return _parse(SteeringSpec, value, "steering")
+
+
+def parse_capture(value: CaptureSpec | str | bytes | dict[str, Any]) -> CaptureSpec:
+    return _parse(CaptureSpec, value, "steering_capture")
+
+
+def _parse(model: type[BaseModel], value: Any, root: str):
+    if isinstance(value, model):
         return value
     if isinstance(value, (str, bytes)):
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise SteeringError(f"not valid JSON ({exc})") from None
+            raise SteeringError(f"not valid JSON ({exc})", root) from None
     if not isinstance(value, dict):
-        raise SteeringError(f"must be a JSON object, got {type(value).__name__}")
+        raise SteeringError(f"must be a JSON object, got {type(value).__name__}", root)
     try:
-        return SteeringSpec.model_validate(value)
+        return model.model_validate(value)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown field; allowed: " + ", ".join(
-                sorted((VectorEntry if "vectors" in first["loc"] else SteeringSpec).model_fields)
-            )
+            fields = (VectorEntry if "vectors" in first["loc"] else model).model_fields
+            message = "unknown field; allowed: " + ", ".join(sorted(fields))
         more = len(exc.errors()) - 1
         if more:
             message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        raise SteeringError(message, _format_location(first["loc"])) from None
+        raise SteeringError(message, _format_location(first["loc"], root)) from None

@@ -1,6 +1,16 @@
-"""Where steering vectors come from: the registry and the file formats."""
+"""Where steering vectors come from: the registry, the file formats and SAE decoders."""
 
-from vllm_steer.vectors.files import load_registry, load_vector_file
+from vllm_steer.vectors.files import FORMATS, export_vectors, load_registry, load_vector_file
 from vllm_steer.vectors.registry import VectorInfo, VectorRegistry, feature_name
+from vllm_steer.vectors.sae import load_sae
 
-__all__ = ["VectorInfo", "VectorRegistry", "feature_name", "load_registry", "load_vector_file"]
+__all__ = [
+    "FORMATS",
+    "VectorInfo",
+    "VectorRegistry",
+    "export_vectors",
+    "feature_name",
+    "load_registry",
+    "load_sae",
+    "load_vector_file",
+]

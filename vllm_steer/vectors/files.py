@@ -1,81 +1,136 @@
-"""Vector files the engine loads at start.
+"""Vector files: the registry of formats, loading at start and export.
 
-Accepted here:
-- ``.pt`` (the notebook's ``steering_vectors.pt``): a dict keyed by ``(layer, feature_id)``
-  tuples (registered as features, usable in the spec's ``features`` form and by name
-  ``L{layer}/F{feature_id}``), a dict keyed by strings (named vectors), or one 1-D tensor
-  (named after the file). Read with ``torch.load(weights_only=True)``: no pickled code runs.
-- ``.safetensors``: each 1-D tensor is a named vector.
+Formats, one module each (the module docstrings define the layouts):
+
+- ``.pt``/``.pth`` (pt_format.py): the notebook's ``steering_vectors.pt`` -- a dict keyed by
+  ``(layer, feature_id)``, by names, or by names of ``{layer: tensor}`` dicts, or one tensor;
+  read with ``torch.load(weights_only=True)``, so pickled code is refused;
+- ``.safetensors`` (safetensors_format.py): 1-D tensors ``NAME``, ``NAME.layer.L`` (layered)
+  and ``L{layer}/F{feature_id}`` (features);
+- ``.gguf`` (gguf_format.py): llama.cpp/repeng control vectors, ``direction.N`` = our layer N.
+
+A vector file is given as a source string (sources.py): a local path or an ``hf://`` address,
+with option ``#name=NAME`` for a file holding one vector (a GGUF control vector, a ``.pt`` of
+one tensor). SAE decoders are given separately (``sae`` settings, sae.py).
 """
 
 from __future__ import annotations
 
-import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vllm_steer.vectors.registry import VectorRegistry
+from vllm_steer.vectors import gguf_format, pt_format, safetensors_format
+from vllm_steer.vectors.common import Entries
+from vllm_steer.vectors.registry import ANY_LAYER, VectorRegistry
+from vllm_steer.vectors.sae import load_sae
+from vllm_steer.vectors.sources import parse_source
 
-
-def _as_vector(value: object, where: str) -> np.ndarray:
-    if not isinstance(value, torch.Tensor) or value.dim() != 1:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{where}: expected a 1-D tensor, got {shape}")
-    return value.detach().to(torch.float32).cpu().numpy()
+VECTOR_OPTIONS = ("name",)
 
 
-def read_pt(path: Path, registry: VectorRegistry) -> None:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path}: refused to load: it holds pickled objects other than tensors, dicts, "
-            f"lists, tuples and numbers (loaded with weights_only=True). ({exc})".splitlines()[0]
-        ) from None
-    source = str(path)
-    if isinstance(data, torch.Tensor):
-        registry.add(path.stem, _as_vector(data, source), replace=True, source=source)
-        return
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a tensor or a dict of tensors, got {type(data).__name__}")
-    for key, value in data.items():
-        where = f"{path}[{key!r}]"
-        if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, int) for k in key):
-            registry.add_feature(key[0], key[1], _as_vector(value, where), source=source)
-        elif isinstance(key, str):
-            registry.add(key, _as_vector(value, where), replace=True, source=source)
-        else:
-            raise ValueError(f"{where}: keys must be (layer, feature_id) tuples or names")
+@dataclass(frozen=True)
+class VectorFormat:
+    name: str
+    suffixes: tuple[str, ...]
+    description: str
+    read: Callable[..., None]  # read(path, registry, *, name=None, source=None)
+    write: Callable[..., None]  # write(path, entries[, model_hint=...])
 
 
-def read_safetensors(path: Path, registry: VectorRegistry) -> None:
-    from safetensors.torch import load_file
-
-    for name, tensor in load_file(str(path)).items():
-        registry.add(name, _as_vector(tensor, f"{path}[{name!r}]"), replace=True, source=str(path))
-
-
-READERS = {".pt": read_pt, ".pth": read_pt, ".safetensors": read_safetensors}
-
-
-def load_vector_file(path: str | Path, registry: VectorRegistry) -> None:
-    path = Path(path).expanduser()
-    reader = READERS.get(path.suffix)
-    if reader is None:
-        raise ValueError(f"{path}: unknown vector file type; supported: {', '.join(sorted(READERS))}")
-    if not path.is_file():
-        raise FileNotFoundError(f"vector file not found: {path}")
-    reader(path, registry)
+FORMATS: tuple[VectorFormat, ...] = (
+    VectorFormat("pt", pt_format.SUFFIXES, pt_format.DESCRIPTION, pt_format.read, pt_format.write),
+    VectorFormat(
+        "safetensors",
+        safetensors_format.SUFFIXES,
+        safetensors_format.DESCRIPTION,
+        safetensors_format.read,
+        safetensors_format.write,
+    ),
+    VectorFormat("gguf", gguf_format.SUFFIXES, gguf_format.DESCRIPTION, gguf_format.read, gguf_format.write),
+)
+READERS: dict[str, Callable[..., None]] = {suffix: f.read for f in FORMATS for suffix in f.suffixes}
 
 
-def load_registry(vector_files=(), sae=()) -> VectorRegistry:
+def format_for(suffix: str, what: str) -> VectorFormat:
+    for candidate in FORMATS:
+        if suffix.lower() in candidate.suffixes:
+            return candidate
+    supported = "; ".join(f"{', '.join(f.suffixes)} ({f.description})" for f in FORMATS)
+    shown = repr(suffix) if suffix else "none"
+    raise ValueError(f"{what}: unsupported vector file type {shown}; supported: {supported}")
+
+
+def load_vector_file(path: str | Path, registry: VectorRegistry, *, name: str | None = None) -> None:
+    """Read a vector file (a local path or ``hf://`` source, see sources.py) into ``registry``."""
+    source = parse_source(path, VECTOR_OPTIONS)
+    name = name or source.options.get("name") or None
+    file_format = format_for(source.suffix, source.text)  # before any download
+    local = source.local_path()
+    if not local.is_file():
+        raise FileNotFoundError(f"vector file not found: {local}")
+    file_format.read(local, registry, name=name, source=source.text)
+
+
+def load_registry(vector_files: Iterable[str] = (), sae: Iterable[str] = ()) -> VectorRegistry:
     """A registry holding the configured vector files, with the configured SAE decoders as
     on-demand feature sources. Every process builds the same one from the same settings."""
     registry = VectorRegistry()
     for path in vector_files:
         load_vector_file(path, registry)
-    if sae:
-        raise NotImplementedError("SAE decoders are not readable yet")
+    by_layer: dict[int, str] = {}
+    for text in sae:
+        source = load_sae(text)
+        if source.layer in by_layer:
+            raise ValueError(f"two SAE decoders for layer {source.layer}: {by_layer[source.layer]} and {text}")
+        by_layer[source.layer] = text
+        registry.add_feature_source(source)
     return registry
+
+
+def export_vectors(
+    registry: VectorRegistry,
+    names: str | Iterable[str],
+    path: str | Path,
+    *,
+    layers: Iterable[int] | None = None,
+    model_hint: str | None = None,
+) -> Path:
+    """Write registry entries to ``path``, the format chosen by its suffix.
+
+    A layered vector is written with its own layers. A vector usable at any layer stays so in
+    ``.pt``/``.safetensors``, or, given ``layers``, is written as a layered vector with the
+    same direction at each (needed for ``.gguf``: a control vector is one layered vector, so
+    a ``.gguf`` takes exactly one name). ``model_hint`` is the GGUF ``controlvector.model_hint``
+    (default ``"llama"``). Reading the file back gives the same float32 values, bit for bit.
+    """
+    path = Path(path).expanduser()
+    file_format = format_for(path.suffix, str(path))
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("no vector names given to export")
+    layer_list = None if layers is None else sorted({int(layer) for layer in layers})
+    if layer_list is not None and (not layer_list or layer_list[0] < 0):
+        raise ValueError(f"layers must be non-empty and start at 0, got {layers}")
+    entries: Entries = {}
+    for name in names:
+        if name not in registry.names():
+            raise KeyError(f"no vector named {name!r}; loaded: {', '.join(registry.names()) or 'none'}")
+        arrays = {layer: np.asarray(v, dtype=np.float32) for layer, v in registry.arrays_of(name).items()}
+        if ANY_LAYER not in arrays and layer_list is not None:
+            raise ValueError(
+                f"{name!r} is layered (layers {sorted(arrays)}); it is written with its own layers, "
+                "and `layers` applies to vectors usable at any layer"
+            )
+        if ANY_LAYER in arrays and layer_list is not None:
+            arrays = {layer: arrays[ANY_LAYER] for layer in layer_list}
+        entries[name] = arrays
+    if file_format.name == "gguf":
+        file_format.write(path, entries, model_hint=model_hint)
+    elif model_hint is not None:
+        raise ValueError("model_hint is recorded in .gguf control vectors only")
+    else:
+        file_format.write(path, entries)
+    return path

@@ -1,0 +1,203 @@
+"""SAE decoders as on-demand feature sources: dictionary_learning ae.pt (andyrdt layout) and
+SAELens sae_weights.safetensors + cfg.json. Every SAE is built by the test with a known decoder."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from vllm_steer.resolve import ModelShape, resolve
+from vllm_steer.spec import SteeringError, vector_digest
+from vllm_steer.vectors import load_registry, load_sae
+
+D_MODEL, D_SAE = 16, 32
+
+
+def decoder_rows(seed: int = 0) -> np.ndarray:
+    """[d_sae, d_model]: row f is feature f's direction."""
+    return np.random.default_rng(seed).standard_normal((D_SAE, D_MODEL)).astype(np.float32)
+
+
+def write_ae(folder, rows: np.ndarray):
+    """dictionary_learning BatchTopKSAE state dict: decoder.weight is [d_model, d_sae]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ae.pt"
+    decoder = torch.from_numpy(rows.T.copy())
+    state = {
+        "encoder.weight": decoder.T.clone(),
+        "encoder.bias": torch.zeros(rows.shape[0]),
+        "decoder.weight": decoder,
+        "b_dec": torch.zeros(rows.shape[1]),
+        "k": torch.tensor(64),
+    }
+    torch.save(state, path)
+    return path
+
+
+def write_saelens(folder, rows: np.ndarray, config: dict | None):
+    folder.mkdir(parents=True, exist_ok=True)
+    d_sae, d_in = rows.shape
+    save_file(
+        {"W_enc": rows.T.copy(), "b_enc": np.zeros(d_sae, np.float32), "W_dec": rows, "b_dec": np.zeros(d_in, np.float32)},
+        str(folder / "sae_weights.safetensors"),
+    )
+    if config is not None:
+        (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, **config}))
+    return folder
+
+
+def assert_features(registry, layer: int, rows: np.ndarray, ids=(0, 5, D_SAE - 1)) -> None:
+    for feature_id in ids:
+        digest = registry.feature_digest(layer, feature_id)
+        assert digest == vector_digest(rows[feature_id]), f"feature {feature_id}"
+        assert registry.array(digest).tobytes() == rows[feature_id].tobytes()
+
+
+SHAPE = ModelShape(num_layers=4, hidden_size=D_MODEL, steerable_layers=(0, 1, 2, 3), max_directions=4)
+
+
+def test_andyrdt_ae_pt_layout(tmp_path):
+    rows = decoder_rows(1)
+    path = write_ae(tmp_path / "resid_post_layer_2" / "trainer_1", rows)
+    registry = load_registry(sae=[str(path)])
+    [source] = registry.feature_sources()
+    assert (source.layer, source.num_features) == (2, D_SAE)
+    assert_features(registry, 2, rows)
+    # The folder works too, and #layer= overrides the path.
+    registry = load_registry(sae=[f"{path.parent}#layer=3"])
+    assert_features(registry, 3, rows)
+    assert registry.feature_digest(2, 0) is None
+
+
+def test_ae_pt_without_a_layer_in_the_path_needs_one(tmp_path):
+    path = write_ae(tmp_path / "my_sae", decoder_rows())
+    with pytest.raises(ValueError, match=r"cannot tell the layer.*#layer=N"):
+        load_registry(sae=[str(path)])
+    with pytest.raises(ValueError, match="unknown option name; options here: layer"):
+        load_registry(sae=[f"{path}#name=x"])
+
+
+@pytest.mark.parametrize(
+    "config, layer",
+    [
+        ({"hook_name": "blocks.2.hook_resid_post", "hook_layer": 2}, 2),  # SAELens <= 5
+        ({"meta": {"hook_name": "blocks.2.hook_resid_post", "hook_layer": 2}}, 2),  # SAELens 6
+        ({"hook_name": "blocks.3.hook_resid_pre", "hook_layer": 3}, 2),  # input of block 3 = output of block 2
+        ({"hook_name": "model.layers.1"}, 1),  # an HF module's output
+        ({"hook_layer": 3}, 3),
+    ],
+)
+def test_saelens_layout(tmp_path, config, layer):
+    rows = decoder_rows(2)
+    folder = write_saelens(tmp_path / "sae", rows, config)
+    for text in (str(folder), str(folder / "sae_weights.safetensors")):
+        registry = load_registry(sae=[text])
+        assert [s.layer for s in registry.feature_sources()] == [layer]
+        assert_features(registry, layer, rows)
+
+
+def test_saelens_hook_that_is_not_a_layer_output(tmp_path):
+    rows = decoder_rows(3)
+    folder = write_saelens(tmp_path / "sae", rows, {"hook_name": "blocks.2.hook_mlp_out", "hook_layer": 2})
+    with pytest.raises(ValueError, match=r"hook 'blocks.2.hook_mlp_out' is not the residual stream.*#layer=N"):
+        load_registry(sae=[str(folder)])
+    assert_features(load_registry(sae=[f"{folder}#layer=1"]), 1, rows)
+    bare = write_saelens(tmp_path / "bare", rows, None)
+    with pytest.raises(ValueError, match=r"no cfg.json.*#layer=N"):
+        load_registry(sae=[str(bare)])
+
+
+def test_missing_feature_or_layer_is_a_clear_steering_error(tmp_path):
+    rows = decoder_rows(4)
+    registry = load_registry(sae=[str(write_ae(tmp_path / "resid_post_layer_2" / "trainer_1", rows))])
+    listing = rf"layer 2: features 0-{D_SAE - 1} \(.*resid_post_layer_2/trainer_1/ae.pt\)"
+    with pytest.raises(SteeringError, match=rf"no feature vector for \(layer 2, feature {D_SAE}\).*{listing}") as info:
+        resolve({"features": [[2, D_SAE, 1.0]]}, SHAPE, registry)
+    assert info.value.field == "steering.features[0]"
+    with pytest.raises(SteeringError, match=rf"no feature vector for \(layer 1, feature 0\).*{listing}"):
+        resolve({"features": [[1, 0, 1.0]]}, SHAPE, registry)
+
+    # A good one resolves to the raw decoder row (normalized when applied), sent inline.
+    resolved = resolve({"features": [[2, 5, 0.5]]}, SHAPE, registry)
+    [op] = resolved.ops
+    assert (op.layer, op.mode, op.coeff, op.normalize) == (2, "add", 0.5 * 2, True)
+    assert resolved.inline[op.digest].tobytes() == rows[5].tobytes()
+
+
+def test_two_decoders_for_one_layer_are_refused(tmp_path):
+    first = write_ae(tmp_path / "a" / "resid_post_layer_2" / "trainer_1", decoder_rows())
+    second = write_saelens(tmp_path / "b", decoder_rows(), {"hook_name": "blocks.2.hook_resid_post"})
+    with pytest.raises(ValueError, match="two SAE decoders for layer 2"):
+        load_registry(sae=[str(first), str(second)])
+
+
+@pytest.mark.parametrize("layout", ["ae.pt", "saelens"])
+def test_feature_is_a_fresh_copy_of_one_row(tmp_path, layout):
+    rows = decoder_rows(5)
+    if layout == "ae.pt":
+        text = f"{write_ae(tmp_path / 'x', rows)}#layer=0"
+    else:
+        text = str(write_saelens(tmp_path / "x", rows, {"hook_layer": 0}))
+    source = load_sae(text)
+    first = source.feature(7)
+    assert first.dtype == np.float32 and first.shape == (D_MODEL,)
+    assert first.tobytes() == rows[7].tobytes()
+    first[:] = 0  # the caller owns it: changing it changes nothing in the source
+    assert source.feature(7).tobytes() == rows[7].tobytes()
+    with pytest.raises(KeyError, match=f"feature {D_SAE} is out of range"):
+        source.feature(D_SAE)
+
+
+def _private_memory() -> int:
+    """Anonymous resident memory: what the process itself holds. (Touched pages of a
+    memory-mapped file are page cache, counted as RssFile, and the kernel maps them in
+    page-cache folios, so RSS as a whole grows by more than the bytes read.)"""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("layout", ["ae.pt", "saelens"])
+def test_only_requested_features_are_read(tmp_path, layout):
+    """A 64 MiB decoder: loading it as a source and reading two features must not bring the
+    matrix into the process's memory (it stays memory-mapped; features are copied out)."""
+    d_model, d_sae = 128, 131072
+    if layout == "ae.pt":
+        decoder = torch.zeros(d_model, d_sae)  # [d_model, d_sae]: feature = column
+        decoder[:, 5] = torch.arange(d_model, dtype=torch.float32)
+        path = tmp_path / "ae.pt"
+        torch.save({"decoder.weight": decoder}, path)
+        text = f"{path}#layer=1"
+    else:
+        decoder = np.zeros((d_sae, d_model), np.float32)  # W_dec [d_sae, d_model]: feature = row
+        decoder[5] = np.arange(d_model, dtype=np.float32)
+        path = tmp_path / "sae_weights.safetensors"
+        save_file({"W_dec": decoder}, str(path))
+        text = f"{path}#layer=1"
+    del decoder
+    gc.collect()
+    file_size = path.stat().st_size
+    assert file_size >= 64 * 2**20
+
+    before = _private_memory()
+    registry = load_registry(sae=[text])
+    five = registry.array(registry.feature_digest(1, 5))
+    registry.feature_digest(1, d_sae - 1)
+    grew = _private_memory() - before
+    assert five.tobytes() == np.arange(d_model, dtype=np.float32).tobytes()
+    assert grew < 16 * 2**20, f"resident memory grew by {grew / 2**20:.1f} MiB reading 2 features"
+
+    # The measurement can see a full read of the file.
+    before = _private_memory()
+    whole = path.read_bytes()
+    assert _private_memory() - before > file_size // 2
+    del whole
