@@ -201,3 +201,48 @@ def test_only_requested_features_are_read(tmp_path, layout):
     whole = path.read_bytes()
     assert _private_memory() - before > file_size // 2
     del whole
+
+
+def test_hub_sae_sources_download_the_right_files(tmp_path, monkeypatch):
+    rows = decoder_rows(6)
+    ae = write_ae(tmp_path / "local_ae", rows)
+    saelens = write_saelens(tmp_path / "local_saelens", rows, {"hook_name": "blocks.3.hook_resid_post"})
+    files = {
+        "resid_post_layer_11/trainer_1/ae.pt": ae,
+        "blocks.3.hook_resid_post/sae_weights.safetensors": saelens / "sae_weights.safetensors",
+        "blocks.3.hook_resid_post/cfg.json": saelens / "cfg.json",
+    }
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append((kwargs["repo_id"], kwargs["filename"], kwargs["repo_type"], kwargs["revision"]))
+        return str(files[kwargs["filename"]])
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    andyrdt = "hf://andyrdt/saes-llama-3.1-8b-instruct/resid_post_layer_11/trainer_1/ae.pt"
+    registry = load_registry(sae=[andyrdt, "hf://me/saes@main/blocks.3.hook_resid_post"])
+    assert calls == [
+        ("andyrdt/saes-llama-3.1-8b-instruct", "resid_post_layer_11/trainer_1/ae.pt", "model", None),
+        ("me/saes", "blocks.3.hook_resid_post/sae_weights.safetensors", "model", "main"),
+        ("me/saes", "blocks.3.hook_resid_post/cfg.json", "model", "main"),
+    ]
+    # The layer comes from the hub path (resid_post_layer_11), not from the cache path.
+    assert [(s.layer, s.description) for s in registry.feature_sources()] == [
+        (3, "hf://me/saes@main/blocks.3.hook_resid_post"),
+        (11, andyrdt),
+    ]
+    assert_features(registry, 11, rows)
+    assert_features(registry, 3, rows)
+
+
+def test_what_is_not_an_sae_is_named(tmp_path):
+    (tmp_path / "decoder.npy").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "decoder.npy", tmp_path / "empty"):
+        with pytest.raises(ValueError, match=r"not an SAE decoder; supported: a dictionary_learning \.pt.*sae_weights\.safetensors"):
+            load_registry(sae=[str(path)])
+    with pytest.raises(FileNotFoundError, match="SAE source not found"):
+        load_registry(sae=[str(tmp_path / "missing")])
+    torch.save({"weight": torch.zeros(4, 4)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"no SAE decoder: expected 'decoder.weight' \[d_model, d_sae\] or 'W_dec'.*found weight"):
+        load_registry(sae=[f"{tmp_path / 'other.pt'}#layer=1"])

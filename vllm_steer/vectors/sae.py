@@ -138,22 +138,21 @@ def load_sae(text: str) -> FeatureSource:
         if layer is None:
             config = source.hub.sibling(SAELENS_CONFIG).download_if_present() if source.hub else weights.parent / SAELENS_CONFIG
         return SafetensorsDecoderSource(weights, _saelens_layer(config, layer, source), source.text)
-    if source.suffix:
-        raise ValueError(
-            f"{source.text}: unknown SAE file type {source.suffix!r}; supported: dictionary_learning .pt "
-            f"(e.g. ae.pt), SAELens {SAELENS_WEIGHTS} (+ {SAELENS_CONFIG}) or a folder holding either"
-        )
+    # Anything else is a folder (SAELens folders are named like blocks.11.hook_resid_post).
     if source.hub:  # a hub folder: SAELens layout (no listing is fetched to look for anything else)
         weights = source.hub.child(SAELENS_WEIGHTS).download()
         config = source.hub.child(SAELENS_CONFIG).download_if_present() if layer is None else None
         return SafetensorsDecoderSource(weights, _saelens_layer(config, layer, source), source.text)
     folder = source.local_path()
-    if (folder / SAELENS_WEIGHTS).is_file():
+    if folder.is_dir() and (folder / SAELENS_WEIGHTS).is_file():
         config = folder / SAELENS_CONFIG if layer is None else None
         return SafetensorsDecoderSource(folder / SAELENS_WEIGHTS, _saelens_layer(config, layer, source), source.text)
-    if (folder / AE_FILE).is_file():
+    if folder.is_dir() and (folder / AE_FILE).is_file():
         return TorchDecoderSource(folder / AE_FILE, _ae_layer(source, layer), source.text)
-    raise ValueError(f"{source.text}: found neither {SAELENS_WEIGHTS} nor {AE_FILE} in {folder}")
+    raise ValueError(
+        f"{source.text}: not an SAE decoder; supported: a dictionary_learning .pt (e.g. ae.pt), a SAELens "
+        f"{SAELENS_WEIGHTS} (with {SAELENS_CONFIG} next to it) or a folder holding either"
+    )
 
 
 def _decoder_key(keys, path: Path) -> tuple[str, bool]:
