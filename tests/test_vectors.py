@@ -342,3 +342,14 @@ def test_unsupported_types_and_options_name_what_is_supported(tmp_path):
         load_vector_file(f"{tmp_path / 'v.pt'}#layer=3", VectorRegistry())
     with pytest.raises(FileNotFoundError, match="vector file not found"):
         load_vector_file(tmp_path / "missing.gguf", VectorRegistry())
+
+
+def test_absolute_source_keeps_hub_addresses_and_options(tmp_path, monkeypatch):
+    from vllm_steer.vectors.sources import absolute_source
+
+    monkeypatch.chdir(tmp_path)
+    hub = "hf://spaces/huggingface/eiffel-tower-llama-demo/steering_vectors.pt"
+    assert absolute_source(hub) == hub
+    assert absolute_source(f"{hub}#name=x") == f"{hub}#name=x"
+    assert absolute_source("cv.gguf#name=joy") == f"{tmp_path / 'cv.gguf'}#name=joy"
+    assert absolute_source("sae/blocks.3.hook_resid_post#layer=2") == f"{tmp_path}/sae/blocks.3.hook_resid_post#layer=2"

@@ -3,11 +3,13 @@
 from vllm_steer.vectors.files import FORMATS, export_vectors, load_registry, load_vector_file
 from vllm_steer.vectors.registry import VectorInfo, VectorRegistry, feature_name
 from vllm_steer.vectors.sae import load_sae
+from vllm_steer.vectors.sources import absolute_source
 
 __all__ = [
     "FORMATS",
     "VectorInfo",
     "VectorRegistry",
+    "absolute_source",
     "export_vectors",
     "feature_name",
     "load_registry",

@@ -89,14 +89,16 @@ class Source:
         return self.hub.download() if self.hub else Path(self.location).expanduser()
 
 
-def parse_source(text: str | Path, allowed_options: tuple[str, ...] = ()) -> Source:
+def parse_source(text: str | Path, allowed_options: tuple[str, ...] | None = ()) -> Source:
+    """Split a source string into location, options and hub address (``allowed_options``
+    None: any option keys)."""
     text = str(text)
     location, options = text, {}
     head, sep, tail = text.rpartition("#")
     if sep and _OPTIONS.fullmatch(tail):
         location = head
         options = dict(pair.split("=", 1) for pair in tail.split("&"))
-        unknown = sorted(set(options) - set(allowed_options))
+        unknown = [] if allowed_options is None else sorted(set(options) - set(allowed_options))
         if unknown:
             allowed = ", ".join(allowed_options) if allowed_options else "none"
             raise ValueError(f"{text}: unknown option {', '.join(unknown)}; options here: {allowed}")
@@ -104,6 +106,16 @@ def parse_source(text: str | Path, allowed_options: tuple[str, ...] = ()) -> Sou
         raise ValueError(f"{text!r}: no path given")
     hub = parse_hub(location) if location.startswith(HUB_SCHEME) else None
     return Source(text, location, options, hub)
+
+
+def absolute_source(text: str | Path) -> str:
+    """The same source from any working directory: a local path made absolute (options kept),
+    an ``hf://`` address unchanged. (``Path(text).resolve()`` would turn ``hf://a/b/c`` into
+    ``$PWD/hf:/a/b/c``.)"""
+    source = parse_source(text, None)
+    if source.hub is not None:
+        return source.text
+    return str(Path(source.location).expanduser().resolve()) + source.text[len(source.location):]
 
 
 def parse_hub(address: str) -> HubFile:
