@@ -1,10 +1,12 @@
 """SAE decoders as on-demand feature sources: the spec's ``features`` form names
 ``[layer, feature_id, strength]``, and the vector of a feature is its decoder direction.
 
-Only the requested feature's row/column is read, each time into a fresh float32 copy: the
-decoder stays memory-mapped (``torch.load(mmap=True)`` for ``.pt``, ``safe_open`` slices for
-``.safetensors``), so a 131072-feature decoder costs no memory until features are used. Vectors
-are returned raw; the spec's resolution unit-normalizes features (as the notebook did).
+Only the requested feature's row/column is copied out, each time into a fresh float32 array:
+the decoder stays memory-mapped (``torch.load(mmap=True)`` for ``.pt``, ``safe_open`` slices
+for ``.safetensors``), so the process holds no copy of it. (The OS pages in what is touched,
+and around it, as page cache: a column of a ``[d_model, d_sae]`` decoder touches one page per
+row.) Vectors are returned raw; the spec's resolution unit-normalizes features, as the
+notebook did.
 
 SAE source strings (paths and ``hf://`` addresses as in sources.py, option ``#layer=L``):
 
