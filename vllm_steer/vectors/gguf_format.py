@@ -79,7 +79,7 @@ def read(path: Path, registry: VectorRegistry, *, name: str | None = None, sourc
                 f"{path}: {tensor.name} is {tensor.tensor_type.name}; control vectors are F32 (F16/F64 also read)"
             )
         if int(np.prod(tensor.shape[1:])) != 1:
-            raise ValueError(f"{path}: {tensor.name} has shape {list(tensor.shape)}; expected a 1-D vector")
+            raise ValueError(f"{path}: {tensor.name} has shape {[int(n) for n in tensor.shape]}; expected a 1-D vector")
         layer = int(match[1])
         if layer in directions:
             raise ValueError(f"{path}: {tensor.name} appears twice")
