@@ -6,6 +6,7 @@
         --tensor-parallel-size 2 --api-key KEY  # any other vLLM server flag passes through
     python launch.py generate --prompt "Who are you?" \\
         --steering '{"features": [[1, 0, 8.0]], "scale": 0.8, "clamp": true}'
+    python launch.py extract --positive happy.txt --negative sad.txt --layers 10 12 --out happy.gguf
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent
 DEMO_DIR = REPO / ".cache" / "tiny-llama"
@@ -32,13 +35,14 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
 
 def _model_and_vectors(args) -> tuple[str, list[str]]:
     """The user's model and vectors, or the bundled demo (built on first use)."""
+    from vllm_steer.vectors import absolute_source
+
     if args.model is not None:
-        return args.model, [str(Path(v).expanduser().resolve()) for v in args.vectors or []]
+        return args.model, [absolute_source(v) for v in args.vectors or []]
     from vllm_steer.tiny import build_demo_vectors, build_tiny_llama
 
     model = build_tiny_llama(DEMO_DIR)
-    vectors = args.vectors or [str(build_demo_vectors(model))]
-    return str(model), [str(Path(v).resolve()) for v in vectors]
+    return str(model), [absolute_source(v) for v in args.vectors or [build_demo_vectors(model)]]
 
 
 def _cpu_defaults(extra: list[str]) -> list[str]:
@@ -58,8 +62,9 @@ def serve(argv: list[str]) -> None:
     args, passthrough = parser.parse_known_args(argv)
     model, vectors = _model_and_vectors(args)
     from vllm_steer.config import hf_overrides
+    from vllm_steer.vectors import absolute_source
 
-    overrides = hf_overrides(vector_files=tuple(vectors), sae=tuple(args.sae), max_directions=args.max_directions,
+    overrides = hf_overrides(vector_files=tuple(vectors), sae=tuple(absolute_source(s) for s in args.sae), max_directions=args.max_directions,
                              layers=None if args.steerable_layers is None else tuple(args.steerable_layers))
     extra = _cpu_defaults(passthrough)
     if args.model is None and not any(a.startswith("--max-model-len") for a in passthrough):
@@ -110,7 +115,49 @@ def generate(argv: list[str]) -> None:
     llm.shutdown()
 
 
-COMMANDS = {"serve": serve, "generate": generate}
+def extract(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="launch.py extract",
+        description="A concept vector from contrast prompts, captured with the serving engine's own forward pass.",
+    )
+    _steering_args(parser)
+    parser.add_argument("--positive", required=True, help="prompts with the concept: a text file (one per line) or a JSON list")
+    parser.add_argument("--negative", required=True, help="prompts without it, same format (paired line by line for pca)")
+    parser.add_argument("--layers", type=int, nargs="+", required=True)
+    parser.add_argument("--method", choices=["mean", "pca"], default="mean", help="mean difference (CAA) or repeng's PCA-diff")
+    parser.add_argument("--reduce", choices=["last", "mean"], default="last", help="last prompt token, or mean over the prompt")
+    parser.add_argument("--name", default=None, help="vector name in the file (default: the output file's stem)")
+    parser.add_argument("--out", required=True, help="output file: .safetensors, .gguf or .pt")
+    args = parser.parse_args(argv)
+    model, vectors = _model_and_vectors(args)
+    _cpu_defaults([])
+    from vllm_steer import SteeredLLM
+    from vllm_steer.extract import extract as extract_vectors
+    from vllm_steer.vectors import VectorRegistry, export_vectors
+
+    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
+                     steerable_layers=args.steerable_layers, capture=True,
+                     max_model_len=1024 if args.model is None else None)
+    found = extract_vectors(llm, _read_prompts(args.positive), _read_prompts(args.negative), args.layers,
+                            method=args.method, reduce=args.reduce)
+    llm.shutdown()
+    name = args.name or Path(args.out).stem
+    registry = VectorRegistry()
+    registry.add(name, found, source=f"extract:{args.method}")
+    export_vectors(registry, [name], args.out)
+    norms = ", ".join(f"L{layer}: {float(np.linalg.norm(v)):.3f}" for layer, v in found.items())
+    print(f"wrote {args.out}: {name!r}, layers {list(found)} (norms {norms})")
+
+
+def _read_prompts(path: str) -> list[str]:
+    text = Path(path).read_text()
+    prompts = json.loads(text) if text.lstrip().startswith("[") else [line for line in text.splitlines() if line.strip()]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SystemExit(f"{path}: expected prompts, one per line or a JSON list of strings")
+    return prompts
+
+
+COMMANDS = {"serve": serve, "generate": generate, "extract": extract}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from vllm_steer.config import hf_overrides
 from vllm_steer.frontend import SteeringFrontend, frontend_of
 from vllm_steer.spec import SteeringSpec
+from vllm_steer.vectors import absolute_source
 from vllm_steer.vectors.registry import vector_to_wire
 
 SpecLike = SteeringSpec | dict[str, Any] | str | None
@@ -61,8 +62,8 @@ class SteeredLLM:
         from vllm import LLM
 
         overrides = hf_overrides(
-            vector_files=tuple(str(Path(p).expanduser().resolve()) for p in vectors),
-            sae=tuple(sae),
+            vector_files=tuple(absolute_source(p) for p in vectors),
+            sae=tuple(absolute_source(p) for p in sae),
             max_directions=max_directions,
             layers=None if steerable_layers is None else tuple(steerable_layers),
             capture=capture,
@@ -101,6 +102,12 @@ class SteeredLLM:
     def remove_vector(self, name: str) -> None:
         self.frontend.registry.remove(name)
         self.llm.collective_rpc("steering_rpc", args=("remove_vector", name))
+
+    def export_vectors(self, names: Sequence[str], path: str | Path, **options: Any) -> None:
+        """Save registered vectors to ``.safetensors``, ``.gguf`` (llama.cpp control vector) or ``.pt``."""
+        from vllm_steer.vectors import export_vectors
+
+        export_vectors(self.frontend.registry, list(names), path, **options)
 
     def steering_stats(self) -> list[dict[str, Any]]:
         """Per worker: the model runner in use, steering slots in use, vectors loaded."""

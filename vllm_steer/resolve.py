@@ -105,7 +105,10 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     for index, (layer, feature_id, strength) in enumerate(spec.features):
         where = f"steering.features[{index}]"
         check_layer(layer, shape, where)
-        digest = registry.feature_digest(layer, feature_id)
+        try:
+            digest = registry.feature_digest(layer, feature_id)
+        except (KeyError, ValueError) as exc:  # an on-demand source with an unusable row
+            raise SteeringError(f"feature ({layer}, {feature_id}) cannot be read: {exc}", where) from None
         if digest is None:
             raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
         _check_vector(registry.array(digest), True, shape, where)
