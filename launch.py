@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +60,49 @@ def _cpu_defaults(extra: list[str]) -> list[str]:
 def serve(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="launch.py serve", description="vLLM's OpenAI server with steering.")
     _steering_args(parser)
+    parser.add_argument("--capture", action="store_true", help="allow capture requests (extraction); costs a little per step")
+    parser.add_argument("--registry-dir", default=None,
+                        help="directory for run-time registry changes, shared by API server processes and kept "
+                             "across restarts (default: a fresh temporary directory)")
+    parser.add_argument("--vector-dir", action="append", default=[], metavar="DIR",
+                        help="a directory whose files POST /v1/steering/vectors may read; repeatable")
+    parser.add_argument("--max-registry-vectors", type=int, default=1024)
+    parser.add_argument("--max-body-bytes", type=int, default=16 << 20)
     args, passthrough = parser.parse_known_args(argv)
     model, vectors = _model_and_vectors(args)
     from vllm_steer.config import hf_overrides
     from vllm_steer.vectors import absolute_source
 
-    overrides = hf_overrides(vector_files=tuple(vectors), sae=tuple(absolute_source(s) for s in args.sae), max_directions=args.max_directions,
-                             layers=None if args.steerable_layers is None else tuple(args.steerable_layers))
+    registry_dir = args.registry_dir or tempfile.mkdtemp(prefix="vllm-steer-registry-")
+    overrides = hf_overrides(
+        vector_files=tuple(vectors),
+        sae=tuple(absolute_source(s) for s in args.sae),
+        max_directions=args.max_directions,
+        layers=None if args.steerable_layers is None else tuple(args.steerable_layers),
+        capture=args.capture,
+        registry_dir=str(Path(registry_dir).resolve()),
+        file_dirs=tuple(str(Path(d).resolve()) for d in args.vector_dir),
+        max_registry_vectors=args.max_registry_vectors,
+        max_body_bytes=args.max_body_bytes,
+    )
     extra = _cpu_defaults(passthrough)
-    if args.model is None and not any(a.startswith("--max-model-len") for a in passthrough):
-        extra += ["--max-model-len", "1024"]
+    if args.model is None:  # the demo: a short context, and a name clients can type
+        extra += [] if any(a.startswith("--max-model-len") for a in passthrough) else ["--max-model-len", "1024"]
+        extra += [] if any(a.startswith("--served-model-name") for a in passthrough) else ["--served-model-name", "demo"]
+    _allow_endpoint_plugin()
     run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *extra, *passthrough])
+
+
+def _allow_endpoint_plugin() -> None:
+    """vLLM loads a plugin that adds routes only when VLLM_PLUGINS names it; VLLM_PLUGINS is
+    also an allow-list for general plugins, so keep every installed general plugin in it."""
+    from importlib.metadata import entry_points
+
+    allowed = os.environ.get("VLLM_PLUGINS")
+    names = allowed.split(",") if allowed is not None else [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    if "vllm_steer" not in names:
+        names.append("vllm_steer")
+    os.environ["VLLM_PLUGINS"] = ",".join(names)
 
 
 def run_vllm_serve(argv: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,71 @@ def tp2(engines):
 @pytest.fixture(scope="session")
 def gen_len(runner) -> int:
     return GENERATION_LENGTH[runner]
+
+
+# ---- the server ------------------------------------------------------------------------
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    registry_dir: Path
+    vector_dir: Path
+    log: Path
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, feature_file, tmp_path_factory, runner):
+    """``launch.py serve`` on a free local port, with an API key, a registry directory and a
+    directory the registry API may read vector files from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    (root / "vectors").mkdir()
+    log = root / "server.log"
+    command = [
+        sys.executable, str(REPO / "launch.py"), "serve", "--model", str(tiny_model), "--vectors", str(feature_file),
+        "--registry-dir", str(root / "registry"), "--vector-dir", str(root / "vectors"),
+        "--max-body-bytes", str(4 << 20), "--max-registry-vectors", "16",
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--max-model-len", "1024",
+        "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(1 << 28), "--seed", "0",
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-5000:]}")
+            time.sleep(1)
+    yield Server(url, str(tiny_model), root / "registry", root / "vectors", log)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)

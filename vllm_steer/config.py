@@ -30,6 +30,14 @@ class SteeringConfig(BaseModel):
     # Allocate capture buffers, so requests may record the residual stream at steerable
     # layers (extraction). Costs one index_add per steerable layer per step.
     capture: bool = False
+    # Server: a directory holding run-time registry changes, shared by every API server
+    # process and reloaded on restart (None: changes live in each process's memory).
+    registry_dir: str | None = None
+    # Server: directories whose vector files POST /v1/steering/vectors may read.
+    file_dirs: tuple[str, ...] = ()
+    # Server limits: named vectors in the registry, and bytes in one request body.
+    max_registry_vectors: int = Field(default=1024, ge=1)
+    max_body_bytes: int = Field(default=16 << 20, ge=1024)
     # Layers that can be steered (None: all). Each costs (1 + max_directions) rows of
     # hidden_size floats per running request slot.
     layers: tuple[int, ...] | None = None

@@ -16,16 +16,25 @@ before queueing it, so the plugin wraps that. For a request with
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import threading
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from vllm.exceptions import VLLMValidationError
 
 from vllm_steer.config import ARCHITECTURE, SteeringConfig
 from vllm_steer.resolve import ResolvedSteering, check_layer, resolve
-from vllm_steer.spec import CaptureSpec, SteeringError, parse_capture
+from vllm_steer.spec import DIGEST_PREFIX, CaptureSpec, SteeringError, parse_capture
+from vllm_steer.vectors.registry import Vector
+from vllm_steer.vectors.store import RegistryStore
 
 SALT_PREFIX = "vllm-steer:"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
+logger = logging.getLogger("vllm_steer")
 
 
 class SteeringRequestError(VLLMValidationError, SteeringError):
@@ -49,24 +58,75 @@ def steering_salt(fingerprint: str, user_salt: str | None) -> str:
 
 
 class SteeringFrontend:
-    """The front end's view of the served model: its shape and a registry mirroring the workers'."""
+    """The front end's view of the served model: its shape, and a registry mirroring the
+    workers' (plus, with ``registry_dir``, the run-time changes every front end shares)."""
 
     def __init__(self, hf_config: Any):
-        settings = SteeringConfig.from_hf_config(hf_config)
-        self.shape = settings.model_shape(hf_config)
-        self.registry = settings.load_registry()
-        self.capture = settings.capture
+        self.settings = SteeringConfig.from_hf_config(hf_config)
+        self.shape = self.settings.model_shape(hf_config)
+        self.registry = self.settings.load_registry()
+        self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.store is not None:
+            self.store.refresh(self.registry)
 
     def resolve(self, spec: Any) -> ResolvedSteering | None:
+        self.refresh()
         return resolve(spec, self.shape, self.registry)
 
     def check_capture(self, value: Any) -> CaptureSpec:
         capture = parse_capture(value)
-        if not self.capture:
+        if not self.settings.capture:
             raise SteeringError("capture is off on this server; start it with capture on (hf_overrides steering.capture)", "steering_capture")
         for position, layer in enumerate(capture.layers):
             check_layer(layer, self.shape, f"steering_capture.layers[{position}]")
         return capture
+
+    # ---- registry changes: check, then (after the workers have it) commit ---------------
+    def check_vector(self, name: str, vector: Any, replace: bool) -> Vector:
+        """A vector (or ``{layer: vector}``) fit for this model as float32, or a SteeringError."""
+        self.refresh()
+        if not NAME_PATTERN.fullmatch(name or "") or name.startswith(DIGEST_PREFIX):
+            raise SteeringError("names are 1-128 characters: letters, digits and _ . : / @ + - (not 'sha256:...')", "name")
+        if name in self.registry and not replace:
+            raise SteeringError(f"vector {name!r} already exists; send \"replace\": true to replace it", "name")
+        if name not in self.registry and len(self.registry) >= self.settings.max_registry_vectors:
+            raise SteeringError(
+                f"the registry holds its limit of {self.settings.max_registry_vectors} vectors; delete one first "
+                "(hf_overrides steering.max_registry_vectors)",
+                "name",
+            )
+        arrays = vector if isinstance(vector, Mapping) else {None: vector}
+        checked = {}
+        for layer, array in arrays.items():
+            array = np.asarray(array, dtype=np.float32).reshape(-1)
+            where = "vector" if layer is None else f"layers[{layer}]"
+            if array.size != self.shape.hidden_size:
+                raise SteeringError(f"has {array.size} values; this model's hidden size is {self.shape.hidden_size}", where)
+            if not np.isfinite(array).all():
+                raise SteeringError("contains NaN or inf", where)
+            if layer is not None:
+                check_layer(int(layer), self.shape, where)
+            checked[layer if layer is None else int(layer)] = array
+        return checked[None] if None in checked else checked
+
+    def commit_vector(self, name: str, vector: Vector, *, source: str, replace: bool) -> str:
+        digest = self.registry.add(name, vector, replace=True, source=source)
+        if self.store is not None:
+            self.store.put(name, vector, digest=digest, source=source, replace=replace)
+        logger.info("steering registry: %s %r = %s (%s)", "replaced" if replace else "added", name, digest, source)
+        return digest
+
+    def remove_vector(self, name: str) -> None:
+        self.refresh()
+        if name not in self.registry:
+            raise KeyError(name)
+        self.registry.remove(name)
+        if self.store is not None:
+            self.store.delete(name)
+        logger.info("steering registry: deleted %r", name)
 
 
 _LOCK = threading.Lock()

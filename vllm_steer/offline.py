@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +86,12 @@ class SteeredLLM:
     def register_vector(self, name: str, vector: Any, *, replace: bool = False, source: str = "inline") -> str:
         """Add or replace a named vector (one vector, or ``{layer: vector}``) on the front end
         and every worker; returns its digest. Requests already accepted keep what they had."""
-        if isinstance(vector, Mapping):
-            vector = {int(layer): np.asarray(v, dtype=np.float32).reshape(-1) for layer, v in vector.items()}
-            sizes = {v.size for v in vector.values()}
-        else:
-            vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-            sizes = {vector.size}
-        hidden = self.frontend.shape.hidden_size
-        if sizes != {hidden}:
-            raise ValueError(f"vector {name!r} has {sorted(sizes)} values; this model's hidden size is {hidden}")
-        digest = self.frontend.registry.add(name, vector, replace=replace, source=source)
+        vector = self.frontend.check_vector(name, vector, replace)
         self.llm.collective_rpc("steering_rpc", args=("add_vector", name, vector_to_wire(vector), True, source))
-        return digest
+        return self.frontend.commit_vector(name, vector, source=source, replace=replace)
 
     def remove_vector(self, name: str) -> None:
-        self.frontend.registry.remove(name)
+        self.frontend.remove_vector(name)
         self.llm.collective_rpc("steering_rpc", args=("remove_vector", name))
 
     def export_vectors(self, names: Sequence[str], path: str | Path, **options: Any) -> None:

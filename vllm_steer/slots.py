@@ -9,7 +9,8 @@ the per-step work is only "which slot does each token read", done with tensor op
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from bisect import bisect_left
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 logger = logging.getLogger("vllm_steer")
 
 NEVER = torch.iinfo(torch.int64).max
+# Histogram bounds for "distinct steering configs in a step" (exported as a metric).
+STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -78,6 +81,11 @@ class SteeringRuntime:
         self._slot_of: dict[str, int] = {}
         self._layers_of: dict[int, tuple[int, ...]] = {}
         self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
+        # Observability: the steering config (fingerprint) of each slot, and per-step counts.
+        self._config_of: dict[int, str] = {}
+        self._live_configs: Counter[str] = Counter()
+        self._step_counts = [0] * (len(STEP_BUCKETS) + 1)
+        self._step_sum = 0
 
     # ---- admission -------------------------------------------------------------------
     def admit(self, req_id: str, sampling_params: Any, prompt_len: int) -> int:
@@ -119,6 +127,9 @@ class SteeringRuntime:
         self._layers_of[slot] = local
         if capture is not None:
             self.capture.start(slot, capture, prompt_len)
+        if resolved is not None:
+            self._config_of[slot] = resolved.fingerprint
+            self._live_configs[resolved.fingerprint] += 1
         return slot
 
     def release(self, req_id: str) -> None:
@@ -127,6 +138,11 @@ class SteeringRuntime:
             return
         if self.capture is not None:
             self.capture.finish(slot)
+        config = self._config_of.pop(slot, None)
+        if config is not None:
+            self._live_configs[config] -= 1
+            if not self._live_configs[config]:
+                del self._live_configs[config]
         for index in self._layers_of.pop(slot):
             table = self.layers[index]
             table.steer_add[slot] = 0
@@ -155,6 +171,9 @@ class SteeringRuntime:
     ) -> None:
         """token_slot[:num_tokens] = each token's request slot, 0 outside the slot's phase;
         the padded tail reads slot 0."""
+        distinct = len(self._live_configs)
+        self._step_counts[bisect_left(STEP_BUCKETS, distinct)] += 1
+        self._step_sum += distinct
         if self.slots_in_use == 0:
             # Nothing steered: one cheap fill keeps every token (and padding) on slot 0.
             self.token_slot[:num_padded].zero_()
@@ -178,10 +197,16 @@ class SteeringRuntime:
             layer, feature_id, raw, source = args
             return self.registry.add_feature(layer, feature_id, vector_from_wire(raw), source=source)
         if op == "remove_vector":
-            self.registry.remove(args[0])
+            if args[0] in self.registry:
+                self.registry.remove(args[0])
             return None
         if op == "collect_captures":
             return self.capture.collect(args[0]) if self.capture is not None else {}
         if op == "stats":
-            return {"runner": self.runner, "slots_in_use": self.slots_in_use, "vectors": len(self.registry)}
+            return {
+                "runner": self.runner,
+                "slots_in_use": self.slots_in_use,
+                "vectors": len(self.registry),
+                "step_distinct_configs": {"counts": list(self._step_counts), "sum": self._step_sum},
+            }
         raise ValueError(f"unknown steering rpc {op!r}")

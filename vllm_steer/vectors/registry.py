@@ -168,6 +168,9 @@ class VectorRegistry:
     def __len__(self) -> int:
         return len(self._names)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
 
 Vector = np.ndarray | Mapping[int, np.ndarray]
 

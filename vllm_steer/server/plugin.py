@@ -1,0 +1,81 @@
+"""vLLM endpoint plugin: the ``steering`` field, ``/v1/steering/*`` and steering metrics.
+
+vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (they add HTTP routes);
+``launch.py serve`` sets ``VLLM_PLUGINS=vllm_steer``. Without it, steering still works
+through ``vllm_xargs`` (the general plugin is what validates and isolates requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from argparse import Namespace
+from typing import Any
+
+from vllm_steer.frontend import SteeringFrontend, frontend_of
+from vllm_steer.server.metrics import SteeringMetrics
+from vllm_steer.vectors.registry import vector_to_wire
+
+logger = logging.getLogger("vllm_steer")
+POLL_SECONDS = 5.0
+
+
+class ServerState:
+    """What the middleware and routes of one API server process share."""
+
+    def __init__(self, engine_client: Any, frontend: SteeringFrontend, metrics: SteeringMetrics):
+        self.engine_client = engine_client
+        self.frontend = frontend
+        self.settings = frontend.settings
+        self.metrics = metrics
+
+    def resolve(self, spec: Any):
+        return self.frontend.resolve(spec)
+
+    async def push_stored_vectors(self) -> None:
+        """Hand the workers the registry directory's vectors (a restarted server's included)."""
+        store = self.frontend.store
+        if store is None:
+            return
+        for name, entry in store.entries().items():
+            wire = vector_to_wire(store.load(name))
+            await self.engine_client.collective_rpc("steering_rpc", args=("add_vector", name, wire, True, entry["source"]))
+
+    async def poll_workers(self) -> None:
+        while True:
+            try:
+                stats = await self.engine_client.collective_rpc("steering_rpc", args=("stats",))
+                self.metrics.worker_stats(stats[0])
+                self.frontend.refresh()
+                self.metrics.registry_vectors.set(len(self.frontend.registry))
+            except Exception:  # noqa: BLE001 - metrics must never take the server down
+                logger.debug("steering stats poll failed", exc_info=True)
+            await asyncio.sleep(POLL_SECONDS)
+
+
+class SteeringEndpoints:
+    name = "vllm_steer"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:
+        from vllm_steer.server.middleware import SteeringFieldMiddleware
+        from vllm_steer.server.routes import router
+
+        app.include_router(router)
+        app.add_middleware(SteeringFieldMiddleware)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        frontend = frontend_of(engine_client.input_processor) if engine_client is not None else None
+        if frontend is None:
+            logger.warning("vllm_steer endpoints are idle: the served model is not SteeredLlamaForCausalLM")
+            return
+        server = ServerState(engine_client, frontend, SteeringMetrics.get())
+        if frontend.store is None and getattr(args, "api_server_count", 1) and args.api_server_count > 1:
+            logger.warning(
+                "with --api-server-count > 1, registry changes stay in the API server that made them "
+                "unless hf_overrides steering.registry_dir names a shared directory (launch.py sets one)"
+            )
+        await server.push_stored_vectors()
+        server.metrics.registry_vectors.set(len(frontend.registry))
+        server.poll_task = asyncio.get_running_loop().create_task(server.poll_workers())
+        state.vllm_steer = server
