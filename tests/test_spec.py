@@ -86,6 +86,13 @@ def test_model_errors_name_the_field(spec, field, fragment, registry):
     assert fragment in info.value.reason, info.value.reason
 
 
+def test_request_size_limit_names_the_setting(registry):
+    shape = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=2, max_request_vectors=3)
+    spec = {"vectors": [{"name": "eiffel", "layers": [1]}] * 3, "features": [[2, 74457, 1.0]]}
+    with pytest.raises(SteeringError, match=r"4 vectors and features; this server allows at most 3 per request \(hf_overrides steering.max_request_vectors\)"):
+        resolve(spec, shape, registry)
+
+
 def test_layer_not_steerable_says_which_are(registry):
     shape = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(2,), max_directions=2)
     with pytest.raises(SteeringError, match=r"layer 1 is not steerable on this server; steerable layers: \[2\]"):

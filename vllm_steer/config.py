@@ -27,6 +27,8 @@ class SteeringConfig(BaseModel):
     sae: tuple[str, ...] = ()
     # Clamp/ablate directions one request may use per layer; 0 skips that math entirely.
     max_directions: int = Field(default=4, ge=0, le=64)
+    # Vectors plus features one request may name (bounds its size and admission work).
+    max_request_vectors: int = Field(default=64, ge=1)
     # Allocate capture buffers, so requests may record the residual stream at steerable
     # layers (extraction). Costs one index_add per steerable layer per step.
     capture: bool = False
@@ -55,6 +57,7 @@ class SteeringConfig(BaseModel):
             hidden_size=hf_config.hidden_size,
             steerable_layers=self.steerable_layers(hf_config.num_hidden_layers),
             max_directions=self.max_directions,
+            max_request_vectors=self.max_request_vectors,
         )
 
     def load_registry(self):

@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from vllm_steer.spec import ApplyTo, Mode, SteeringError, SteeringSpec, encode_b64, parse_spec, vector_digest
+from vllm_steer.spec import FLOAT32_MAX, ApplyTo, Mode, SteeringError, SteeringSpec, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors.registry import VectorRegistry, feature_name
 
 
@@ -29,6 +29,7 @@ class ModelShape:
     hidden_size: int
     steerable_layers: tuple[int, ...]
     max_directions: int
+    max_request_vectors: int = 64  # vectors and features in one spec
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
 def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> ResolvedSteering | None:
     """Validate against the model and registry. None when the spec changes nothing."""
     spec: SteeringSpec = parse_spec(spec_value)
+    count = len(spec.vectors) + len(spec.features)
+    if count > shape.max_request_vectors:
+        raise SteeringError(
+            f"{count} vectors and features; this server allows at most {shape.max_request_vectors} per request "
+            "(hf_overrides steering.max_request_vectors)"
+        )
     ops: list[Op] = []
     inline: dict[str, np.ndarray] = {}
 
@@ -99,6 +106,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
             check_layer(layer, shape, layer_field)
             array = inline[digest] if digest in inline else registry.array(digest)
             _check_vector(array, needs_direction, shape, vector_field)
+            _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), f"{where}.scale")
             ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
 
     mode: Mode = "clamp" if spec.use_clamp else "add"
@@ -115,6 +123,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         if digest in registry.on_demand:
             inline[digest] = registry.array(digest)
         effective = strength * layer if spec.use_reduced_strengths else strength
+        _check_magnitude(spec.scale * effective, 1.0, where)
         ops.append(Op(layer, mode, digest, spec.scale * effective, True))
 
     directions = Counter(op.layer for op in ops if op.mode != "add")
@@ -177,6 +186,12 @@ def _check_vector(array: np.ndarray, needs_direction: bool, shape: ModelShape, w
         )
     if needs_direction and not np.any(array):
         raise SteeringError("vector is all zeros, so it has no direction to clamp, ablate or normalize", where)
+
+
+def _check_magnitude(coeff: float, largest: float, where: str) -> None:
+    """The steering must stay a finite float32: a scale that overflows would turn the stream into inf/NaN."""
+    if not abs(coeff) * largest < FLOAT32_MAX:
+        raise SteeringError(f"scale {coeff:.4g} is too large: the steering would overflow float32", where)
 
 
 def _listing(items: list[str], limit: int = 10) -> str:

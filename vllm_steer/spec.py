@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Mode = Literal["add", "clamp", "ablate"]
 ApplyTo = Literal["all", "prompt", "generated"]
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 # A vector addressed by content: "sha256:<hex of the float32 little-endian bytes>".
 DIGEST_PREFIX = "sha256:"
 
@@ -81,6 +83,8 @@ class VectorEntry(BaseModel):
     def _vector_finite(cls, vector: list[float] | None) -> list[float] | None:
         if vector is not None and not all(math.isfinite(x) for x in vector):
             raise ValueError("vector contains NaN or inf")
+        if vector is not None and max(map(abs, vector)) > FLOAT32_MAX:
+            raise ValueError(f"vector values must fit float32 (|x| <= {FLOAT32_MAX:.4g})")
         return vector
 
     @field_validator("vector_b64")

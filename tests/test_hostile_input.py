@@ -1,0 +1,133 @@
+"""Hostile input at the edges: whatever JSON arrives, the spec parser, the resolver and the
+front-end hook either accept it or raise their one clear error type, never anything else."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_steer.config import ARCHITECTURE
+from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request
+from vllm_steer.resolve import ResolvedSteering, resolve
+from vllm_steer.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
+
+HIDDEN = 8
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+json_values = st.recursive(
+    scalars, lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5), max_leaves=25
+)
+# Values shaped like the spec's own fields, so the fuzzing reaches deep validation too.
+numbers = st.integers(-3, 10) | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e30, -1e39, 0.0, 1e-45])
+vectors = st.lists(st.floats(-1e39, 1e39) | st.floats(), min_size=0, max_size=HIDDEN + 1)
+b64 = st.sampled_from(["", "AAAA", "***", encode_b64(np.ones(HIDDEN, np.float32)), encode_b64(np.full(HIDDEN, np.nan, np.float32))])
+entry = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["tower", "sha256:" + "0" * 64, "", "L1/F3", "nope"]) | st.text(max_size=6),
+        "vector": vectors | json_values,
+        "vector_b64": b64 | json_values,
+        "layers": st.lists(numbers, max_size=4) | json_values,
+        "scale": numbers | json_values,
+        "mode": st.sampled_from(["add", "clamp", "ablate", "boost"]) | json_values,
+        "normalize": st.booleans() | json_values,
+        "extra": json_values,
+    },
+)
+spec_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "vectors": st.lists(entry, max_size=6) | json_values,
+        "features": st.lists(st.lists(numbers, max_size=4), max_size=4) | json_values,
+        "scale": numbers | json_values,
+        "clamp": st.booleans() | json_values,
+        "reduced_strengths": st.booleans() | json_values,
+        "apply_to": st.sampled_from(["all", "prompt", "generated", "later"]) | json_values,
+        "other": json_values,
+    },
+)
+anything = json_values | spec_like
+# Well-formed specs: resolution must accept them (bar the per-layer direction limit).
+good_entry = st.fixed_dictionaries(
+    {"layers": st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True)},
+    optional={"scale": st.floats(-50, 50), "mode": st.sampled_from(["add", "clamp", "ablate"]), "normalize": st.booleans()},
+).flatmap(
+    lambda base: st.one_of(
+        st.just({**base, "name": "tower"}),
+        st.lists(st.floats(-10, 10), min_size=HIDDEN, max_size=HIDDEN)
+        .filter(lambda v: any(v))
+        .map(lambda v: {**base, "vector": v}),
+    )
+)
+good_spec = st.fixed_dictionaries(
+    {"vectors": st.lists(good_entry, min_size=1, max_size=4)},
+    optional={"features": st.lists(st.tuples(st.just(1), st.just(3), st.floats(-5, 5)), max_size=2),
+              "scale": st.floats(-3, 3), "apply_to": st.sampled_from(["all", "prompt", "generated"])},
+)
+
+
+def frontend() -> SteeringFrontend:
+    config = SimpleNamespace(num_hidden_layers=4, hidden_size=HIDDEN, architectures=[ARCHITECTURE], steering={"max_directions": 2})
+    front = SteeringFrontend(config)
+    front.registry.add("tower", np.arange(1, HIDDEN + 1, dtype=np.float32))
+    front.registry.add_feature(1, 3, np.ones(HIDDEN, np.float32), source="test")
+    return front
+
+
+FRONT = frontend()
+
+
+@SETTINGS
+@given(value=anything | good_spec)
+def test_any_json_parses_or_raises_one_clear_error(value):
+    for form in (value, json.dumps(value)):
+        try:
+            assert isinstance(parse_spec(form), SteeringSpec)
+        except SteeringError as error:
+            assert error.field.startswith("steering") and error.reason
+
+
+@SETTINGS
+@given(value=anything | good_spec)
+def test_resolution_yields_finite_steering_or_one_clear_error(value):
+    try:
+        resolved = resolve(value, FRONT.shape, FRONT.registry)
+    except SteeringError as error:
+        assert error.field.startswith("steering") and error.reason
+        return
+    assert resolved is None or isinstance(resolved, ResolvedSteering)
+    if resolved is not None:
+        for op in resolved.ops:
+            assert np.isfinite(op.coeff) and 0 <= op.layer < 4
+        assert resolve(resolved.wire(), FRONT.shape, FRONT.registry) == resolved
+
+
+@SETTINGS
+@given(value=anything | good_spec, capture=st.none() | json_values)
+def test_the_front_end_hook_accepts_or_refuses_with_a_400_class_error(value, capture):
+    extra = {"steering": value} if capture is None else {"steering": value, "steering_capture": capture}
+    request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra, skip_reading_prefix_cache=None), cache_salt=None)
+    try:
+        prepare_request(FRONT, request)
+    except SteeringRequestError as error:
+        assert error.parameter and str(error)
+
+
+@SETTINGS
+@given(value=good_spec)
+def test_well_formed_specs_resolve_and_round_trip(value):
+    try:
+        resolved = resolve(value, FRONT.shape, FRONT.registry)
+    except SteeringError as error:
+        assert "clamp/ablate directions" in error.reason
+        return
+    if resolved is None:  # only adds, all with strength 0
+        assert all(e.get("mode", "add") == "add" for e in value["vectors"])
+        return
+    again = resolve(json.loads(resolved.wire()), FRONT.shape, FRONT.registry)
+    assert again == resolved and again.fingerprint == resolved.fingerprint
