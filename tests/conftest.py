@@ -176,6 +176,7 @@ class Server:
     registry_dir: Path
     vector_dir: Path
     log: Path
+    pid: int
 
     def client(self, **kwargs):
         from openai import OpenAI
@@ -217,7 +218,7 @@ def server(tiny_model, feature_file, tmp_path_factory, runner):
                 os.killpg(process.pid, signal.SIGKILL)
                 raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-5000:]}")
             time.sleep(1)
-    yield Server(url, str(tiny_model), root / "registry", root / "vectors", log)
+    yield Server(url, str(tiny_model), root / "registry", root / "vectors", log, process.pid)
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=30)

@@ -1,5 +1,5 @@
 """The same steering under other engine configurations: eager vs torch.compile with a tiny
-chunked-prefill budget, and tensor parallelism."""
+chunked-prefill budget, tensor parallelism and pipeline parallelism."""
 
 from __future__ import annotations
 
@@ -35,8 +35,11 @@ def test_eager_with_small_chunked_prefill_budget_matches_compiled(engines, batch
         assert_same_tokens_close_logprobs(b, reference(hf_model, engines(), prompts[index], specs[index], gen_len))
 
 
-def test_tensor_parallel_2_matches_one_process(engines, tp2, batch, gen_len):
+@pytest.mark.parametrize("parallel", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_processes_match_one(parallel, engines, batch, gen_len):
+    """Tensor parallel 2 and pipeline parallel 2 on the two cores, compiled, capture on."""
     prompts, specs = batch
     single = run(engines(), prompts, specs, gen_len)
-    for a, b in zip(single, run(tp2, prompts, specs, gen_len)):
+    split = engines(**{parallel: 2}, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, capture=True)
+    for a, b in zip(single, run(split, prompts, specs, gen_len)):
         assert_same_tokens_close_logprobs(b, a)

@@ -53,6 +53,37 @@ class ServerState:
             await asyncio.sleep(POLL_SECONDS)
 
 
+def document_steering_field(app) -> None:
+    """Add the ``steering`` field to the generation requests of the OpenAPI document, so
+    clients and schema-driven tools (e.g. schemathesis) see it."""
+    from vllm_steer.server.middleware import GENERATION_PATHS
+    from vllm_steer.spec import SteeringSpec
+
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        spec_schema = SteeringSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(spec_schema.pop("$defs", {}))
+        schemas["SteeringSpec"] = spec_schema
+        for path in GENERATION_PATHS:
+            body = document.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
+            ref = body.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+            request_schema = schemas.get(ref.rsplit("/", 1)[-1])
+            if request_schema is not None:
+                request_schema.setdefault("properties", {})["steering"] = {
+                    "anyOf": [{"$ref": "#/components/schemas/SteeringSpec"}, {"type": "null"}],
+                    "description": "Per-request activation steering (vllm-steer).",
+                }
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
+
+
 class SteeringEndpoints:
     name = "vllm_steer"
     required_tasks = ("generate",)
@@ -63,6 +94,7 @@ class SteeringEndpoints:
 
         app.include_router(router)
         app.add_middleware(SteeringFieldMiddleware)
+        document_steering_field(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         frontend = frontend_of(engine_client.input_processor) if engine_client is not None else None

@@ -4,6 +4,7 @@
     POST   /v1/steering/vectors           register one: inline floats/base64, {layer: floats}, a server
                                           file (inside steering.file_dirs) or a loaded feature/SAE feature
     DELETE /v1/steering/vectors/{name}
+    GET    /v1/steering/stats             per worker: runner, slots in use, vectors, per-step histogram
 
 Under ``/v1``, so ``--api-key`` guards them like every other route. A change reaches every
 worker before it is visible to requests; requests already accepted keep their vectors.
@@ -82,6 +83,17 @@ async def list_vectors(raw_request: Request):
         return _json_error(400, str(exc), exc.field, "BadRequestError")
     frontend.refresh()
     return {"object": "list", "data": [_info(frontend, name) for name in frontend.registry.names()]}
+
+
+@router.get("/v1/steering/stats")
+async def steering_stats(raw_request: Request):
+    """Per worker: the model runner, steering slots in use (0 when idle: a debug count for
+    leaks), vectors held, and the per-step distinct-config histogram."""
+    try:
+        state = _state(raw_request)
+    except SteeringError as exc:
+        return _json_error(400, str(exc), exc.field, "BadRequestError")
+    return {"object": "steering.stats", "workers": await state.engine_client.collective_rpc("steering_rpc", args=("stats",))}
 
 
 @router.post("/v1/steering/vectors", status_code=201)
