@@ -217,7 +217,10 @@ def test_api_key_guards_steering_and_generation_routes(server, key):
     assert post(server, "/v1/steering/vectors", method="GET", key=key).status_code == 401
     assert post(server, "/v1/steering/vectors", {"name": "x", "vector": random_vector(0)}, key=key).status_code == 401
     assert post(server, "/v1/steering/vectors/L1/F7", method="DELETE", key=key).status_code == 401
+    assert post(server, "/v1/steering/stats", method="GET", key=key).status_code == 401
     assert post(server, "/v1/chat/completions", {"model": server.model, "messages": CHAT, "steering": NOTEBOOK}, key=key).status_code == 401
+    assert post(server, "/v1/completions", {"model": server.model, "prompt": "x", "steering": NOTEBOOK}, key=key).status_code == 401
+    assert post(server, "/v1/completions", {"model": server.model, "prompt": "x"}, key=key).status_code == 401
     assert "L1/F7" in {e["name"] for e in post(server, "/v1/steering/vectors", method="GET").json()["data"]}
 
 
