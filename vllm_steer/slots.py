@@ -193,9 +193,6 @@ class SteeringRuntime:
         if op == "add_vector":
             name, raw, replace, source = args
             return self.registry.add(name, vector_from_wire(raw), replace=replace, source=source)
-        if op == "add_feature":
-            layer, feature_id, raw, source = args
-            return self.registry.add_feature(layer, feature_id, vector_from_wire(raw), source=source)
         if op == "remove_vector":
             if args[0] in self.registry:
                 self.registry.remove(args[0])
