@@ -96,3 +96,13 @@ def test_bad_spec_is_a_400_class_error_that_names_the_field(frontend):
 def test_steering_on_an_unsteered_architecture_says_how_to_enable_it():
     with pytest.raises(SteeringRequestError, match=r"needs the SteeredLlamaForCausalLM architecture; start the engine with hf_overrides"):
         prepare_request(None, request({"vectors": [{"name": "v", "layers": [1]}]}))
+
+
+def test_a_client_salt_cannot_enter_a_steered_cache_namespace(frontend):
+    """An unsteered request salted like a steered one would write KV blocks steered requests reuse."""
+    resolved = frontend.resolve({"vectors": [{"name": "v", "layers": [1]}]})
+    forged = request(cache_salt=steering_salt(resolved.fingerprint, None))
+    with pytest.raises(SteeringRequestError, match="cache_salt: may not start with 'vllm-steer:'"):
+        prepare_request(frontend, forged)
+    with pytest.raises(SteeringRequestError, match="cache_salt"):
+        prepare_request(None, request(cache_salt="vllm-steer:anything"))

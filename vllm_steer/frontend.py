@@ -148,6 +148,9 @@ def frontend_of(input_processor: Any) -> SteeringFrontend | None:
 
 def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
     """Resolve and salt one EngineCoreRequest in place (see the module docstring)."""
+    if (request.cache_salt or "").startswith(SALT_PREFIX):
+        # Otherwise an unsteered request could write KV blocks into a steered namespace.
+        raise SteeringRequestError(SteeringError(f"may not start with {SALT_PREFIX!r} (reserved for steering)", "cache_salt"))
     params = request.sampling_params
     extra = getattr(params, "extra_args", None)
     if not extra or ("steering" not in extra and "steering_capture" not in extra):
