@@ -87,5 +87,5 @@ class CaptureTables:
         self.token_weight[:num_tokens] = torch.where(inside, self.scale[slots], 0.0)
         self.token_weight[num_tokens:num_padded] = 0
 
-    def clear(self, num_padded: int) -> None:
-        self.token_weight[:num_padded].zero_()
+    def clear(self, num_tokens: int | None) -> None:
+        self.token_weight[:num_tokens].zero_()

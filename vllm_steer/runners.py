@@ -68,7 +68,7 @@ def install_v1_writer() -> None:
                 write_v1(runtime, self, positions)
             except Exception:  # noqa: BLE001 - never kill the engine
                 logger.exception("steering writer failed; this step runs unsteered")
-                runtime.token_slot.zero_()
+                runtime.clear_step()
         return original(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
 
     _model_forward._vllm_steer = True
@@ -104,13 +104,12 @@ class V2SlotWriter:
         self.runtime.release(req_id)
 
     def prepare_inputs(self, input_batch: Any, req_states: Any) -> None:
-        token_slot = self.runtime.token_slot
         num_reqs = input_batch.num_reqs
         num_padded = input_batch.num_tokens_after_padding
         try:
             if num_reqs and input_batch.req_ids[0] not in req_states.req_id_to_index:
                 # A dummy batch (warmup, DP padding): its rows are not real requests.
-                token_slot[:num_padded].zero_()
+                self.runtime.clear_step(num_padded)
                 return
             start = input_batch.query_start_loc[: num_reqs + 1]
             self.runtime.fill_token_slot(
@@ -122,11 +121,11 @@ class V2SlotWriter:
             )
         except Exception:  # noqa: BLE001 - never kill the engine
             logger.exception("steering writer failed; this step runs unsteered")
-            token_slot.zero_()
+            self.runtime.clear_step()
 
     def prepare_dummy_inputs(self, num_tokens: int) -> None:
         # Warmup and graph capture: every token reads the zero slot.
-        self.runtime.token_slot[:num_tokens].zero_()
+        self.runtime.clear_step(num_tokens)
 
 
 def _make_state_cls():

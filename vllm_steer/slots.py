@@ -176,9 +176,7 @@ class SteeringRuntime:
         self._step_sum += distinct
         if self.slots_in_use == 0:
             # Nothing steered: one cheap fill keeps every token (and padding) on slot 0.
-            self.token_slot[:num_padded].zero_()
-            if self.capture is not None:
-                self.capture.clear(num_padded)
+            self.clear_step(num_padded)
             return
         slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
@@ -187,6 +185,12 @@ class SteeringRuntime:
         self.token_slot[num_tokens:num_padded] = 0
         if self.capture is not None:
             self.capture.fill(slots, pos, num_tokens, num_padded)
+
+    def clear_step(self, num_tokens: int | None = None) -> None:
+        """Every token reads slot 0 and nothing is captured (dummy runs, writer failures)."""
+        self.token_slot[:num_tokens].zero_()
+        if self.capture is not None:
+            self.capture.clear(num_tokens)
 
     # ---- control plane (collective_rpc) --------------------------------------------------
     def rpc(self, op: str, *args: Any) -> Any:
