@@ -1,110 +1,171 @@
 """Engine throughput, steered vs unsteered, measured side by side in one process.
 
-Passes alternate (unsteered, steered, unsteered, ...) over the same prompts and output
-lengths (``ignore_eos``), so the machine's drift cancels; the report is the median of each
-and their ratio. Prefix caching is off so no pass reuses another's KV.
+One engine per model (``max_num_seqs`` = the largest batch), reused by every scenario. In
+each scenario, passes alternate (unsteered, steered, unsteered, ...) over the same prompts
+and output lengths (``ignore_eos``, fixed ``max_tokens``, greedy), so the machine's drift
+hits both sides alike; the report is each side's median output and total tok/s and their
+ratio. Prefix caching is off so no pass reuses another's KV. Scenarios vary one factor at a
+time around the base (largest batch, every request steered with its own vector on every
+layer, add): one shared spec vs distinct configs, 1 layer vs every layer, add vs clamp,
+0/25/50/100% steered, batch size.
 
-    python -m benchmarks.throughput --shape small --batch 32 --max-tokens 64
+    python -m benchmarks.throughput --model llama-1b --batches 1 8 32 --max-tokens 64
+
+This runs the engine parts of ``python -m benchmarks.run`` (which adds the notebook baseline,
+the server and the report); every flag of ``benchmarks.run`` works here.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
+import gc
 import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-SHAPES = {
-    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "tiny": (256, 4, 4, 2, 512, 512),
-    "small": (1024, 8, 16, 4, 4096, 32000),
-    "llama-1b": (2048, 16, 32, 8, 8192, 128256),  # Llama 3.2 1B's shape
-}
+from benchmarks import common
 
 
-def model_path(shape: str) -> Path:
-    from vllm_steer.tiny import build_tiny_llama
+class Engine:
+    """A vLLM engine under test: the steered architecture (SteeredLLM) or stock vLLM."""
 
-    hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
-    return build_tiny_llama(
-        REPO / ".cache" / f"bench-{shape}",
-        hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-        intermediate_size=intermediate, vocab_size=vocab,
-    )
+    def __init__(self, model: str, *, steered: bool, dtype: str, max_num_seqs: int, max_model_len: int,
+                 max_directions: int = 4, seed: int = 0, extra: dict[str, Any] | None = None):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        kwargs: dict[str, Any] = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                      enable_prefix_caching=False, seed=seed)
+        import torch
+
+        if not torch.cuda.is_available():
+            kwargs["kv_cache_memory_bytes"] = common.kv_cache_bytes(config, max_num_seqs, max_model_len, dtype)
+        kwargs.update(extra or {})
+        self.steered = steered
+        self.config = config
+        self.max_directions = max_directions
+        started = time.perf_counter()
+        if steered:
+            from vllm_steer import SteeredLLM
+
+            self.steered_llm = SteeredLLM(model, max_directions=max_directions, **kwargs)
+            self.llm = self.steered_llm.llm
+        else:
+            from vllm import LLM
+
+            self.steered_llm = None
+            self.llm = LLM(model=model, **kwargs)
+        self.start_seconds = time.perf_counter() - started
+        self.kwargs = kwargs
+
+    @property
+    def scheduler(self):
+        return self.llm.llm_engine.vllm_config.scheduler_config
+
+    def table_bytes(self) -> dict[str, int]:
+        dtype = str(self.llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+        return common.steering_table_bytes(
+            self.config.hidden_size, self.config.num_hidden_layers, self.scheduler.max_num_seqs,
+            self.max_directions, common.DTYPE_BYTES[dtype], self.scheduler.max_num_batched_tokens,
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        inputs = [{"prompt_token_ids": list(p)} for p in prompts]
+        if self.steered_llm is not None:
+            return self.steered_llm.generate(inputs, params, steering=list(specs) if specs else None, use_tqdm=False)
+        assert not specs or not any(specs), "stock vLLM cannot steer"
+        return self.llm.generate(inputs, params, use_tqdm=False)
+
+    def step_configs(self) -> tuple[int, int] | None:
+        """(engine steps, sum of distinct steering configs over them) so far, from worker 0."""
+        if self.steered_llm is None:
+            return None
+        stats = self.steered_llm.steering_stats()[0]["step_distinct_configs"]
+        return sum(stats["counts"]), stats["sum"]
+
+    def shutdown(self) -> None:
+        if self.steered_llm is not None:
+            self.steered_llm.shutdown()
+        else:
+            self.llm.llm_engine.engine_core.shutdown()
+        self.llm = self.steered_llm = None
+        gc.collect()
 
 
-def steering_specs(count: int, hidden: int, layers: list[int], mode: str, distinct: bool) -> list[dict]:
-    generator = np.random.default_rng(0)
-    vectors = [generator.standard_normal(hidden).tolist() for _ in range(count if distinct else 1)]
-    scale = 4.0 if mode == "add" else 8.0
-    return [
-        {"vectors": [{"vector": vectors[i % len(vectors)], "layers": layers, "mode": mode, "scale": scale, "normalize": True}]}
-        for i in range(count)
-    ]
-
-
-def timed_pass(llm, prompts, params, steering) -> float:
+def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index: int) -> tuple[dict[str, Any], list]:
+    before = engine.step_configs()
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, steering=steering, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+    outputs = engine.generate(prompts, max_tokens, specs)
+    seconds = time.perf_counter() - start
+    record = common.pass_record(kind, index, seconds, sum(len(o.prompt_token_ids) for o in outputs),
+                                sum(len(o.outputs[0].token_ids) for o in outputs))
+    after = engine.step_configs()
+    if before is not None and after is not None and after[0] > before[0]:
+        record["steps"] = after[0] - before[0]
+        record["mean_distinct_configs_per_step"] = (after[1] - before[1]) / (after[0] - before[0])
+    record["load_average"] = common.load_average()
+    return record, [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--model", default=None, help="a real model instead of a generated shape")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--passes", type=int, default=3, help="pairs of (unsteered, steered) passes")
-    parser.add_argument("--layers", choices=["one", "all"], default="all")
-    parser.add_argument("--mode", choices=["add", "clamp"], default="add")
-    parser.add_argument("--shared", action="store_true", help="one spec for all requests (default: each its own vector)")
-    parser.add_argument("--capture", action="store_true", help="start the engine with capture buffers on")
-    parser.add_argument("--out", default=str(REPO / "bench_results" / "throughput.json"))
-    args = parser.parse_args()
+def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens: int, pairs: int,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Alternating passes of one scenario; also checks that steering took effect (greedy
+    tokens of steered requests differ from the same requests unsteered)."""
+    config = engine.config
+    specs = common.scenario_specs(scenario, config.hidden_size, config.num_hidden_layers)
+    batch = prompts[: scenario.batch]
+    passes, unsteered_tokens, steered_tokens = [], None, None
+    for index, kind in enumerate(common.alternation(pairs)):
+        record, tokens = timed_pass(engine, batch, max_tokens, specs if kind == common.STEERED else None, kind, index)
+        passes.append(record)
+        if kind == common.UNSTEERED:
+            unsteered_tokens = tokens
+        else:
+            steered_tokens = tokens
+    rows = [i for i, spec in enumerate(specs) if spec is not None]
+    changed = sum(unsteered_tokens[i] != steered_tokens[i] for i in rows)
+    summary = common.summarize(passes)
+    result = {
+        "scenario": scenario.as_dict(),
+        "passes": passes,
+        **summary,
+        "spread": {kind: common.spread(passes, kind) for kind in (common.UNSTEERED, common.STEERED)},
+        "steered_requests_changed": f"{changed}/{len(rows)}",
+    }
+    log(f"  {scenario.label}: unsteered {summary['median'][common.UNSTEERED]['output_tok_s']:.1f} tok/s, "
+        f"steered {summary['median'][common.STEERED]['output_tok_s']:.1f} tok/s, "
+        f"ratio {summary['ratio']['output_tok_s']:.3f} (changed {changed}/{len(rows)})")
+    return result
 
-    from transformers import AutoConfig
-    from vllm import SamplingParams
 
-    from vllm_steer import SteeredLLM
+def warm_up(engine: Engine, scenario: common.Scenario, prompts, max_tokens: int) -> None:
+    """One unsteered and one steered pass (compilation, allocator pools); not recorded."""
+    config = engine.config
+    specs = common.scenario_specs(scenario, config.hidden_size, config.num_hidden_layers) if engine.steered else None
+    engine.generate(prompts[: scenario.batch], min(max_tokens, 4), None)
+    engine.generate(prompts[: scenario.batch], min(max_tokens, 4), specs)
 
-    model = args.model or str(model_path(args.shape))
-    config = AutoConfig.from_pretrained(model)
-    layers = list(range(config.num_hidden_layers)) if args.layers == "all" else [config.num_hidden_layers // 2]
-    llm = SteeredLLM(
-        model, dtype=args.dtype, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.max_tokens + 16,
-        enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30, seed=0, capture=args.capture,
-    )
-    generator = np.random.default_rng(1)
-    vocab = min(config.vocab_size, 500)
-    prompts = [{"prompt_token_ids": generator.integers(10, vocab, args.prompt_len).tolist()} for _ in range(args.batch)]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    steered = steering_specs(args.batch, config.hidden_size, layers, args.mode, distinct=not args.shared)
 
-    timed_pass(llm, prompts, params, None)  # warm up both paths
-    timed_pass(llm, prompts, params, steered)
-    results = {"unsteered": [], "steered": []}
-    for _ in range(args.passes):
-        results["unsteered"].append(timed_pass(llm, prompts, params, None))
-        results["steered"].append(timed_pass(llm, prompts, params, steered))
-    medians = {k: statistics.median(v) for k, v in results.items()}
-    ratio = medians["steered"] / medians["unsteered"]
-    report = {"args": vars(args), "model": model, "steered_layers": len(layers), "passes_tok_s": results, "median_tok_s": medians, "ratio": ratio}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"| shape | batch | layers | mode | configs | unsteered tok/s | steered tok/s | ratio |")
-    print(f"|---|---|---|---|---|---|---|---|")
-    configs = 1 if args.shared else args.batch
-    print(f"| {args.model or args.shape} | {args.batch} | {len(layers)} | {args.mode} | {configs} | "
-          f"{medians['unsteered']:.1f} | {medians['steered']:.1f} | {ratio:.3f} |")
-    llm.shutdown()
+def run_stock(engine: Engine, batches: Sequence[int], prompts, max_tokens: int, passes: int,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Stock vLLM (no steerable layers at all), unsteered passes per batch size."""
+    results = []
+    for batch in sorted(batches):
+        records = [timed_pass(engine, prompts[:batch], max_tokens, None, common.UNSTEERED, i)[0] for i in range(passes)]
+        summary = common.summarize(records)
+        results.append({"batch": batch, "passes": records, **summary})
+        log(f"  stock vLLM b{batch}: {summary['median'][common.UNSTEERED]['output_tok_s']:.1f} tok/s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from benchmarks import run
+
+    run.main(["--parts", "engine,stock", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
