@@ -190,7 +190,15 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-COMMANDS = {"serve": serve, "generate": generate, "extract": extract}
+def bench(argv: list[str]) -> None:
+    """Steered vs unsteered throughput, the notebook's method, the server: ``python -m benchmarks.run``
+    (``launch.py bench --quick`` finishes in < 5 min on 2 CPU cores; ``--help`` lists the rest)."""
+    from benchmarks import run
+
+    run.main(argv)
+
+
+COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "bench": bench}
 
 
 def main() -> None:
