@@ -188,7 +188,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": 
 
 
 def run_subprocess(model: str, *, dtype: str, batch: int, prompt_len: int, max_tokens: int, chats: int,
-                   out: Path, tuned_malloc: bool = True) -> dict[str, Any]:
+                   out: Path, tuned_malloc: bool = True, threads: int | None = None) -> dict[str, Any]:
     """``run`` in a fresh process (its own allocator settings; the model's memory goes with
     it), on the prompts and specs the engine scenarios use (same seeds)."""
     import os
@@ -197,6 +197,8 @@ def run_subprocess(model: str, *, dtype: str, batch: int, prompt_len: int, max_t
 
     command = [sys.executable, "-m", "benchmarks.notebook", "--model", model, "--dtype", dtype, "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--max-tokens", str(max_tokens), "--chats", str(chats), "--out", str(out)]
+    if threads:
+        command += ["--threads", str(threads)]
     env = {**os.environ, **(MALLOC_ENV if tuned_malloc else {})}
     subprocess.run(command, check=True, env=env, cwd=common.REPO)
     report = json.loads(Path(out).read_text())
@@ -214,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chats", type=int, default=2, help="prompts timed one at a time (tok/s is per chat)")
     parser.add_argument("--layers", choices=["one", "all"], default="all")
     parser.add_argument("--mode", choices=["add", "clamp"], default="add")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS / "notebook.json"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path, label = common.resolve_model(args.model)
     model = load_model(path, args.dtype)
     config = model.config
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     specs = common.scenario_specs(scenario, config.hidden_size, config.num_hidden_layers)
     with common.RssSampler(include_root=True) as rss:
         result = run(model, prompts, specs, args.max_tokens, args.chats)
-    report = {"model": label, "scenario": scenario.as_dict(), **result, "peak_rss_bytes": rss.peak}
+    report = {"model": label, "scenario": scenario.as_dict(), **result, "peak_rss_bytes": rss.peak,
+              "load_average": common.load_average()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"{label}: one chat at a time {report['one_at_a_time']['output_tok_s']:.2f} tok/s, "

@@ -44,10 +44,11 @@ def defaults(quick: bool, gpu: bool) -> dict[str, Any]:
     if quick:
         return dict(models=["llama-1b"], batches=[1, 8], configs=[1, 8], fractions=[0.5],
                     prompt_len=32, max_tokens=16, pairs=2, chats=1, parts=["engine", "notebook", "server"],
-                    server_models=["demo"], server_requests=16, server_concurrency=8, server_pairs=1,
+                    server_models=["demo"], server_requests=32, server_concurrency=8, server_pairs=2,
                     server_max_tokens=16)
+    # CPU prefill is slow (a 1B model: ~20 s for 32 prompts of 32 tokens), so prompts stay short.
     return dict(models=["demo", "llama-1b"], batches=[1, 8, 32], configs=[1, 4, 32], fractions=[0, 0.25, 0.5],
-                prompt_len=64, max_tokens=64, pairs=3, chats=2, parts=list(PARTS), server_models=None,
+                prompt_len=32, max_tokens=64, pairs=3, chats=2, parts=list(PARTS), server_models=None,
                 server_requests=64, server_concurrency=32, server_pairs=2, server_max_tokens=32)
 
 
@@ -67,9 +68,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (ignore_eos)")
     parser.add_argument("--pairs", type=int, default=None, help="(unsteered, steered) pass pairs per scenario")
+    parser.add_argument("--min-pass-seconds", type=float, default=2.0,
+                        help="repeat a pass's batch until this long (small models finish a batch in ms)")
     parser.add_argument("--max-directions", type=int, default=4)
     parser.add_argument("--engine-args", default="{}", help="JSON of extra vllm.LLM keyword arguments")
     parser.add_argument("--chats", type=int, default=None, help="prompts the notebook generates one at a time")
+    parser.add_argument("--notebook-threads", type=int, default=None,
+                        help="torch threads of the notebook baseline (default: torch's, all cores; the engine's "
+                             "CPU worker computes on all cores but one)")
     parser.add_argument("--plain-malloc", action="store_true",
                         help="run the notebook baseline with glibc's default malloc (slower on some VMs; see notebook.py)")
     parser.add_argument("--server-models", nargs="+", default=None, help="default: the same models")
@@ -143,7 +149,7 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
             log(f"[{entry['label']}] engine up in {engine.start_seconds:.0f} s")
             try:
                 throughput.warm_up(engine, common.Scenario(top, top), prompts, args.max_tokens)
-                results = [throughput.run_scenario(engine, s, prompts, args.max_tokens, args.pairs, log)
+                results = [throughput.run_scenario(engine, s, prompts, args.max_tokens, args.pairs, log, args.min_pass_seconds)
                            for s in common.unique_scenarios(chosen)]
                 tables = engine.table_bytes()
                 scheduler = {"max_num_seqs": engine.scheduler.max_num_seqs,
@@ -166,7 +172,8 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
                                        max_model_len=max_model_len, extra=args.engine_args)
             try:
                 throughput.warm_up(engine, common.Scenario(top, top), prompts, args.max_tokens)
-                batches = throughput.run_stock(engine, args.batches, prompts, args.max_tokens, args.pairs, log)
+                batches = throughput.run_stock(engine, args.batches, prompts, args.max_tokens, args.pairs, log,
+                                               args.min_pass_seconds)
             finally:
                 engine.shutdown()
         entry["stock"] = {"batches": batches, "peak_rss_bytes": rss.peak}
@@ -178,7 +185,7 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
         result = notebook.run_subprocess(entry["name"], dtype=args.dtype, batch=top, prompt_len=args.prompt_len,
                                          max_tokens=args.max_tokens, chats=args.chats,
                                          out=args.out_dir / f"notebook-{entry['name'].replace('/', '_')}.json",
-                                         tuned_malloc=not args.plain_malloc)
+                                         tuned_malloc=not args.plain_malloc, threads=args.notebook_threads)
         entry["notebook"] = result
         log(f"  notebook: one chat at a time {result['one_at_a_time']['output_tok_s']:.2f} tok/s, "
             f"batched x{top} {result['batched']['output_tok_s']:.2f} tok/s")

@@ -94,13 +94,23 @@ class Engine:
         gc.collect()
 
 
-def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index: int) -> tuple[dict[str, Any], list]:
+def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index: int,
+               min_seconds: float = 0.0) -> tuple[dict[str, Any], list]:
+    """One pass: the batch generated once, or repeated until ``min_seconds`` have passed (so a
+    small model's pass is long enough to time); tokens and seconds are summed."""
     before = engine.step_configs()
     start = time.perf_counter()
-    outputs = engine.generate(prompts, max_tokens, specs)
-    seconds = time.perf_counter() - start
-    record = common.pass_record(kind, index, seconds, sum(len(o.prompt_token_ids) for o in outputs),
-                                sum(len(o.outputs[0].token_ids) for o in outputs))
+    prompt_tokens = output_tokens = repeats = 0
+    while True:
+        outputs = engine.generate(prompts, max_tokens, specs)
+        prompt_tokens += sum(len(o.prompt_token_ids) for o in outputs)
+        output_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        repeats += 1
+        seconds = time.perf_counter() - start
+        if seconds >= min_seconds:
+            break
+    record = common.pass_record(kind, index, seconds, prompt_tokens, output_tokens)
+    record["repeats"] = repeats
     after = engine.step_configs()
     if before is not None and after is not None and after[0] > before[0]:
         record["steps"] = after[0] - before[0]
@@ -110,7 +120,7 @@ def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index
 
 
 def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens: int, pairs: int,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, min_seconds: float = 0.0) -> dict[str, Any]:
     """Alternating passes of one scenario; also checks that steering took effect (greedy
     tokens of steered requests differ from the same requests unsteered)."""
     config = engine.config
@@ -118,7 +128,8 @@ def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens:
     batch = prompts[: scenario.batch]
     passes, unsteered_tokens, steered_tokens = [], None, None
     for index, kind in enumerate(common.alternation(pairs)):
-        record, tokens = timed_pass(engine, batch, max_tokens, specs if kind == common.STEERED else None, kind, index)
+        record, tokens = timed_pass(engine, batch, max_tokens, specs if kind == common.STEERED else None, kind, index,
+                                    min_seconds)
         passes.append(record)
         if kind == common.UNSTEERED:
             unsteered_tokens = tokens
@@ -149,11 +160,12 @@ def warm_up(engine: Engine, scenario: common.Scenario, prompts, max_tokens: int)
 
 
 def run_stock(engine: Engine, batches: Sequence[int], prompts, max_tokens: int, passes: int,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, min_seconds: float = 0.0) -> list[dict[str, Any]]:
     """Stock vLLM (no steerable layers at all), unsteered passes per batch size."""
     results = []
     for batch in sorted(batches):
-        records = [timed_pass(engine, prompts[:batch], max_tokens, None, common.UNSTEERED, i)[0] for i in range(passes)]
+        records = [timed_pass(engine, prompts[:batch], max_tokens, None, common.UNSTEERED, i, min_seconds)[0]
+                   for i in range(passes)]
         summary = common.summarize(records)
         results.append({"batch": batch, "passes": records, **summary})
         log(f"  stock vLLM b{batch}: {summary['median'][common.UNSTEERED]['output_tok_s']:.1f} tok/s")

@@ -273,6 +273,7 @@ def test_server_summary_on_constructed_runs():
 def test_parse_args_defaults():
     quick = run.parse_args(["--quick"])
     assert quick.models == ["llama-1b"] and quick.server_models == ["demo"] and quick.pairs == 2
+    assert "stock" not in quick.parts and max(quick.batches) == 8
     chosen = run.parse_args(["--quick", "--model", "tiny", "--parts", "engine"])
     assert chosen.models == ["tiny"] and chosen.server_models == ["tiny"] and chosen.parts == ["engine"]
     with pytest.raises(SystemExit):
@@ -313,14 +314,14 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
     report = run.main(["--models", "tiny", "--parts", "engine,notebook", "--batches", "1", "3", "--configs", "1",
                        "--fractions", "0.34", "--no-layers", "--prompt-len", "6", "--max-tokens", "3", "--pairs", "1",
-                       "--chats", "1", "--out-dir", str(tmp_path)])
+                       "--chats", "1", "--min-pass-seconds", "0", "--out-dir", str(tmp_path)])
     (entry,) = report["models"]
     engine = entry["engine"]
     labels = [r["scenario"]["label"] for r in engine["scenarios"]]
     assert len(labels) == len(set(labels)) == 5  # shared, all distinct (base), clamp, 1 of 3 steered, batch 1
     for result in engine["scenarios"]:
         assert [p["kind"] for p in result["passes"]] == [U, S]
-        assert all(p["output_tokens"] == 3 * result["scenario"]["batch"] for p in result["passes"])
+        assert all(p["output_tokens"] == 3 * result["scenario"]["batch"] * p["repeats"] for p in result["passes"])
         assert set(result["ratio"]) == {"output_tok_s", "total_tok_s"}
         steered = result["passes"][1]
         # The workers saw the steering: distinct configs per step, averaged over the pass.
@@ -336,11 +337,13 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
     assert (tmp_path / "bench_throughput.png").exists() and (tmp_path / "bench_ratio.png").exists()
 
 
-def test_server_benchmark_against_the_test_server(server, runner):
+def test_server_benchmark_against_the_test_server(runner, request):
     """vLLM's benchmark client with the steering field in the body, against launch.py serve."""
     if runner == "v2":
         pytest.skip("the harness's logic does not depend on the runner; V1 covers it")
     from conftest import API_KEY
+
+    server = request.getfixturevalue("server")  # after the skip: no server started for nothing
 
     prompts = common.make_prompts(4, 5, 512)
     specs = common.scenario_specs(common.Scenario(4, 4), 256, 4)
