@@ -283,13 +283,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{settings['pairs']} unsteered/steered pass pairs per row, medians.")
         engine = entry.get("engine")
         if engine:
-            lines += ["", common.markdown_table(
-                ["factor", "batch", "distinct configs", "steered", "layers", "mode", "unsteered tok/s", "steered tok/s",
-                 "ratio (output)", "ratio (total)"],
+            lines += ["", "Engine, one process, alternating passes (ratio = steered / unsteered median; spread = the "
+                          "widest (max - min) / median of either side's passes):", "",
+                      common.markdown_table(
+                ["varies", "batch", "distinct configs", "steered", "layers", "mode", "unsteered tok/s", "steered tok/s",
+                 "ratio (output)", "ratio (total)", "spread"],
                 [[factor, r["scenario"]["batch"], r["scenario"]["distinct"], f"{r['scenario']['fraction']:.0%}",
                   r["scenario"]["layers"], r["scenario"]["mode"], r["median"][U]["output_tok_s"],
-                  r["median"][S]["output_tok_s"], r["ratio"]["output_tok_s"], r["ratio"]["total_tok_s"]]
-                 for factor, r in engine_rows(entry)])]
+                  r["median"][S]["output_tok_s"], r["ratio"]["output_tok_s"], r["ratio"]["total_tok_s"],
+                  _spread(r)]
+                 for factor, r in unique_rows(entry)])]
         stock = entry.get("stock")
         if stock and engine:
             steerable = {r["scenario"]["batch"]: r["median"][U]["output_tok_s"] for _, r in engine_rows(entry, "batch")}
@@ -369,6 +372,28 @@ def engine_rows(entry: dict[str, Any], only: str | None = None):
             for label in labels:
                 if label in by_label:
                     yield factor, by_label[label]
+
+
+def unique_rows(entry: dict[str, Any]):
+    """Each scenario once: the base (largest batch, all distinct, every layer, add, all
+    steered) first, then each other one under the factor it varies."""
+    top = (entry.get("engine") or {}).get("max_num_seqs")
+    rows, seen = [], set()
+    for factor, result in engine_rows(entry):
+        s = result["scenario"]
+        if s["label"] in seen:
+            continue
+        seen.add(s["label"])
+        base = (s["batch"], s["configs"], s["layers"], s["mode"], s["fraction"]) == (top, top, "all", "add", 1.0)
+        rows.append(("base", result) if base else (factor, result))
+    return sorted(rows, key=lambda row: row[0] != "base")
+
+
+def _spread(result: dict[str, Any]) -> str | None:
+    spread = result.get("spread")
+    if not spread:
+        return None
+    return f"{max(spread.values()):.1%}"
 
 
 def steered_at(entry: dict[str, Any], batch: int) -> float | None:

@@ -169,7 +169,8 @@ def test_machine_description():
 # ---- report shape, rendering, plots ---------------------------------------------------------------
 def scenario_result(scenario: common.Scenario, unsteered: list[float], steered: list[float]) -> dict:
     records = passes(unsteered, steered)
-    return {"scenario": scenario.as_dict(), "passes": records, **common.summarize(records)}
+    return {"scenario": scenario.as_dict(), "passes": records, **common.summarize(records),
+            "spread": {kind: common.spread(records, kind) for kind in (U, S)}}
 
 
 def constructed_report() -> dict:
@@ -221,10 +222,12 @@ def test_speedups_and_targets_on_constructed_data():
 def test_markdown_rendering():
     text = run.render_markdown(constructed_report())
     assert "Some CPU, 2 cores" in text and "python -m benchmarks.run --quick" in text
-    assert "| factor | batch | distinct configs | steered | layers | mode |" in text
-    assert "| configs | 8 | 1 | 100% | all | add | 40.5 | 40.2 | 0.994 | 0.994 |" in text
-    assert "| configs | 8 | 8 | 100% | all | add | 40.5 | 39.5 | 0.975 | 0.975 |" in text
+    assert "| varies | batch | distinct configs | steered | layers | mode |" in text
+    assert "| configs | 8 | 1 | 100% | all | add | 40.5 | 40.2 | 0.994 | 0.994 | 2.5% |" in text
     assert "| fraction | 8 | 4 | 50% | all | add |" in text
+    rows = [line for line in text.splitlines() if line.count("|") == 12][2:]  # the engine table's body
+    assert rows[0].startswith("| base | 8 | 8 | 100% | all | add | 40.5 | 39.5 | 0.975 | 0.975 |")
+    assert len(rows) == len({tuple(row.split("|")[2:7]) for row in rows}) == 6  # each scenario once
     assert "| 8 | 42.0 | 40.5 | 39.5 | 0.940 |" in text  # stock vs steerable
     assert "19.8x" in text and "9.9x" in text  # speedups over the notebook
     assert "| output_throughput | 100.0 | 95.0 | 0.950 |" in text
@@ -333,7 +336,7 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
     assert set(entry["speedup"]["vs_one_at_a_time"]) == {"1", "3"}
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["machine"]["vllm"] and saved["models"][0]["engine"]["scenarios"][0]["passes"]
-    assert (tmp_path / "report.md").read_text().count("| configs |") == 2
+    assert (tmp_path / "report.md").read_text().count("| configs |") == 1  # shared; all distinct is the base
     assert (tmp_path / "bench_throughput.png").exists() and (tmp_path / "bench_ratio.png").exists()
 
 
