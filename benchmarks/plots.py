@@ -52,6 +52,15 @@ def scenarios_of(model: dict[str, Any], factor: str) -> list[dict[str, Any]]:
     return [by_label[label] for label in labels if label in by_label]
 
 
+def _integer_ticks(axis, values) -> None:
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    axis.set_xticks(sorted(set(values)))
+    axis.set_xticklabels([str(v) for v in sorted(set(values))])
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_report(report: dict[str, Any], out_dir: Path, prefix: str = "bench_") -> list[Path]:
     plt = _pyplot()
     models = [m for m in report["models"] if m.get("engine")]
@@ -61,16 +70,20 @@ def plot_report(report: dict[str, Any], out_dir: Path, prefix: str = "bench_") -
 
     figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models):
+        xs = []
         for name, points in batch_series(model).items():
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            xs += [p[0] for p in points]
         notebook = model.get("notebook") or {}
         if notebook:
             axis.axhline(notebook["one_at_a_time"]["output_tok_s"], color="grey", linestyle=":", label="notebook, one chat at a time")
             axis.plot([notebook["batched"]["batch"]], [notebook["batched"]["output_tok_s"]], marker="s",
                       color="black", linestyle="none", label="notebook, batched (padded)")
         axis.set_xscale("log", base=2)
+        _integer_ticks(axis, xs)
         axis.set_xlabel("batch size (requests)")
-        axis.set_ylabel("output tokens/s")
+        axis.set_yscale("log")
+        axis.set_ylabel("output tokens/s (log)")
         axis.set_title(model["label"], fontsize=10)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
@@ -83,11 +96,14 @@ def plot_report(report: dict[str, Any], out_dir: Path, prefix: str = "bench_") -
 
     figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models):
+        xs = []
         for name, points in ratio_series(model).items():
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            xs += [p[0] for p in points]
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.axhline(0.95, color="red", linestyle="--", linewidth=0.8, label="0.95 target")
         axis.set_xscale("log", base=2)
+        _integer_ticks(axis, xs or [1])
         axis.set_ylim(min(0.85, axis.get_ylim()[0]), max(1.05, axis.get_ylim()[1]))
         axis.set_xlabel("distinct steering configs in the batch")
         axis.set_ylabel("steered / unsteered output tok/s")
