@@ -44,7 +44,11 @@ import numpy as np
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0)
 DEFAULT_MODES = ("add", "clamp")
+# Scores closer than this are a tie (the sweet spot is then the smaller scale).
+SCORE_TIE = 0.005
 MODES = ("add", "clamp")
+# Scores closer than this are a tie (the sweet spot is then the smaller scale).
+SCORE_TIE = 0.005
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -122,8 +126,9 @@ class Row:
 
 def summarize(outputs: Sequence[Output]) -> tuple[dict[str, Any], list[Row], dict[str, Row]]:
     """Baseline metrics, one row per (mode, scale) in the order first seen, and each mode's
-    sweet spot (best score; ties go to the smaller scale). Without concept words inclusion
-    and score are None and there is no sweet spot."""
+    sweet spot: the smallest scale whose score is within ``SCORE_TIE`` of the best (scores
+    that differ by float noise alone count as equal). Without concept words inclusion and
+    score are None and there is no sweet spot."""
     base = [o for o in outputs if o.mode is None]
     if not base:
         raise ValueError("the sweep needs unsteered outputs as its baseline")
@@ -150,10 +155,10 @@ def summarize(outputs: Sequence[Output]) -> tuple[dict[str, Any], list[Row], dic
         ))
     sweet: dict[str, Row] = {}
     if has_words:
-        for row in rows:
-            best = sweet.get(row.mode)
-            if best is None or row.score > best.score + 1e-12 or (abs(row.score - best.score) <= 1e-12 and row.scale < best.scale):
-                sweet[row.mode] = row
+        for mode in dict.fromkeys(row.mode for row in rows):
+            candidates = [row for row in rows if row.mode == mode]
+            best = max(row.score for row in candidates)
+            sweet[mode] = min((row for row in candidates if row.score >= best - SCORE_TIE), key=lambda row: row.scale)
     return baseline, rows, sweet
 
 
@@ -308,6 +313,13 @@ def examples(result: SweepResult, prompt: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def steering_label(result: SweepResult) -> str:
+    steering = result.steering
+    if steering.get("features"):
+        return "features " + ", ".join(f"L{int(f[0])}/F{int(f[1])}@{f[2]:g}" for f in steering["features"])
+    return ", ".join(f"{v['name']} (layer {', '.join(map(str, v.get('layers') or []))})" for v in steering.get("vectors", []))
+
+
 def plot(result: SweepResult, path: str | Path, title: str | None = None) -> Path:
     """Inclusion, fluency and repetition against scale, one panel per mode, sweet spot marked."""
     import matplotlib
@@ -316,7 +328,7 @@ def plot(result: SweepResult, path: str | Path, title: str | None = None) -> Pat
     import matplotlib.pyplot as plt
 
     modes = result.modes
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.2), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in result.rows if r.mode == mode]
         positions = list(range(len(rows)))  # scales are uneven: evenly spaced, labelled
@@ -325,18 +337,21 @@ def plot(result: SweepResult, path: str | Path, title: str | None = None) -> Pat
         ax.plot(positions, [r.fluency for r in rows], "s-", color="tab:green", label="fluency (normalized)")
         ax.plot(positions, [r.repetition for r in rows], "^--", color="tab:gray", label="3-gram repetition")
         sweet = result.sweet_spot.get(mode)
+        heading = mode
         if sweet is not None:
             at = rows.index(sweet)
             ax.axvline(at, color="tab:red", linestyle=":", linewidth=1.5)
-            ax.plot([at], [sweet.score], "*", color="tab:red", markersize=16, label=f"sweet spot (scale {sweet.scale:g})")
+            ax.plot([at], [sweet.score], "*", color="tab:red", markersize=16, label="sweet spot (best harmonic mean)")
+            heading += f": sweet spot at scale {sweet.scale:g}"
         ax.set_xticks(positions, [f"{r.scale:g}" for r in rows])
         ax.set_xlabel("scale")
-        ax.set_title(mode)
+        ax.set_title(heading, fontsize=10)
         ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center left")
-    fig.suptitle(title or f"steering sweep: {result.model}", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title or f"steering sweep: {result.model}, {steering_label(result)}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
