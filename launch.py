@@ -7,6 +7,9 @@
     python launch.py generate --prompt "Who are you?" \\
         --steering '{"features": [[1, 0, 8.0]], "scale": 0.8, "clamp": true}'
     python launch.py extract --positive happy.txt --negative sad.txt --layers 10 12 --out happy.gguf
+    python launch.py sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/sweep.py)
+    python launch.py sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
+        --features '[[11, 74457, 0.128]]' --words eiffel,tower,paris
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent
-DEMO_DIR = REPO / ".cache" / "tiny-llama"
 
 
 def _steering_args(parser: argparse.ArgumentParser) -> None:
@@ -35,15 +37,15 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_and_vectors(args) -> tuple[str, list[str]]:
-    """The user's model and vectors, or the bundled demo (built on first use)."""
+    """The user's model and vectors, or the bundled demo model and its topic vectors
+    (committed under vllm_steer/demo/; ``--vectors`` replaces the demo vectors)."""
     from vllm_steer.vectors import absolute_source
 
     if args.model is not None:
         return args.model, [absolute_source(v) for v in args.vectors or []]
-    from vllm_steer.tiny import build_demo_vectors, build_tiny_llama
+    from vllm_steer.demo import demo_model_path, demo_vectors_path
 
-    model = build_tiny_llama(DEMO_DIR)
-    return str(model), [absolute_source(v) for v in args.vectors or [build_demo_vectors(model)]]
+    return str(demo_model_path()), [absolute_source(v) for v in args.vectors or [demo_vectors_path()]]
 
 
 def _cpu_defaults(extra: list[str]) -> list[str]:
@@ -190,6 +192,27 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def sweep(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="launch.py sweep",
+        description="Concept inclusion and fluency against steering scale, every (prompt, scale, mode) in one batch.",
+    )
+    _steering_args(parser)
+    from vllm_steer import sweep as sweeps
+
+    sweeps.add_arguments(parser)
+    args = parser.parse_args(argv)
+    model, vectors = _model_and_vectors(args)
+    _cpu_defaults([])
+    import torch
+
+    engine = {} if torch.cuda.is_available() else {"dtype": "float32"}
+    if args.model is None:
+        engine["max_model_len"] = 1024
+    sweeps.main(args, model, vectors, demo=args.model is None, sae=args.sae, max_directions=args.max_directions,
+                 steerable_layers=args.steerable_layers, **engine)
+
+
 def bench(argv: list[str]) -> None:
     """Steered vs unsteered throughput, the notebook's method, the server: ``python -m benchmarks.run``
     (``launch.py bench --quick`` finishes in < 5 min on 2 CPU cores; ``--help`` lists the rest)."""
@@ -198,7 +221,7 @@ def bench(argv: list[str]) -> None:
     run.main(argv)
 
 
-COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "bench": bench}
+COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench}
 
 
 def main() -> None:
