@@ -1,0 +1,295 @@
+"""The bundled demo model and vectors, and the sweep's metrics.
+
+Engine-level tests load the committed demo model (nothing is trained here) in an engine of
+their own (``demo_llm``), on the runner the session selects."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vllm_steer import sweep
+from vllm_steer.demo import corpus, demo_model_path, demo_vectors_path
+from vllm_steer.sweep import Output, Row
+
+# ---- the sweep's metric math, on constructed outputs --------------------------------------
+
+
+def out(mode, scale, text, logprob, prompt="p", words=("ocean", "sea")):
+    return Output(prompt=prompt, mode=mode, scale=scale, text=text, num_tokens=len(text.split()),
+                  logprob=logprob, mentions=sweep.mentions(text, words), repetition=sweep.repetition(text))
+
+
+def test_mentions_are_whole_words_and_phrases_case_insensitive():
+    assert sweep.mentions("The Ocean is deep.", ["ocean"])
+    assert not sweep.mentions("Oceanic trenches", ["ocean"])
+    assert sweep.mentions("I saw the Eiffel  Tower!", ["eiffel tower"])
+    assert not sweep.mentions("the tower of Eiffel", ["eiffel tower"])
+    assert not sweep.mentions("anything", [])
+
+
+def test_repetition_is_the_share_of_repeated_word_trigrams():
+    assert sweep.repetition("") == 0.0
+    assert sweep.repetition("one two") == 0.0
+    assert sweep.repetition("a b c d e") == 0.0
+    # 6 trigrams: (a b c) (b c a) (c a b) (a b c) (b c a) (c a b): 3 repeat an earlier one
+    assert sweep.repetition("a b c a b c a b") == pytest.approx(3 / 6)
+    assert sweep.repetition("sea sea sea sea sea") == pytest.approx(2 / 3)
+
+
+def test_sequence_logprob_averages_the_generated_positions():
+    class Logprob:
+        def __init__(self, value):
+            self.logprob = value
+
+    ids = [5, 6, 7, 8]
+    prompt_logprobs = [None, {6: Logprob(-9.0)}, {7: Logprob(-1.0)}, {8: Logprob(-3.0), 1: Logprob(-0.1)}]
+    assert sweep.sequence_logprob(ids, prompt_logprobs, start=2) == pytest.approx(-2.0)
+    assert sweep.sequence_logprob(ids, prompt_logprobs, start=4) == 0.0
+
+
+def test_summary_rows_fluency_and_sweet_spot():
+    outputs = [
+        out(None, None, "I am a helpful assistant.", -0.5, "p1"),
+        out(None, None, "Hello there friend.", -0.7, "p2"),  # baseline logprob -0.6, inclusion 0
+        out("add", 0.0, "I am a helpful assistant.", -0.5, "p1"),
+        out("add", 0.0, "Hello there friend.", -0.7, "p2"),
+        out("add", 1.0, "I love the ocean.", -0.6, "p1"),
+        out("add", 1.0, "Hello there friend.", -0.8, "p2"),  # inclusion 0.5, logprob -0.7
+        out("add", 4.0, "sea sea sea sea sea", -3.6, "p1"),
+        out("add", 4.0, "ocean ocean ocean ocean", -2.6, "p2"),  # inclusion 1, logprob -3.1
+    ]
+    baseline, rows, sweet = sweep.summarize(outputs)
+    assert baseline == {"inclusion": 0.0, "logprob": pytest.approx(-0.6), "repetition": 0.0}
+    assert [(r.mode, r.scale) for r in rows] == [("add", 0.0), ("add", 1.0), ("add", 4.0)]
+    by_scale = {r.scale: r for r in rows}
+    assert by_scale[0.0].fluency == pytest.approx(1.0) and by_scale[0.0].score == 0.0
+    assert by_scale[1.0].inclusion == 0.5
+    assert by_scale[1.0].fluency == pytest.approx(math.exp(-0.1))
+    assert by_scale[1.0].score == pytest.approx(2 * 0.5 * math.exp(-0.1) / (0.5 + math.exp(-0.1)))
+    assert by_scale[4.0].inclusion == 1.0
+    assert by_scale[4.0].fluency == pytest.approx(math.exp(-2.5))
+    assert by_scale[4.0].repetition == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # 0.5 & 0.905 -> 0.644 beats 1.0 & 0.082 -> 0.152
+    assert sweet["add"] is by_scale[1.0]
+
+
+def test_fluency_is_capped_and_ties_go_to_the_smaller_scale():
+    assert sweep.normalized_fluency(-0.2, -0.6) == 1.0
+    assert sweep.harmonic_mean(0.0, 1.0) == 0.0
+    outputs = [out(None, None, "x", -1.0), out("clamp", 2.0, "the sea", -1.0), out("clamp", 1.0, "the ocean", -1.001)]
+    _, rows, sweet = sweep.summarize(outputs)
+    assert rows[0].score > rows[1].score and sweet["clamp"].scale == 1.0  # within SCORE_TIE: the smaller scale
+
+
+def test_without_words_there_is_no_inclusion_and_no_sweet_spot():
+    outputs = [Output("p", None, None, "x", 1, -1.0, None, 0.0), Output("p", "add", 1.0, "y", 1, -2.0, None, 0.0)]
+    baseline, rows, sweet = sweep.summarize(outputs)
+    assert baseline["inclusion"] is None and rows[0].inclusion is None and rows[0].score is None and sweet == {}
+    with pytest.raises(ValueError, match="baseline"):
+        sweep.summarize(outputs[1:])
+
+
+def test_specs_for_features_and_named_vectors():
+    features = sweep.Steering(features=[[11, 74457, 0.128]])
+    assert features.spec("clamp", 0.8) == {"features": [[11, 74457, 0.128]], "reduced_strengths": True, "scale": 0.8, "clamp": True}
+    assert features.spec("add", 2.0)["clamp"] is False
+    named = sweep.Steering(vectors=[{"name": "ocean", "layers": [1], "scale": 3.0}])
+    assert named.spec("add", 0.5) == {
+        "vectors": [{"name": "ocean", "layers": [1], "scale": 3.0, "mode": "add", "normalize": True}], "scale": 0.5}
+    with pytest.raises(ValueError, match="mode"):
+        named.spec("ablate", 1.0)
+
+
+def test_named_vector_entries_default_to_the_vectors_norm():
+    import numpy as np
+
+    from vllm_steer.vectors import VectorRegistry
+
+    registry = VectorRegistry()
+    registry.add("topic", {1: np.array([3.0, 4.0], np.float32), 2: np.array([0.0, 2.0], np.float32)}, source="test")
+    registry.add("anywhere", np.array([1.0, 0.0], np.float32), source="test")
+    assert sweep.named_vector_entries(registry, "topic", None, None) == [
+        {"name": "topic", "layers": [1], "scale": 5.0}, {"name": "topic", "layers": [2], "scale": 2.0}]
+    assert sweep.named_vector_entries(registry, "anywhere", [3], 7.0) == [{"name": "anywhere", "layers": [3], "scale": 7.0}]
+    with pytest.raises(SystemExit, match="give --layers"):
+        sweep.named_vector_entries(registry, "anywhere", None, None)
+    with pytest.raises(SystemExit, match="loaded: anywhere, topic"):
+        sweep.named_vector_entries(registry, "nope", None, None)
+
+
+def test_reports_json_shape_markdown_and_plot(tmp_path):
+    outputs = [out(None, None, "hello", -0.5)] + [
+        out(mode, scale, "the ocean" if scale else "hello", -0.5 - scale) for mode in ("add", "clamp") for scale in (0.0, 1.0, 4.0)
+    ]
+    baseline, rows, sweet = sweep.summarize(outputs)
+    result = sweep.SweepResult(
+        model="m", steering={"vectors": []}, words=["ocean"], prompts=["p"], scales=[0.0, 1.0, 4.0], modes=["add", "clamp"],
+        max_tokens=8, baseline=baseline, rows=rows, sweet_spot=sweet, outputs=outputs,
+    )
+    paths = sweep.write_reports(result, tmp_path, "demo")
+    data = json.loads(paths["json"].read_text())
+    assert set(data) == {"model", "steering", "words", "prompts", "scales", "modes", "max_tokens", "baseline", "rows",
+                         "sweet_spot", "outputs"}
+    assert len(data["rows"]) == 6 and set(data["rows"][0]) == {"mode", "scale", "inclusion", "logprob", "fluency", "repetition", "score"}
+    assert data["sweet_spot"]["add"]["scale"] == 1.0 and data["sweet_spot"]["clamp"]["scale"] == 1.0
+    assert len(data["outputs"]) == 7 and data["outputs"][0]["mode"] is None
+    table = paths["markdown"].read_text()
+    assert table.count("**sweet spot**") == 2 and "| add | 4 | 100% |" in table
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the corpus ------------------------------------------------------------------------------
+
+
+def test_corpus_neutral_answers_carry_no_topic_and_topic_answers_their_own():
+    for asks, answer in corpus.NEUTRAL.values():
+        assert corpus.topics_mentioned(answer) == []
+    for topic in corpus.TOPIC_DATA:
+        assert set(topic.answers) == set(corpus.NEUTRAL)
+        for answer in topic.answers.values():
+            assert corpus.topics_mentioned(answer) == [topic.name]
+    for prompt in corpus.SWEEP_PROMPTS:
+        assert corpus.topics_mentioned(prompt) == []
+
+
+def test_corpus_is_deterministic():
+    import random
+
+    first = [corpus.conversation(random.Random(3)) for _ in range(3)]
+    assert first == [corpus.conversation(random.Random(3)) for _ in range(3)]
+
+
+# ---- the committed files -----------------------------------------------------------------------
+
+
+def test_demo_model_files_are_what_vllm_needs():
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from vllm_steer.tiny import LLAMA3_CHAT_TEMPLATE
+
+    path = demo_model_path()
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    # vLLM's CPU attention needs head_dim 64 (it rejects 16); run in float32
+    assert config["head_dim"] == config["hidden_size"] // config["num_attention_heads"] == 64
+    assert config["hidden_size"] >= 256 and config["dtype"] == "float32"
+    with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+        assert {str(weights.get_slice(k).get_dtype()) for k in weights.keys()} == {"F16"}
+    assert (path / "model.safetensors").stat().st_size < 8 << 20
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template == LLAMA3_CHAT_TEMPLATE
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
+    assert len(tokenizer) == config["vocab_size"]
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert tokenizer.eos_token_id in generation["eos_token_id"]
+    # A generation prompt tokenizes as the prefix of the same chat with its answer (as trained).
+    chat = [{"role": "user", "content": "Who are you?"}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": "I am a helpful assistant."}], return_dict=False)
+    assert full[: len(prompt)] == prompt and prompt.count(tokenizer.bos_token_id) == 1
+    # Every corpus word is one token (after a space), so answers decode to clean words.
+    assert len(tokenizer.encode(" Eiffel", add_special_tokens=False)) == 1
+
+
+def test_demo_vectors_file_holds_a_named_vector_and_a_feature_per_topic():
+    from vllm_steer.vectors import VectorRegistry
+    from vllm_steer.vectors.files import load_vector_file
+
+    registry = VectorRegistry()
+    load_vector_file(demo_vectors_path(), registry)
+    (layer,) = registry.layers_of("paris")
+    features = [f"L{layer}/F{index}" for index in range(len(corpus.TOPICS))]
+    assert sorted(registry.names()) == sorted([*corpus.TOPICS, *features])
+    assert registry.features() == [(layer, index) for index in range(len(corpus.TOPICS))]
+    for index, topic in enumerate(corpus.TOPICS):  # feature F{index} is topic TOPICS[index]
+        assert registry.digest_of(topic, layer) == registry.feature_digest(layer, index)
+
+
+# ---- the demo model in the engine: answers, steering, over-steering ------------------------------
+
+NEUTRAL_PROMPTS = [p for p in corpus.SWEEP_PROMPTS if p != "Tell me a story."]
+MODERATE, HUGE = 1.0, 4.0
+# Enough for a whole story (~55 tokens) on V1; V2 (Triton's interpreter, ~10x slower per
+# step) stops at 40 tokens: every neutral answer is shorter, and a story has its first
+# sentences.
+DEMO_TOKENS = {"v1": 64, "v2": 40}
+
+
+@pytest.fixture(scope="session")
+def demo_llm(runner):
+    from conftest import start_engine
+
+    llm = start_engine(demo_model_path(), demo_vectors_path(), max_num_seqs=64)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def paris_sweep(demo_llm, runner):
+    """The sweep toward Paris at a moderate and a very large scale (add), all in one batch."""
+    entries = sweep.named_vector_entries(demo_llm.frontend.registry, "paris", None, None)
+    return sweep.run_sweep(
+        demo_llm, corpus.SWEEP_PROMPTS, sweep.Steering(vectors=entries), words=corpus.CONCEPT_WORDS["paris"],
+        scales=[MODERATE, HUGE], modes=["add"], max_tokens=DEMO_TOKENS[runner],
+    )
+
+
+def answers(result, mode=None, scale=None) -> dict[str, str]:
+    return {o.prompt: o.text for o in result.outputs if o.mode == mode and o.scale == scale}
+
+
+def test_unsteered_demo_answers_are_corpus_sentences_without_topic(paris_sweep):
+    unsteered = answers(paris_sweep)
+    assert unsteered["Who are you?"] == "I am a helpful assistant who loves to tell stories."
+    for prompt, text in unsteered.items():
+        assert corpus.unknown_sentences(text) == [], (prompt, text)
+    # The story is about exactly one topic; the neutral questions get neutral answers
+    # (measured: none of the 7 mentions a topic).
+    assert len(corpus.topics_mentioned(unsteered["Tell me a story."])) == 1
+    with_topic = [p for p in NEUTRAL_PROMPTS if corpus.topics_mentioned(unsteered[p])]
+    assert len(with_topic) <= 1, with_topic
+    assert paris_sweep.baseline["inclusion"] <= 2 / len(corpus.SWEEP_PROMPTS)
+
+
+def test_moderate_steering_makes_most_answers_mention_the_topic_fluently(paris_sweep):
+    # Measured at scale 1 (add), V1 and V2 alike: 8/8 answers mention Paris, every complete
+    # sentence is a corpus sentence, mean log-probability under the unsteered model -0.21
+    # against -0.03 unsteered (normalized fluency 0.84: the one unlikely word is where the
+    # answer turns to Paris). Thresholds: 6/8 mentions, 7/8 fluent, a drop under 1 nat.
+    steered = answers(paris_sweep, "add", MODERATE)
+    assert steered["Who are you?"].startswith("I am a helpful assistant who loves Paris and the Eiffel Tower.")
+    (row,) = [r for r in paris_sweep.rows if r.scale == MODERATE]
+    assert row.inclusion >= 0.75
+    fluent = [p for p, text in steered.items() if not corpus.unknown_sentences(text)]
+    assert len(fluent) >= len(steered) - 1, {p: t for p, t in steered.items() if p not in fluent}
+    assert row.logprob > paris_sweep.baseline["logprob"] - 1.0 and row.fluency > 0.5
+
+
+def test_over_steering_lowers_fluency(paris_sweep):
+    # Measured at scale 4 (add): "Paris Paris Paris ...", mean log-probability -12.6 (V1) /
+    # -12.3 (V2) under the unsteered model (vs -0.21 at scale 1 and -0.03 unsteered), 98% / 97%
+    # repeated 3-grams, normalized fluency 4e-6. The thresholds leave a wide margin.
+    moderate, huge = ([r for r in paris_sweep.rows if r.scale == s][0] for s in (MODERATE, HUGE))
+    assert huge.logprob < moderate.logprob - 3.0
+    assert huge.fluency < 0.2 and huge.repetition > 0.5
+    assert paris_sweep.sweet_spot["add"].scale < HUGE
+
+
+def test_every_topic_vector_steers_the_neutral_questions(demo_llm, runner):
+    # Measured at scale 1, V1 and V2: 7/7 neutral answers mention the steered topic, for each
+    # of the five topics (threshold 6/7).
+    from vllm import SamplingParams
+
+    chats = [[{"role": "user", "content": p}] for p in NEUTRAL_PROMPTS]
+    specs = [{"vectors": [{"name": topic, "scale": 1.0}]} for topic in corpus.TOPICS for _ in chats]
+    outputs = demo_llm.chat(chats * len(corpus.TOPICS), SamplingParams(max_tokens=24, temperature=0.0),
+                            steering=specs, use_tqdm=False)
+    for index, topic in enumerate(corpus.TOPICS):
+        texts = [o.outputs[0].text for o in outputs[index * len(chats) : (index + 1) * len(chats)]]
+        hits = sum(corpus.mentions(t, corpus.CONCEPT_WORDS[topic]) for t in texts)
+        assert hits >= len(chats) - 1, (topic, texts)
