@@ -433,10 +433,15 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
     vector = args.vector or (None if args.features else ("paris" if demo else None))
     if vector is None and not args.features:
         raise SystemExit("what to sweep: --vector NAME (a loaded vector) or --features '[[layer, id, strength], ...]'")
+    demo_topics = [vector] if vector in CONCEPT_WORDS else []
+    if demo and args.features:  # the demo's features L1/F{i} are the topics in corpus order
+        from vllm_steer.demo.corpus import TOPICS
+
+        demo_topics = [TOPICS[int(f[1])] for f in json.loads(args.features) if 0 <= int(f[1]) < len(TOPICS)]
     if args.words is not None:
         words = [w.strip() for w in args.words.split(",") if w.strip()]
-    elif demo and vector in CONCEPT_WORDS:
-        words = list(CONCEPT_WORDS[vector])
+    elif demo and demo_topics:
+        words = [word for topic in dict.fromkeys(demo_topics) for word in CONCEPT_WORDS[topic]]
     else:
         words = None
         print("no --words: concept inclusion is not measured (fluency and repetition only)")
