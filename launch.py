@@ -4,8 +4,7 @@
     python launch.py serve                      # the demo model and vectors, OpenAI API on :8000
     python launch.py serve --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
         --tensor-parallel-size 2 --api-key KEY  # any other vLLM server flag passes through
-    python launch.py generate --prompt "Who are you?" \\
-        --steering '{"features": [[1, 0, 8.0]], "scale": 0.8, "clamp": true}'
+    python launch.py generate --prompt "Who are you?" --steering '{"vectors": [{"name": "paris", "scale": 0.8}]}'
     python launch.py extract --positive happy.txt --negative sad.txt --layers 10 12 --out happy.gguf
     python launch.py sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/sweep.py)
     python launch.py sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\

@@ -50,11 +50,12 @@ def extract(
     *,
     method: Method = "mean",
     reduce: str = "last",
+    use_tqdm: bool = True,
 ) -> dict[int, np.ndarray]:
     """``{layer: vector}`` from two prompt sets, captured with ``llm`` (a SteeredLLM with capture on)."""
     if not positive or not negative:
         raise ValueError("both the positive and the negative set need at least one prompt")
-    captured = llm.capture(list(positive) + list(negative), layers, reduce=reduce)
+    captured = llm.capture(list(positive) + list(negative), layers, reduce=reduce, use_tqdm=use_tqdm)
     split = len(positive)
     return {
         layer: METHODS[method](
