@@ -40,9 +40,10 @@ class Job:
 
 def make_jobs(count: int, hidden: int, features: list[list], seed: int = 0) -> list[Job]:
     generator = random.Random(seed)
+    # features: [layer, feature_id, strength] with strength ~ the vector's norm (reduced_strengths off)
     shared = [
-        {"features": [features[0]], "scale": 1.0, "clamp": True},
-        {"features": features[:2], "scale": 0.8},
+        {"features": [features[0]], "scale": 1.0, "clamp": True, "reduced_strengths": False},
+        {"features": features[:2], "scale": 0.8, "reduced_strengths": False},
     ]
     jobs = []
     for _ in range(count):
@@ -55,7 +56,8 @@ def make_jobs(count: int, hidden: int, features: list[list], seed: int = 0) -> l
             vector = [generator.gauss(0.0, 1.0) for _ in range(hidden)]
             spec = {"vectors": [{"vector": vector, "layers": [generator.randrange(0, 2)], "scale": generator.uniform(1, 4)}]}
         else:
-            spec = {"features": [generator.choice(features)], "scale": generator.uniform(0.5, 2.0), "clamp": generator.random() < 0.5}
+            spec = {"features": [generator.choice(features)], "scale": generator.uniform(0.5, 2.0),
+                    "clamp": generator.random() < 0.5, "reduced_strengths": False}
         stream = generator.random() < 0.5
         jobs.append(Job(generator.choice(PROMPTS), None if spec is None else json.dumps(spec), stream,
                         stream and generator.random() < 0.2, generator.randrange(4, 17)))
@@ -136,7 +138,10 @@ def tree_rss_mib(pid: int) -> float:
 def run(url: str, model: str, count: int, concurrency: int, headers: dict, server_pid: int | None, seed: int = 0) -> dict:
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
         listed = client.get("/v1/steering/vectors").json()["data"]
-    features = [[int(e["name"][1:].split("/F")[0]), int(e["name"].split("/F")[1]), 4.0] for e in listed if e["name"].startswith("L")]
+    features = [
+        [int(e["name"][1:].split("/F")[0]), int(e["name"].split("/F")[1]), round(e["norm"], 3)]
+        for e in listed if e["name"].startswith("L") and "/F" in e["name"]
+    ]
     hidden = listed[0]["dimension"]
     jobs = make_jobs(count, hidden, features, seed)
     # Warm up (compile, allocator pools), then take the memory baseline.
