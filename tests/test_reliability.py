@@ -88,16 +88,19 @@ def test_restart_reloads_the_registry_directory(server, tiny_model, feature_file
     """A server started on the same registry directory serves the same names and digests."""
     if runner != "v1":
         pytest.skip("the registry directory does not depend on the runner; checked once, on V1")
-    vector = np.random.default_rng(60).standard_normal(256).tolist()
-    created = httpx.post(f"{server.url}/v1/steering/vectors", headers=AUTH, json={"name": "kept", "vector": vector}, timeout=60).json()
-    httpx.delete(f"{server.url}/v1/steering/vectors/L3/F5", headers=AUTH, timeout=60).raise_for_status()
+    # Register two vectors and delete one: the restarted server must serve exactly what is left
+    # (without touching the shared server's own vectors, which other tests use).
+    vectors = np.random.default_rng(60).standard_normal((2, 256)).tolist()
+    created = httpx.post(f"{server.url}/v1/steering/vectors", headers=AUTH, json={"name": "kept", "vector": vectors[0]}, timeout=60).json()
+    httpx.post(f"{server.url}/v1/steering/vectors", headers=AUTH, json={"name": "gone", "vector": vectors[1]}, timeout=60).raise_for_status()
+    httpx.delete(f"{server.url}/v1/steering/vectors/gone", headers=AUTH, timeout=60).raise_for_status()
     try:
         before = httpx.get(f"{server.url}/v1/steering/vectors", headers=AUTH, timeout=60).json()["data"]
         process, url, _ = serve(tiny_model, feature_file, server.registry_dir)
         try:
             after = httpx.get(f"{url}/v1/steering/vectors", headers=AUTH, timeout=60).json()["data"]
             assert [(e["name"], e["digest"]) for e in after] == [(e["name"], e["digest"]) for e in before]
-            assert created["digest"] in {e["digest"] for e in after} and "L3/F5" not in {e["name"] for e in after}
+            assert created["digest"] in {e["digest"] for e in after} and "gone" not in {e["name"] for e in after}
             steered = {"model": str(tiny_model), "prompt": "Who are you?", "max_tokens": 6, "temperature": 0,
                        "steering": {"vectors": [{"name": "kept", "layers": [1], "scale": 3.0}]}}
             answers = [httpx.post(f"{u}/v1/completions", headers=AUTH, json=steered, timeout=120) for u in (server.url, url)]
@@ -106,9 +109,7 @@ def test_restart_reloads_the_registry_directory(server, tiny_model, feature_file
         finally:
             stop(process)
     finally:
-        httpx.delete(f"{server.url}/v1/steering/vectors/kept", headers=AUTH, timeout=60)
-        httpx.post(f"{server.url}/v1/steering/vectors", headers=AUTH, timeout=60,
-                   json={"name": "L3/F5", "feature": [3, 5]})
+        httpx.delete(f"{server.url}/v1/steering/vectors/kept", headers=AUTH, timeout=60).raise_for_status()
 
 
 def test_two_api_servers_see_every_registry_change(tiny_model, feature_file, tmp_path, runner):
