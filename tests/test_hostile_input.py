@@ -16,7 +16,8 @@ from vllm_steer.resolve import ResolvedSteering, resolve
 from vllm_steer.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
 
 HIDDEN = 8
-SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: CI sees the same 400 examples every run (a red run is then reproducible).
+SETTINGS = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
 json_values = st.recursive(
@@ -60,7 +61,9 @@ good_entry = st.fixed_dictionaries(
     lambda base: st.one_of(
         st.just({**base, "name": "tower"}),
         st.lists(st.floats(-10, 10), min_size=HIDDEN, max_size=HIDDEN)
-        .filter(lambda v: any(v))
+        # A direction float32 can hold: subnormal float64s round to an all-zero vector,
+        # which is (rightly) refused for clamp/ablate/normalize.
+        .filter(lambda v: max(map(abs, v)) > 1e-3)
         .map(lambda v: {**base, "vector": v}),
     )
 )
