@@ -355,8 +355,9 @@ def _target_sentences(goals: dict[str, Any]) -> list[str]:
         out.append(f"1 vs all distinct configs differ by {goals['shared_vs_distinct_gap']:.3f} "
                    f"({'within' if goals['shared_vs_distinct_gap_ok'] else 'outside'} 0.02)")
     if "speedup_vs_notebook" in goals:
-        out.append(f"batch {goals['speedup_vs_notebook_batch']} vs the notebook one chat at a time "
-                   f"{goals['speedup_vs_notebook']:.1f}x ({'meets' if goals['speedup_vs_notebook_ok'] else 'misses'} >= 10x)")
+        batch = goals["speedup_vs_notebook_batch"]
+        verdict = ("meets" if goals["speedup_vs_notebook_ok"] else "misses") if batch == 32 else "the target is at batch 32"
+        out.append(f"batch {batch} vs the notebook one chat at a time {goals['speedup_vs_notebook']:.1f}x ({verdict}: >= 10x)")
     return out
 
 

@@ -232,7 +232,9 @@ def test_markdown_rendering():
     assert "19.8x" in text and "9.9x" in text  # speedups over the notebook
     assert "| output_throughput | 100.0 | 95.0 | 0.950 |" in text
     assert "MiB per steerable layer" in text and "+1024 MiB" in text
-    assert "meets >= 0.95" in text and "within 0.02" in text and "meets >= 10x" in text
+    assert "meets >= 0.95" in text and "within 0.02" in text and "(the target is at batch 32: >= 10x)" in text
+    at_32 = {"speedup_vs_notebook_batch": 32, "speedup_vs_notebook": 9.5, "speedup_vs_notebook_ok": False}
+    assert run._target_sentences(at_32) == ["batch 32 vs the notebook one chat at a time 9.5x (misses: >= 10x)"]
     for line in text.splitlines():
         if line.startswith("|"):
             assert line.endswith("|")
