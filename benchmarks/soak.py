@@ -144,8 +144,8 @@ def run(url: str, model: str, count: int, concurrency: int, headers: dict, serve
     ]
     hidden = listed[0]["dimension"]
     jobs = make_jobs(count, hidden, features, seed)
-    # Warm up (compile, allocator pools), then take the memory baseline.
-    asyncio.run(soak(url, model, make_jobs(32, hidden, features, seed + 1), concurrency, headers))
+    # Warm up (compile, allocator pools at full concurrency), then take the memory baseline.
+    asyncio.run(soak(url, model, make_jobs(2 * concurrency, hidden, features, seed + 1), concurrency, headers))
     settled_slots(url, model, headers)
     baseline = tree_rss_mib(server_pid) if server_pid else None
     started = time.perf_counter()
