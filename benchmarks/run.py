@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, launcher
 
 PARTS = ("engine", "stock", "notebook", "server")
 
@@ -199,18 +199,17 @@ def run_server_part(entry: dict[str, Any], args, log) -> None:
     prompts = common.make_prompts(args.server_requests, args.prompt_len, config["vocab_size"], seed=2)
     specs = common.scenario_specs(common.Scenario(args.server_requests, args.server_requests),
                                   config["hidden_size"], config["num_hidden_layers"])
-    port = serving.free_port()
-    log(f"[{entry['label']}] starting launch.py serve on port {port}")
+    log(f"[{entry['label']}] starting launch.py serve")
     started = time.perf_counter()
-    process = serving.start_server(entry["path"], port, args.out_dir / f"server-{entry['name'].replace('/', '_')}.log",
-                                   dtype=args.dtype, max_num_seqs=args.server_concurrency,
-                                   max_model_len=args.prompt_len + args.server_max_tokens + 16)
+    process, url = serving.start_server(entry["path"], args.out_dir / f"server-{entry['name'].replace('/', '_')}.log",
+                                        dtype=args.dtype, max_num_seqs=args.server_concurrency,
+                                        max_model_len=args.prompt_len + args.server_max_tokens + 16)
     try:
         with common.RssSampler(process.pid, include_root=True) as rss:
-            result = serving.run(f"http://127.0.0.1:{port}", entry["path"], entry["path"], prompts, specs,
+            result = serving.run(url, entry["path"], entry["path"], prompts, specs,
                                  args.server_max_tokens, args.server_concurrency, args.server_pairs, log=log)
     finally:
-        serving.stop_server(process)
+        launcher.stop_server(process)
     entry["server"] = {"start_seconds": time.perf_counter() - started, "peak_rss_bytes": rss.peak, **result}
 
 

@@ -17,71 +17,34 @@ import asyncio
 import contextlib
 import io
 import json
-import os
-import signal
-import statistics
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, launcher
 
 PERCENTILES = [50.0, 90.0, 99.0]
 LATENCIES = ["ttft", "tpot", "itl", "e2el"]
 THROUGHPUTS = ["request_throughput", "output_throughput", "total_token_throughput"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str, port: int, log: Path, *, dtype: str, max_num_seqs: int, max_model_len: int,
-                 extra: Sequence[str] = (), timeout: float = 900) -> subprocess.Popen:
-    """``launch.py serve`` in its own process group; returns once /health answers."""
+def start_server(model: str, log: Path, *, dtype: str, max_num_seqs: int, max_model_len: int,
+                 extra: Sequence[str] = (), timeout: float = 900) -> tuple[subprocess.Popen, str]:
+    """``launch.py serve`` for ``model``, sized for the benchmark; returns (process, url)."""
     from transformers import AutoConfig
 
     import torch
 
-    command = [
-        sys.executable, str(common.REPO / "launch.py"), "serve", "--model", model,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--seed", "0",
+    args = [
+        "--model", model, "--dtype", dtype, "--seed", "0",
         "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len), "--no-enable-prefix-caching",
     ]
     if not torch.cuda.is_available():
         config = AutoConfig.from_pretrained(model)
-        command += ["--kv-cache-memory-bytes", str(common.kv_cache_bytes(config, max_num_seqs, max_model_len, dtype))]
-    command += list(extra)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=common.REPO)
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return process
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                stop_server(process)
-                raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-5000:]}")
-            time.sleep(1)
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        args += ["--kv-cache-memory-bytes", str(common.kv_cache_bytes(config, max_num_seqs, max_model_len, dtype))]
+    return launcher.start_server([*args, *extra], log, timeout=timeout)
 
 
 def sample_requests(prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):
@@ -194,15 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     process = None
     url = args.url
     if url is None:
-        port = free_port()
-        process = start_server(path, port, Path(args.out).with_suffix(".server.log"), dtype=args.dtype or common.default_dtype(),
-                               max_num_seqs=args.concurrency, max_model_len=args.prompt_len + args.max_tokens + 16)
-        url = f"http://127.0.0.1:{port}"
+        process, url = start_server(path, Path(args.out).with_suffix(".server.log"), dtype=args.dtype or common.default_dtype(),
+                                    max_num_seqs=args.concurrency, max_model_len=args.prompt_len + args.max_tokens + 16)
     try:
         report = run(url, args.served_model or path, path, prompts, specs, args.max_tokens, args.concurrency, args.pairs, args.api_key)
     finally:
         if process is not None:
-            stop_server(process)
+            launcher.stop_server(process)
     report = {"model": label, **report}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -13,11 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks import common, launcher
+
 PROMPTS = ["Tell me a story.", "Who are you?", "Tell me about the ocean.", "What should I cook tonight?", "Paris"]
 
 
@@ -128,13 +125,6 @@ def settled_slots(url: str, model: str, headers: dict) -> list[int]:
         return [w["slots_in_use"] for w in client.get("/v1/steering/stats").json()["workers"]]
 
 
-def tree_rss_mib(pid: int) -> float:
-    import psutil
-
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
-
-
 def run(url: str, model: str, count: int, concurrency: int, headers: dict, server_pid: int | None, seed: int = 0) -> dict:
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
         listed = client.get("/v1/steering/vectors").json()["data"]
@@ -147,12 +137,12 @@ def run(url: str, model: str, count: int, concurrency: int, headers: dict, serve
     # Warm up (compile, allocator pools at full concurrency), then take the memory baseline.
     asyncio.run(soak(url, model, make_jobs(2 * concurrency, hidden, features, seed + 1), concurrency, headers))
     settled_slots(url, model, headers)
-    baseline = tree_rss_mib(server_pid) if server_pid else None
+    baseline = common.tree_rss(server_pid) / 2**20 if server_pid else None
     started = time.perf_counter()
     outcomes = asyncio.run(soak(url, model, jobs, concurrency, headers))
     elapsed = time.perf_counter() - started
     slots = settled_slots(url, model, headers)
-    after = tree_rss_mib(server_pid) if server_pid else None
+    after = common.tree_rss(server_pid) / 2**20 if server_pid else None
     expected = alone(url, model, [job for job, (kind, _) in zip(jobs, outcomes) if kind == "ok"], headers)
     mismatches = sum(
         1 for job, (kind, text) in zip(jobs, outcomes)
@@ -174,22 +164,6 @@ def run(url: str, model: str, count: int, concurrency: int, headers: dict, serve
     }
 
 
-def start_server(port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, str(REPO / "launch.py"), "serve", "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "64"]
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(1)
-        if process.poll() is not None:
-            break
-    os.killpg(process.pid, signal.SIGKILL)
-    raise SystemExit(f"the server did not start; see {log}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server (default: start the demo server)")
@@ -198,21 +172,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(REPO / "bench_results" / "soak.json"))
+    parser.add_argument("--out", default=str(common.RESULTS / "soak.json"))
     args = parser.parse_args()
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     process = None
     url = args.url
     if url is None:
-        port = 8765
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        process = start_server(port, Path(args.out).with_suffix(".server.log"))
-        url = f"http://127.0.0.1:{port}"
+        process, url = launcher.start_server(["--max-num-seqs", "64"], Path(args.out).with_suffix(".server.log"), timeout=600)
     try:
         report = run(url, args.model, args.requests, args.concurrency, headers, process.pid if process else None, args.seed)
     finally:
         if process is not None:
-            os.killpg(process.pid, signal.SIGTERM)
+            launcher.stop_server(process)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

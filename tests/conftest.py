@@ -161,14 +161,6 @@ def gen_len(runner) -> int:
 API_KEY = "test-key"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str
@@ -188,39 +180,15 @@ class Server:
 def server(tiny_model, feature_file, tmp_path_factory, runner):
     """``launch.py serve`` on a free local port, with an API key, a registry directory and a
     directory the registry API may read vector files from."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from benchmarks.launcher import start_server, stop_server
 
     root = tmp_path_factory.mktemp("server")
-    port = free_port()
     (root / "vectors").mkdir()
-    log = root / "server.log"
-    command = [
-        sys.executable, str(REPO / "launch.py"), "serve", "--model", str(tiny_model), "--vectors", str(feature_file),
+    process, url = start_server([
+        "--model", str(tiny_model), "--vectors", str(feature_file),
         "--registry-dir", str(root / "registry"), "--vector-dir", str(root / "vectors"),
-        "--max-body-bytes", str(4 << 20), "--max-registry-vectors", "16",
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--max-model-len", "1024",
-        "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(1 << 28), "--seed", "0",
-    ]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-5000:]}")
-            time.sleep(1)
-    yield Server(url, str(tiny_model), root / "registry", root / "vectors", log, process.pid)
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        "--max-body-bytes", str(4 << 20), "--max-registry-vectors", "16", "--api-key", API_KEY,
+        "--max-model-len", "1024", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(1 << 28), "--seed", "0",
+    ], root / "server.log", timeout=300)
+    yield Server(url, str(tiny_model), root / "registry", root / "vectors", root / "server.log", process.pid)
+    stop_server(process, timeout=30)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import numpy as np
 import pytest
 
+from benchmarks.launcher import start_server, stop_server
 from benchmarks.soak import run as soak
-from conftest import API_KEY, REPO, free_port
+from conftest import API_KEY
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
@@ -51,37 +50,11 @@ def test_registry_change_during_a_stream_does_not_touch_it(server, gen_len):
 
 def serve(tiny_model, feature_file, registry_dir, *extra: str):
     """Start another server; returns (process, url, log path)."""
-    import os
-    import time
-
-    port = free_port()
-    log = registry_dir.parent / f"server-{port}.log"
-    command = [sys.executable, str(REPO / "launch.py"), "serve", "--model", str(tiny_model), "--vectors", str(feature_file),
-               "--registry-dir", str(registry_dir), "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-               "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 27), *extra]
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, log
-        except httpx.HTTPError:
-            time.sleep(1)
-        if process.poll() is not None:
-            break
-    os.killpg(process.pid, 9)
-    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
-
-
-def stop(process) -> None:
-    import os
-    import signal
-
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    log = registry_dir.parent / f"another-server{''.join(extra).replace('--', '-')}.log"
+    process, url = start_server(["--model", str(tiny_model), "--vectors", str(feature_file), "--registry-dir", str(registry_dir),
+                                 "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 27), *extra],
+                                log, timeout=300)
+    return process, url, log
 
 
 def test_restart_reloads_the_registry_directory(server, tiny_model, feature_file, runner):
@@ -107,7 +80,7 @@ def test_restart_reloads_the_registry_directory(server, tiny_model, feature_file
             assert answers[0].json()["choices"][0]["text"] == answers[1].json()["choices"][0]["text"]
             assert answers[0].headers["x-vllm-steer-fingerprint"] == answers[1].headers["x-vllm-steer-fingerprint"]
         finally:
-            stop(process)
+            stop_server(process, timeout=30)
     finally:
         httpx.delete(f"{server.url}/v1/steering/vectors/kept", headers=AUTH, timeout=60).raise_for_status()
 
@@ -137,4 +110,4 @@ def test_two_api_servers_see_every_registry_change(tiny_model, feature_file, tmp
         labels = {line.split(" pid=")[0] for line in log.read_text().splitlines() if line.startswith("(ApiServer_")}
         assert labels == {"(ApiServer_0", "(ApiServer_1"}
     finally:
-        stop(process)
+        stop_server(process, timeout=30)
