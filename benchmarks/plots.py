@@ -61,59 +61,60 @@ def _integer_ticks(axis, values) -> None:
     axis.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _save_panels(plt, models: list[dict[str, Any]], draw, title: str, path: Path) -> Path:
+    """One panel per model, drawn by ``draw(axis, model)``, saved as a PNG."""
+    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        draw(axis, model)
+        axis.set_title(model["label"], fontsize=10)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _throughput_panel(axis, model: dict[str, Any]) -> None:
+    xs = []
+    for name, points in batch_series(model).items():
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        xs += [p[0] for p in points]
+    notebook = model.get("notebook") or {}
+    if notebook:
+        axis.axhline(notebook["one_at_a_time"]["output_tok_s"], color="grey", linestyle=":", label="notebook, one chat at a time")
+        axis.plot([notebook["batched"]["batch"]], [notebook["batched"]["output_tok_s"]], marker="s",
+                  color="black", linestyle="none", label="notebook, batched (padded)")
+    axis.set_xscale("log", base=2)
+    _integer_ticks(axis, xs)
+    axis.set_xlabel("batch size (requests)")
+    axis.set_yscale("log")
+    axis.set_ylabel("output tokens/s (log)")
+
+
+def _ratio_panel(axis, model: dict[str, Any]) -> None:
+    xs = []
+    for name, points in ratio_series(model).items():
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        xs += [p[0] for p in points]
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.axhline(0.95, color="red", linestyle="--", linewidth=0.8, label="0.95 target")
+    axis.set_xscale("log", base=2)
+    _integer_ticks(axis, xs or [1])
+    axis.set_ylim(min(0.85, axis.get_ylim()[0]), max(1.05, axis.get_ylim()[1]))
+    axis.set_xlabel("distinct steering configs in the batch")
+    axis.set_ylabel("steered / unsteered output tok/s")
+
+
 def plot_report(report: dict[str, Any], out_dir: Path, prefix: str = "bench_") -> list[Path]:
     plt = _pyplot()
     models = [m for m in report["models"] if m.get("engine")]
     if not models:
         return []
-    written = []
-
-    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for axis, model in zip(axes[0], models):
-        xs = []
-        for name, points in batch_series(model).items():
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-            xs += [p[0] for p in points]
-        notebook = model.get("notebook") or {}
-        if notebook:
-            axis.axhline(notebook["one_at_a_time"]["output_tok_s"], color="grey", linestyle=":", label="notebook, one chat at a time")
-            axis.plot([notebook["batched"]["batch"]], [notebook["batched"]["output_tok_s"]], marker="s",
-                      color="black", linestyle="none", label="notebook, batched (padded)")
-        axis.set_xscale("log", base=2)
-        _integer_ticks(axis, xs)
-        axis.set_xlabel("batch size (requests)")
-        axis.set_yscale("log")
-        axis.set_ylabel("output tokens/s (log)")
-        axis.set_title(model["label"], fontsize=10)
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle("vllm-steer engine throughput vs batch size", fontsize=11)
-    figure.tight_layout()
-    path = out_dir / f"{prefix}throughput.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    written.append(path)
-
-    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for axis, model in zip(axes[0], models):
-        xs = []
-        for name, points in ratio_series(model).items():
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-            xs += [p[0] for p in points]
-        axis.axhline(1.0, color="grey", linewidth=0.8)
-        axis.axhline(0.95, color="red", linestyle="--", linewidth=0.8, label="0.95 target")
-        axis.set_xscale("log", base=2)
-        _integer_ticks(axis, xs or [1])
-        axis.set_ylim(min(0.85, axis.get_ylim()[0]), max(1.05, axis.get_ylim()[1]))
-        axis.set_xlabel("distinct steering configs in the batch")
-        axis.set_ylabel("steered / unsteered output tok/s")
-        axis.set_title(model["label"], fontsize=10)
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle("cost of steering vs distinct configs (every layer, add)", fontsize=11)
-    figure.tight_layout()
-    path = out_dir / f"{prefix}ratio.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    written.append(path)
-    return written
+    return [
+        _save_panels(plt, models, _throughput_panel, "vllm-steer engine throughput vs batch size",
+                     out_dir / f"{prefix}throughput.png"),
+        _save_panels(plt, models, _ratio_panel, "cost of steering vs distinct configs (every layer, add)",
+                     out_dir / f"{prefix}ratio.png"),
+    ]
