@@ -43,10 +43,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0)
-DEFAULT_MODES = ("add", "clamp")
-# Scores closer than this are a tie (the sweet spot is then the smaller scale).
-SCORE_TIE = 0.005
-MODES = ("add", "clamp")
+MODES = ("add", "clamp")  # the modes a sweep can run (ablate has no scale), all by default
 # Scores closer than this are a tie (the sweet spot is then the smaller scale).
 SCORE_TIE = 0.005
 
@@ -239,7 +236,7 @@ def run_sweep(
     *,
     words: Sequence[str] | None = None,
     scales: Sequence[float] = DEFAULT_SCALES,
-    modes: Sequence[str] = DEFAULT_MODES,
+    modes: Sequence[str] = MODES,
     max_tokens: int = 48,
     system_prompt: str | None = None,
     repetition_penalty: float = 1.0,
@@ -399,7 +396,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--prompt", action="append", default=None, help="a user message; repeatable (default: a built-in set)")
     group.add_argument("--prompts-file", default=None, help="user messages, one per line or a JSON list")
     group.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES))
-    group.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
+    group.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     group.add_argument("--max-tokens", type=int, default=48)
     group.add_argument("--system", default=None, help="a system prompt for every chat (the notebook used 'You are a helpful assistant.')")
     group.add_argument("--repetition-penalty", type=float, default=1.0, help="(the notebook used 1.2)")
