@@ -11,6 +11,7 @@ as a llama.cpp/repeng control vector or an extracted concept, at one vector per 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +21,33 @@ import numpy as np
 from vllm_steer.spec import DIGEST_PREFIX, vector_digest
 
 ANY_LAYER = -1  # the key of a vector that applies at whichever layer a request names
+# Retired content (no name points at it) kept for requests accepted before a delete/replace.
+RETIRED_LIMIT = 256
+# SAE features read on demand and kept for reuse.
+ON_DEMAND_LIMIT = 4096
+
+
+class LRU(OrderedDict):
+    """A dict that keeps its ``limit`` most recently used entries."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value) -> list:
+        """Store; return the (key, value) pairs evicted to stay within the limit."""
+        self[key] = value
+        self.move_to_end(key)
+        evicted = []
+        while len(self) > self.limit:
+            evicted.append(self.popitem(last=False))
+        return evicted
 
 
 @dataclass(frozen=True)
@@ -44,24 +72,50 @@ class FeatureSource(Protocol):
 
 
 class VectorRegistry:
-    def __init__(self) -> None:
+    """Names and features -> digests -> float32 arrays.
+
+    Content lives while a name or a loaded feature points at it. Content that loses its last
+    reference is *retired*: no longer resolvable by name or ``sha256:`` reference, but kept
+    in a bounded LRU so a request accepted before the change (it carries the digest) can
+    still be admitted. Features read on demand from an SAE are a bounded LRU as well.
+    """
+
+    def __init__(self, *, retired_limit: int = RETIRED_LIMIT, on_demand_limit: int = ON_DEMAND_LIMIT) -> None:
         self._arrays: dict[str, np.ndarray] = {}
+        self._refs: Counter[str] = Counter()
         self._names: dict[str, dict[int, str]] = {}
         self._sources: dict[str, str] = {}
         self._features: dict[tuple[int, int], str] = {}
         self._feature_sources: dict[int, FeatureSource] = {}
-        # Digests read on demand from a feature source: other processes may not hold them,
-        # so requests carry them inline (see resolve.py).
-        self.on_demand: set[str] = set()
+        self._retired: LRU = LRU(retired_limit)
+        # (layer, feature_id) -> (digest, array) read from a feature source. Other processes
+        # may not hold them, so requests carry them inline (see resolve.py).
+        self._on_demand: LRU = LRU(on_demand_limit)
+        self._on_demand_key: dict[str, tuple[int, int]] = {}  # digest -> its key in _on_demand
 
-    def _store(self, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-        if array.size == 0 or not np.isfinite(array).all():
-            raise ValueError("a steering vector must be non-empty and finite")
+    # ---- content, reference-counted ------------------------------------------------------
+    def _hold(self, array: np.ndarray) -> str:
+        """Count one more reference to this content (stored if new); its digest."""
         digest = vector_digest(array)
-        array.setflags(write=False)
-        self._arrays.setdefault(digest, array)
+        if digest not in self._arrays:
+            revived = self._retired.pop(digest, None)
+            array.setflags(write=False)
+            self._arrays[digest] = array if revived is None else revived
+        self._refs[digest] += 1
         return digest
+
+    def _release(self, digest: str) -> None:
+        self._refs[digest] -= 1
+        if self._refs[digest] <= 0:
+            del self._refs[digest]
+            self._retired.put(digest, self._arrays.pop(digest))
+
+    def _set_name(self, name: str, entry: dict[int, str], source: str) -> None:
+        old = self._names.get(name)
+        self._names[name] = entry
+        self._sources[name] = source
+        for digest in (old or {}).values():
+            self._release(digest)
 
     def add(
         self,
@@ -85,30 +139,36 @@ class VectorRegistry:
             sizes = {np.asarray(v).size for v in vector.values()}
             if len(sizes) != 1:
                 raise ValueError(f"layered vector {name!r}: every layer's vector must have the same size")
-            entry = {int(layer): self._store(v) for layer, v in sorted(vector.items())}
+            checked = {int(layer): _clean(v) for layer, v in sorted(vector.items())}
         else:
-            entry = {ANY_LAYER: self._store(vector)}
-        self._names[name] = entry
-        self._sources[name] = source
+            checked = {ANY_LAYER: _clean(vector)}
+        entry = {layer: self._hold(array) for layer, array in checked.items()}
+        self._set_name(name, entry, source)
         return _entry_digest(entry)
 
     def add_feature(self, layer: int, feature_id: int, array: np.ndarray, *, source: str) -> str:
-        digest = self._store(array)
+        """A notebook feature, also registered by name ``feature_name(layer, feature_id)``."""
+        array = _clean(array)
+        digest = self._hold(array)
+        old = self._features.get((layer, feature_id))
         self._features[(layer, feature_id)] = digest
-        self._names[feature_name(layer, feature_id)] = {ANY_LAYER: digest}
-        self._sources[feature_name(layer, feature_id)] = source
+        if old is not None:
+            self._release(old)
+        self._set_name(feature_name(layer, feature_id), {ANY_LAYER: self._hold(array)}, source)
         return digest
 
     def remove(self, name: str) -> None:
         if name not in self._names:
             raise KeyError(f"no vector named {name!r}")
-        del self._names[name]
+        for digest in self._names.pop(name).values():
+            self._release(digest)
         del self._sources[name]
-        self._features = {key: d for key, d in self._features.items() if feature_name(*key) != name}
+        for key in [key for key in self._features if feature_name(*key) == name]:
+            self._release(self._features.pop(key))
 
     def digest_of(self, name: str, layer: int = ANY_LAYER) -> str | None:
-        """The digest a name (or a ``sha256:`` reference) means at ``layer``; None when unknown
-        (or when a layered vector has no direction for that layer)."""
+        """The digest a name (or a ``sha256:`` reference to live content) means at ``layer``;
+        None when unknown (or when a layered vector has no direction for that layer)."""
         if name.startswith(DIGEST_PREFIX):
             return name if name in self._arrays else None
         entry = self._names.get(name)
@@ -128,19 +188,48 @@ class VectorRegistry:
         self._feature_sources[source.layer] = source
 
     def feature_digest(self, layer: int, feature_id: int) -> str | None:
+        """The digest of a loaded feature, or of one its layer's feature source holds (read
+        on demand, kept in a bounded LRU); None when neither has it."""
         digest = self._features.get((layer, feature_id))
+        if digest is not None:
+            return digest
+        key = (layer, feature_id)
+        cached = self._on_demand.get(key)
+        if cached is not None:
+            return cached[0]
         source = self._feature_sources.get(layer)
-        if digest is None and source is not None and 0 <= feature_id < source.num_features:
-            digest = self._store(source.feature(feature_id))
-            self._features[(layer, feature_id)] = digest
-            self.on_demand.add(digest)
+        if source is None or not 0 <= feature_id < source.num_features:
+            return None
+        array = np.ascontiguousarray(source.feature(feature_id), dtype=np.float32).reshape(-1)
+        array.setflags(write=False)
+        digest = vector_digest(array)
+        for old_key, (old_digest, _) in self._on_demand.put(key, (digest, array)):
+            if self._on_demand_key.get(old_digest) == old_key:
+                del self._on_demand_key[old_digest]
+        self._on_demand_key[digest] = key
         return digest
+
+    def is_on_demand(self, digest: str) -> bool:
+        """Read from a feature source and held only in this process's LRU."""
+        return digest not in self._arrays and digest in self._on_demand_key
 
     def feature_sources(self) -> list[FeatureSource]:
         return [self._feature_sources[layer] for layer in sorted(self._feature_sources)]
 
     def array(self, digest: str) -> np.ndarray:
-        return self._arrays[digest]
+        """The content of a digest: live, read on demand, or retired (KeyError when gone)."""
+        array = self._arrays.get(digest)
+        if array is None:
+            array = self._retired.get(digest)
+        if array is None and digest in self._on_demand_key:
+            array = self._on_demand.get(self._on_demand_key[digest])[1]
+        if array is None:
+            raise KeyError(f"vector {digest} is no longer held (deleted or replaced, and evicted)")
+        return array
+
+    def content_size(self) -> dict[str, int]:
+        """How many arrays are held: live (named), retired, read on demand."""
+        return {"live": len(self._arrays), "retired": len(self._retired), "on_demand": len(self._on_demand)}
 
     def arrays_of(self, name: str) -> dict[int, np.ndarray]:
         """``{layer: vector}`` of a name (key ``ANY_LAYER`` for a vector usable anywhere)."""
@@ -151,7 +240,7 @@ class VectorRegistry:
 
     def features(self) -> list[tuple[int, int]]:
         """Features loaded explicitly (not those read on demand from a feature source)."""
-        return sorted(key for key, digest in self._features.items() if digest not in self.on_demand)
+        return sorted(self._features)
 
     def info(self, name: str) -> VectorInfo:
         entry = self._names[name]
@@ -186,6 +275,13 @@ def vector_from_wire(raw: bytes | Mapping[int, bytes]) -> Vector:
     if isinstance(raw, Mapping):
         return {int(layer): np.frombuffer(v, dtype="<f4") for layer, v in raw.items()}
     return np.frombuffer(raw, dtype="<f4")
+
+
+def _clean(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+    if array.size == 0 or not np.isfinite(array).all():
+        raise ValueError("a steering vector must be non-empty and finite")
+    return array
 
 
 def _entry_digest(entry: dict[int, str]) -> str:
