@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import assert_same_tokens_close_logprobs, run
+from vllm_steer import control
 from vllm_steer.extract import extract, mean_difference, pca_difference
 from vllm_steer.reference import ReferenceSteerer
 
@@ -82,7 +83,7 @@ def test_capture_does_not_disturb_other_requests(capturing, engines, prompt_ids,
     finished = {}
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step() if o.finished})
-    capturing.llm.collective_rpc("steering_rpc", args=("collect_captures", [f"cap{i}" for i in range(3)]))
+    control.send(capturing.llm, control.collect_captures([f"cap{i}" for i in range(3)]))
     plain = run(engines(), prompts, specs, gen_len)  # the main engine: capture off, compiled
     for index, expected in enumerate(plain):
         assert_same_tokens_close_logprobs(generations([finished[f"other{index}"]])[0], expected)

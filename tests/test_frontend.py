@@ -13,6 +13,7 @@ import pytest
 
 from vllm_steer.config import ARCHITECTURE, hf_overrides
 from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request, steering_salt
+from vllm_steer.resolve import ResolvedSteering
 from vllm_steer.spec import SteeringError
 
 
@@ -58,7 +59,7 @@ def frontend() -> SteeringFrontend:
 def request(steering=None, cache_salt=None, **extra):
     if steering is not None:
         extra["steering"] = steering
-    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra or None), cache_salt=cache_salt)
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra or None), cache_salt=cache_salt, prompt_token_ids=[1, 2, 3])
 
 
 def test_steered_request_gets_resolved_spec_and_content_salt(frontend):
@@ -66,8 +67,9 @@ def test_steered_request_gets_resolved_spec_and_content_salt(frontend):
     prepare_request(frontend, req)
     resolved = frontend.resolve({"vectors": [{"name": "v", "layers": [1], "scale": 2.0}]})
     assert req.cache_salt == steering_salt(resolved.fingerprint, None)
+    assert ResolvedSteering.from_wire(req.sampling_params.extra_args["steering"]) == resolved
     assert req.sampling_params.extra_args["other"] == "kept"
-    assert json.loads(req.sampling_params.extra_args["steering"])["vectors"][0]["name"] == frontend.registry.digest_of("v")
+    assert json.loads(req.sampling_params.extra_args["steering"])["ops"][0][2] == frontend.registry.digest_of("v")
     salted = request({"vectors": [{"name": "v", "layers": [1], "scale": 2.0}]}, cache_salt="tenant")
     prepare_request(frontend, salted)
     assert salted.cache_salt not in (None, "tenant", req.cache_salt)

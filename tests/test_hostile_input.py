@@ -107,14 +107,14 @@ def test_resolution_yields_finite_steering_or_one_clear_error(value):
     if resolved is not None:
         for op in resolved.ops:
             assert np.isfinite(op.coeff) and 0 <= op.layer < 4
-        assert resolve(resolved.wire(), FRONT.shape, FRONT.registry) == resolved
+        assert ResolvedSteering.from_wire(resolved.to_wire()) == resolved
 
 
 @SETTINGS
 @given(value=anything | good_spec, capture=st.none() | json_values)
 def test_the_front_end_hook_accepts_or_refuses_with_a_400_class_error(value, capture):
     extra = {"steering": value} if capture is None else {"steering": value, "steering_capture": capture}
-    request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra, skip_reading_prefix_cache=None), cache_salt=None)
+    request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra, skip_reading_prefix_cache=None), cache_salt=None, prompt_token_ids=[1, 2, 3])
     try:
         prepare_request(FRONT, request)
     except SteeringRequestError as error:
@@ -132,5 +132,5 @@ def test_well_formed_specs_resolve_and_round_trip(value):
     if resolved is None:  # only adds, all with strength 0
         assert all(e.get("mode", "add") == "add" for e in value["vectors"])
         return
-    again = resolve(json.loads(resolved.wire()), FRONT.shape, FRONT.registry)
+    again = ResolvedSteering.from_wire(resolved.to_wire())
     assert again == resolved and again.fingerprint == resolved.fingerprint

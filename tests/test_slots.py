@@ -14,8 +14,8 @@ from torch import nn
 
 from vllm_steer.model import SteeredLlamaDecoderLayer
 from vllm_steer.reference import layer_ops, phase_mask, steer_stream
-from vllm_steer.resolve import ModelShape, resolve, unit
-from vllm_steer.runners import V2SlotWriter, write_v1
+from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
+from vllm_steer.runners import V2SlotWriter, release_v1, write_v1
 from vllm_steer.slots import SteeringRuntime
 from vllm_steer.vectors import VectorRegistry
 
@@ -29,21 +29,36 @@ class Layer(nn.Module):
     hidden_size = HIDDEN
     max_directions = None
     attach_steering = SteeredLlamaDecoderLayer.attach_steering
+    attach_capture = SteeredLlamaDecoderLayer.attach_capture
     steer = SteeredLlamaDecoderLayer.steer
+
+
+def make_registry() -> VectorRegistry:
+    generator = torch.Generator().manual_seed(0)
+    registry = VectorRegistry()
+    for name in ("a", "b", "c"):
+        registry.add(name, torch.randn(HIDDEN, generator=generator).numpy())
+    return registry
+
+
+# The front end's registry: requests are resolved against it, as the front end would.
+FRONT_REGISTRY = make_registry()
 
 
 @pytest.fixture
 def runtime() -> SteeringRuntime:
-    torch.manual_seed(0)
-    registry = VectorRegistry()
-    for name in ("a", "b", "c"):
-        registry.add(name, torch.randn(HIDDEN).numpy())
     layers = {index: Layer() for index in range(LAYERS)}
-    return SteeringRuntime(SHAPE, registry, layers, num_slots=SLOTS, max_tokens=32)
+    return SteeringRuntime(SHAPE, make_registry(), layers, num_slots=SLOTS, max_tokens=32, capture=True)
 
 
-def params(spec=None):
-    return SimpleNamespace(extra_args=None if spec is None else {"steering": json.dumps(spec)})
+def params(spec=None, capture=None):
+    """Sampling params as the front end hands them on: the resolved wire form."""
+    extra = {}
+    if spec is not None:
+        extra["steering"] = resolve(spec, SHAPE, FRONT_REGISTRY).to_wire()
+    if capture is not None:
+        extra["steering_capture"] = json.dumps(capture)
+    return SimpleNamespace(extra_args=extra or None)
 
 
 def reference_stream(stream: torch.Tensor, spec, registry, layer: int, positions, prompt_len: int) -> torch.Tensor:
@@ -96,14 +111,28 @@ def test_release_zeroes_rows_and_slots_are_reused(runtime):
         assert not layer.steer_add.any() and not layer.steer_dirs.any()
 
 
-def test_exhausted_or_unresolvable_specs_degrade_to_unsteered(runtime, caplog):
+def test_exhausted_or_unresolvable_specs_degrade_to_unsteered_and_are_counted(runtime, caplog):
+    ghost = ResolvedSteering((Op(1, "add", "sha256:" + "0" * 64, 1.0, False),), "all").to_wire()
     with caplog.at_level(logging.WARNING, logger="vllm_steer"):
-        assert runtime.admit("ghost", params({"vectors": [{"name": "sha256:" + "0" * 64, "layers": [1]}]}), 1) == 0
+        assert runtime.admit("ghost", SimpleNamespace(extra_args={"steering": ghost}), 1) == 0
         assert runtime.admit("garbage", SimpleNamespace(extra_args={"steering": "{not json"}), 1) == 0
         for i in range(SLOTS - 1):
             runtime.admit(f"r{i}", params(SPEC_A), 1)
         assert runtime.admit("one-too-many", params(SPEC_A), 1) == 0
     assert "ghost runs unsteered" in caplog.text and "steering slots are in use" in caplog.text
+    assert runtime.stats()["unapplied_requests"] == 3
+    assert runtime.slots_in_use == SLOTS - 1  # the failures took no slot
+
+
+def test_a_failure_while_filling_a_slot_frees_it(runtime, monkeypatch):
+    def broken_start(*args):
+        raise RuntimeError("capture table write failed")
+
+    monkeypatch.setattr(runtime.capture, "start", broken_start)
+    assert runtime.admit("r", params(SPEC_A, capture={"key": "k", "layers": [1]}), 2) == 0
+    assert runtime.slots_in_use == 0 and runtime.stats()["unapplied_requests"] == 1
+    for layer in runtime.layers.values():
+        assert not layer.steer_add.any() and not layer.steer_dirs.any()
 
 
 def test_phase_masks_and_padding(runtime):
@@ -128,6 +157,10 @@ class FakeV1Runner:
         self.query_start_loc.np[: len(batch) + 1] = np.concatenate([[0], np.cumsum([n for _, n in batch])])
 
 
+def scheduler_output(finished=(), preempted=()):
+    return SimpleNamespace(finished_req_ids=set(finished), preempted_req_ids=set(preempted))
+
+
 def test_v1_writer_follows_rows_by_request_id(runtime):
     runner = FakeV1Runner()
     runner.requests = {
@@ -139,12 +172,14 @@ def test_v1_writer_follows_rows_by_request_id(runtime):
     write_v1(runtime, runner, torch.tensor([0, 1, 2, 0, 1, 0, 0, 0]))
     slot_a = runtime.slot_of("a")
     assert runtime.token_slot[:8].tolist() == [slot_a] * 3 + [0, 0, 0, 0, 0]
-    # Next step: rows reordered (condensed), b joins, a decodes one token.
+    # Next step: u finished; rows reordered (condensed), b joins, a decodes one token.
+    release_v1(runtime, scheduler_output(finished=["u"]))
     runner.schedule([("b", 2), ("a", 1)])
     write_v1(runtime, runner, torch.tensor([0, 1, 3]))
     assert runtime.token_slot[:3].tolist() == [0, 0, slot_a]  # b steers generated tokens only
-    assert runtime.slot_of("u") is None  # left the batch: released
-    # a is preempted (leaves), b decodes; a comes back later and is admitted again.
+    assert runtime.slot_of("u") is None
+    # a is preempted, b decodes; a comes back later and is admitted again.
+    release_v1(runtime, scheduler_output(preempted=["a"]))
     runner.schedule([("b", 1)])
     write_v1(runtime, runner, torch.tensor([2]))
     assert runtime.slot_of("a") is None and runtime.slots_in_use == 1
@@ -152,6 +187,36 @@ def test_v1_writer_follows_rows_by_request_id(runtime):
     runner.schedule([("a", 4), ("b", 1)])
     write_v1(runtime, runner, torch.tensor([0, 1, 2, 3, 3]))
     assert runtime.token_slot[:5].tolist() == [runtime.slot_of("a")] * 4 + [runtime.slot_of("b")]
+
+
+def test_v1_request_not_scheduled_this_step_keeps_its_slot_and_capture(runtime):
+    """V1 drops running requests that are merely not scheduled (token budget spent) from its
+    persistent batch; they are not finished. Their slot, rows and a mean capture over
+    chunked prefill must carry on, not restart."""
+    runner = FakeV1Runner()
+    capture = {"key": "chunked", "layers": [1], "reduce": "mean"}
+    runner.requests = {
+        "long": SimpleNamespace(sampling_params=params(SPEC_A, capture=capture), num_prompt_tokens=6),
+        "other": SimpleNamespace(sampling_params=params(SPEC_B), num_prompt_tokens=4),
+    }
+    runner.schedule([("long", 3)])  # first prefill chunk
+    write_v1(runtime, runner, torch.tensor([0, 1, 2]))
+    slot = runtime.slot_of("long")
+    rows = runtime.layers[1].steer_add[slot].clone()
+    runtime.layers[1].capture_sum[slot] += 1.0  # what the first chunk's forward accumulated
+    release_v1(runtime, scheduler_output())
+    runner.schedule([("other", 4)])  # "long" is running but not scheduled this step
+    write_v1(runtime, runner, torch.tensor([0, 1, 2, 3]))
+    release_v1(runtime, scheduler_output())
+    runner.schedule([("long", 3), ("other", 1)])  # second chunk
+    write_v1(runtime, runner, torch.tensor([3, 4, 5, 4]))
+    assert runtime.slot_of("long") == slot
+    assert torch.equal(runtime.layers[1].steer_add[slot], rows)
+    assert runtime.token_slot[:3].tolist() == [slot] * 3
+    assert torch.equal(runtime.layers[1].capture_sum[slot], torch.ones(HIDDEN))  # not restarted
+    release_v1(runtime, scheduler_output(finished=["long", "other"]))
+    assert runtime.slots_in_use == 0
+    assert runtime.collect_captures(["chunked"])["chunked"].keys() == {1}
 
 
 def new_request(req_id: str, spec=None, prompt_len: int = 2):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_steer.resolve import ModelShape, Op, resolve
+from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve
 from vllm_steer.spec import SteeringError, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors import VectorRegistry
 
@@ -86,11 +86,17 @@ def test_model_errors_name_the_field(spec, field, fragment, registry):
     assert fragment in info.value.reason, info.value.reason
 
 
-def test_request_size_limit_names_the_setting(registry):
-    shape = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=2, max_request_vectors=3)
+def test_request_size_limit_counts_operations_and_names_the_setting(registry):
+    shape = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=2, max_request_ops=3)
     spec = {"vectors": [{"name": "eiffel", "layers": [1]}] * 3, "features": [[2, 74457, 1.0]]}
-    with pytest.raises(SteeringError, match=r"4 vectors and features; this server allows at most 3 per request \(hf_overrides steering.max_request_vectors\)"):
+    with pytest.raises(SteeringError, match=r"4 steering operations; this server allows at most 3 per request. An operation is one vector or feature at one layer"):
         resolve(spec, shape, registry)
+    # One layered vector over four layers is four operations: refused once, at resolution,
+    # with the same message (it used to pass one count and fail a second one later).
+    registry.add("control", {layer: np.full(8, layer + 1.0, np.float32) for layer in range(4)})
+    with pytest.raises(SteeringError, match=r"4 steering operations.*a layered vector counts once per layer it steers \(hf_overrides steering.max_request_ops\)"):
+        resolve({"vectors": [{"name": "control"}]}, shape, registry)
+    assert len(resolve({"vectors": [{"name": "control", "layers": [0, 1, 2]}]}, shape, registry).ops) == 3
 
 
 def test_layer_not_steerable_says_which_are(registry):
@@ -156,16 +162,19 @@ def test_fingerprint_is_content_not_name(registry):
     assert other_scale.fingerprint != after.fingerprint
 
 
-def test_wire_form_resolves_to_the_same_ops_after_a_rename(registry):
+def test_wire_form_decodes_to_the_same_ops_and_vectors_after_the_name_moves(registry):
     resolved = resolve(
         {"vectors": [{"name": "eiffel", "layers": [1]}, {"vector": vec(3), "layers": [2], "mode": "clamp"}], "apply_to": "generated"},
         SHAPE,
         registry,
     )
+    before = resolved.arrays(registry)
     registry.add("eiffel", np.ones(8, np.float32), replace=True)  # the name moves on
-    again = resolve(resolved.wire(), SHAPE, registry)
+    again = ResolvedSteering.from_wire(resolved.to_wire())
     assert again == resolved and again.fingerprint == resolved.fingerprint
     assert again.inline.keys() == resolved.inline.keys()
+    after = again.arrays(registry)  # the replaced content is retired, still held for this request
+    assert after.keys() == before.keys() and all(after[d].tobytes() == before[d].tobytes() for d in before)
 
 
 def test_replacing_needs_replace_and_keeps_old_content():
@@ -175,9 +184,41 @@ def test_replacing_needs_replace_and_keeps_old_content():
         registry.add("v", np.zeros(4, np.float32))
     new = registry.add("v", np.full(4, 2, np.float32), replace=True)
     assert new != old and registry.digest_of("v") == new
-    assert registry.digest_of(old) == old  # in-flight requests still resolve
+    assert registry.array(old).tolist() == [1.0] * 4  # requests accepted before still get it
+    assert registry.digest_of(old) is None  # but no new request can name the replaced content
     registry.remove("v")
-    assert registry.digest_of("v") is None
+    assert registry.digest_of("v") is None and registry.digest_of(new) is None
+
+
+def test_registry_frees_content_no_name_references():
+    registry = VectorRegistry(retired_limit=8)
+    shared = np.ones(4, np.float32)
+    registry.add("keep", shared)
+    for index in range(500):
+        registry.add(f"v{index % 3}", np.full(4, index, np.float32), replace=True)
+        registry.add("twin", shared, replace=True)  # same content as "keep": held once
+        if index % 2:
+            registry.remove(f"v{index % 3}")
+    sizes = registry.content_size()
+    assert sizes["live"] <= 4 and sizes["retired"] <= 8, sizes
+    registry.remove("twin")
+    assert registry.digest_of("keep") is not None and registry.array(registry.digest_of("keep")).tolist() == [1.0] * 4
+
+
+def test_features_read_on_demand_are_a_bounded_cache():
+    class Source:
+        layer, num_features, description = 1, 10_000, "test"
+
+        def feature(self, feature_id):
+            return np.full(4, feature_id + 1, np.float32)
+
+    registry = VectorRegistry(on_demand_limit=16)
+    registry.add_feature_source(Source())
+    digests = [registry.feature_digest(1, feature_id) for feature_id in range(200)]
+    assert registry.content_size()["on_demand"] == 16
+    assert registry.array(digests[-1]).tolist() == [200.0] * 4
+    assert registry.is_on_demand(digests[-1])
+    assert registry.feature_digest(1, 0) == digests[0]  # read again once evicted
 
 
 def test_layered_vector_steers_its_own_layers_with_their_own_directions(registry):

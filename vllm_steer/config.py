@@ -27,8 +27,9 @@ class SteeringConfig(BaseModel):
     sae: tuple[str, ...] = ()
     # Clamp/ablate directions one request may use per layer; 0 skips that math entirely.
     max_directions: int = Field(default=4, ge=0, le=64)
-    # Vectors plus features one request may name (bounds its size and admission work).
-    max_request_vectors: int = Field(default=64, ge=1)
+    # Operations one request may ask for: one per vector or feature per layer it steers
+    # (a layered vector counts once per layer). Bounds a request's size and admission work.
+    max_request_ops: int = Field(default=256, ge=1)
     # Allocate capture buffers, so requests may record the residual stream at steerable
     # layers (extraction). Costs one index_add per steerable layer per step.
     capture: bool = False
@@ -57,7 +58,7 @@ class SteeringConfig(BaseModel):
             hidden_size=hf_config.hidden_size,
             steerable_layers=self.steerable_layers(hf_config.num_hidden_layers),
             max_directions=self.max_directions,
-            max_request_vectors=self.max_request_vectors,
+            max_request_ops=self.max_request_ops,
         )
 
     def load_registry(self):
@@ -74,10 +75,28 @@ class SteeringConfig(BaseModel):
         return tuple(sorted(set(self.layers)))
 
 
-def hf_overrides(**steering: Any) -> dict[str, Any]:
-    """The ``hf_overrides`` that select the steered architecture with these settings."""
+def hf_overrides(user_overrides: dict[str, Any] | None = None, **steering: Any) -> dict[str, Any]:
+    """The ``hf_overrides`` that select the steered architecture with these settings, merged
+    with a caller's own ``hf_overrides`` (its ``steering`` dict merged key by key). A key set
+    both ways to different values is refused: one of them would be dropped silently."""
     settings = SteeringConfig(**steering).model_dump(exclude_defaults=True)
     overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
-    if settings:
-        overrides["steering"] = settings
-    return overrides
+    user = dict(user_overrides or {})
+    user_settings = dict(user.pop("steering", None) or {})
+    for key, value in user_settings.items():
+        if key in settings and _plain(settings[key]) != _plain(value):
+            raise ValueError(
+                f"hf_overrides['steering'][{key!r}] = {value!r} conflicts with the {key} argument ({settings[key]!r}): give it once"
+            )
+    if "architectures" in user and list(user["architectures"]) != overrides["architectures"]:
+        raise ValueError(f"hf_overrides['architectures'] = {user['architectures']!r}: steering needs {overrides['architectures']!r}")
+    merged = {**settings, **user_settings}
+    if merged:
+        SteeringConfig.model_validate(merged)  # an unknown or bad key fails here, naming itself
+        overrides["steering"] = merged
+    return {**user, **overrides}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (JSON has only lists)."""
+    return list(value) if isinstance(value, (tuple, list)) else value

@@ -1,38 +1,44 @@
-"""Front-end side: validate, resolve and salt every request's steering before it is queued.
+"""Front-end side: resolve, check and salt every request's steering, once, before it is queued.
 
 Every entry path (the offline ``LLM``, the OpenAI server, raw ``extra_args``, pre-built
 ``EngineCoreRequest``s) hands each request once to ``InputProcessor.assign_request_id``
-before queueing it, so the plugin wraps that. For a request with
-``extra_args["steering"]`` it
-1. resolves the spec against the model and the front end's vector registry (a bad spec
-   raises a 400-class ``VLLMValidationError`` naming the field, before the engine sees it);
-2. replaces it with the resolved spec (vectors by digest), so the worker applies exactly
-   what was validated, even if a name is re-registered meanwhile;
-3. folds the spec's content fingerprint into ``cache_salt``: vLLM's prefix-cache hashes
-   cover the salt but not ``extra_args``, so without this a steered request's KV blocks
-   would be reused by unsteered or differently steered requests with the same prompt.
+before queueing it; the plugin wraps that call (``touchpoints.py``) with ``prepare_request``.
+For a request with ``extra_args["steering"]`` it
+1. resolves the spec against the model and the front end's registry (a bad spec raises a
+   400-class ``VLLMValidationError`` naming the field, before the engine sees it). The
+   server's middleware has resolved it already, to answer errors and send the fingerprint
+   header; it hands the result on *sealed* (HMAC with this process's key), so it is
+   decoded here, not resolved again;
+2. replaces it with the resolved wire form (vectors by digest), which workers only decode:
+   they apply exactly what was validated, even if a name is re-registered meanwhile;
+3. folds the spec's cache namespace into ``cache_salt``: vLLM's prefix-cache hashes cover
+   the salt but not ``extra_args``, so without this a steered request's KV blocks would be
+   reused by unsteered or differently steered requests with the same prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
+import secrets
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from vllm.exceptions import VLLMValidationError
-
+from vllm_steer import control, touchpoints
 from vllm_steer.config import ARCHITECTURE, SteeringConfig
 from vllm_steer.resolve import ResolvedSteering, check_layer, resolve
 from vllm_steer.spec import DIGEST_PREFIX, CaptureSpec, SteeringError, parse_capture
+from vllm_steer.touchpoints import VLLMValidationError
 from vllm_steer.vectors.registry import Vector
 from vllm_steer.vectors.store import RegistryStore
 
 SALT_PREFIX = "vllm-steer:"
+SEAL_PREFIX = "vllm-steer-sealed:"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 logger = logging.getLogger("vllm_steer")
 
@@ -50,11 +56,11 @@ class SteeringRequestError(VLLMValidationError, SteeringError):
         return Exception.__str__(self)
 
 
-def steering_salt(fingerprint: str, user_salt: str | None) -> str:
-    """The cache namespace of a steered request: its content, plus any salt of the user's."""
+def steering_salt(namespace: str, user_salt: str | None) -> str:
+    """The cache salt of a steered request: its steering's namespace, plus any salt of the user's."""
     if user_salt is None:
-        return SALT_PREFIX + fingerprint
-    return SALT_PREFIX + hashlib.sha256(f"{fingerprint}\0{user_salt}".encode()).hexdigest()[:32]
+        return SALT_PREFIX + namespace
+    return SALT_PREFIX + hashlib.sha256(f"{namespace}\0{user_salt}".encode()).hexdigest()[:32]
 
 
 class SteeringFrontend:
@@ -66,6 +72,7 @@ class SteeringFrontend:
         self.shape = self.settings.model_shape(hf_config)
         self.registry = self.settings.load_registry()
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
+        self._seal_key = secrets.token_bytes(32)
         self.refresh()
 
     def refresh(self) -> None:
@@ -73,8 +80,26 @@ class SteeringFrontend:
             self.store.refresh(self.registry)
 
     def resolve(self, spec: Any) -> ResolvedSteering | None:
+        """Validate a user's spec (dict, JSON text or SteeringSpec); None when it changes nothing."""
         self.refresh()
         return resolve(spec, self.shape, self.registry)
+
+    # ---- the middleware's hand-off to prepare_request (same process) ---------------------
+    def seal(self, resolved: ResolvedSteering) -> str:
+        wire = resolved.to_wire()
+        return f"{SEAL_PREFIX}{self._mac(wire)}:{wire}"
+
+    def accept(self, value: Any) -> ResolvedSteering | None:
+        """A sealed resolved spec is decoded; anything else is a user's spec and is resolved."""
+        if isinstance(value, str) and value.startswith(SEAL_PREFIX):
+            mac, _, wire = value.removeprefix(SEAL_PREFIX).partition(":")
+            if not hmac.compare_digest(mac, self._mac(wire)):
+                raise SteeringError("a sealed spec must come from this server's own front end; send the spec itself")
+            return ResolvedSteering.from_wire(wire)
+        return self.resolve(value)
+
+    def _mac(self, wire: str) -> str:
+        return hmac.new(self._seal_key, wire.encode(), hashlib.sha256).hexdigest()
 
     def check_capture(self, value: Any) -> CaptureSpec:
         capture = parse_capture(value)
@@ -85,6 +110,11 @@ class SteeringFrontend:
         return capture
 
     # ---- registry changes: check, then (after the workers have it) commit ---------------
+    def registration(self, name: str, vector: Any, *, replace: bool, source: str) -> control.Registration:
+        """Check a registry change (a SteeringError names what is wrong); the caller sends its
+        ``worker_call`` to the workers and then commits it."""
+        return control.Registration(self, name, self.check_vector(name, vector, replace), replace, source)
+
     def check_vector(self, name: str, vector: Any, replace: bool) -> Vector:
         """A vector (or ``{layer: vector}``) fit for this model as float32, or a SteeringError."""
         self.refresh()
@@ -119,7 +149,8 @@ class SteeringFrontend:
         logger.info("steering registry: %s %r = %s (%s)", "replaced" if replace else "added", name, digest, source)
         return digest
 
-    def remove_vector(self, name: str) -> None:
+    def remove_vector(self, name: str) -> control.WorkerCall:
+        """Delete a name here (KeyError when unknown); send the returned call to the workers."""
         self.refresh()
         if name not in self.registry:
             raise KeyError(name)
@@ -127,6 +158,7 @@ class SteeringFrontend:
         if self.store is not None:
             self.store.delete(name)
         logger.info("steering registry: deleted %r", name)
+        return control.remove_vector(name)
 
 
 _LOCK = threading.Lock()
@@ -139,11 +171,16 @@ def frontend_of(input_processor: Any) -> SteeringFrontend | None:
         with _LOCK:
             frontend = getattr(input_processor, "_vllm_steer", None)
             if frontend is None:
-                hf_config = input_processor.model_config.hf_config
+                hf_config = touchpoints.served_hf_config(input_processor)
                 steerable = ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
                 frontend = SteeringFrontend(hf_config) if steerable else False
                 input_processor._vllm_steer = frontend
     return frontend or None
+
+
+def on_new_request(input_processor: Any, request: Any) -> None:
+    """The front-end hook (``touchpoints.wrap_assign_request_id``)."""
+    prepare_request(frontend_of(input_processor), request)
 
 
 def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
@@ -168,30 +205,18 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
             extra["steering_capture"] = frontend.check_capture(extra["steering_capture"]).model_dump_json()
             # Every captured token must be computed, not read from the prefix cache.
             params.skip_reading_prefix_cache = True
-        resolved = frontend.resolve(extra["steering"]) if "steering" in extra else None
+        resolved = frontend.accept(extra["steering"]) if "steering" in extra else None
     except SteeringError as exc:
         raise SteeringRequestError(exc) from None
     if resolved is not None:
-        extra["steering"] = resolved.wire()
-        request.cache_salt = steering_salt(resolved.fingerprint, request.cache_salt)
+        extra["steering"] = resolved.to_wire()
+        request.cache_salt = steering_salt(resolved.cache_namespace(prompt_length(request)), request.cache_salt)
     else:  # nothing to apply: the request is unsteered, and shares its cache
         extra.pop("steering", None)
     params.extra_args = extra or None
 
 
-def install() -> None:
-    """Wrap ``InputProcessor.assign_request_id``: the one call every entry path makes exactly
-    once per request, after the request is built (pre-built EngineCoreRequests included)."""
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    original = InputProcessor.__dict__["assign_request_id"]
-    if getattr(original, "_vllm_steer", False):
-        return
-    assign = original.__func__ if isinstance(original, staticmethod) else original
-
-    def assign_request_id(self, request):
-        prepare_request(frontend_of(self), request)
-        return assign(request)
-
-    assign_request_id._vllm_steer = True
-    InputProcessor.assign_request_id = assign_request_id
+def prompt_length(request: Any) -> int:
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    return int(request.prompt_embeds.shape[0])

@@ -97,8 +97,7 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
 
         from vllm_steer import runners
 
-        runners.install_v1_writer()
-        runners.install_worker_rpc()
+        runners.install_worker_hooks()
 
     @classmethod
     def get_model_state_cls(cls):

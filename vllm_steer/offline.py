@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from vllm_steer import control
 from vllm_steer.config import hf_overrides
 from vllm_steer.frontend import SteeringFrontend, frontend_of
 from vllm_steer.spec import SteeringSpec
 from vllm_steer.vectors import absolute_source
-from vllm_steer.vectors.registry import vector_to_wire
 
 SpecLike = SteeringSpec | dict[str, Any] | str | None
 
@@ -62,13 +62,13 @@ class SteeredLLM:
         from vllm import LLM
 
         overrides = hf_overrides(
+            llm_kwargs.pop("hf_overrides", None),
             vector_files=tuple(absolute_source(p) for p in vectors),
             sae=tuple(absolute_source(p) for p in sae),
             max_directions=max_directions,
             layers=None if steerable_layers is None else tuple(steerable_layers),
             capture=capture,
         )
-        overrides.update(llm_kwargs.pop("hf_overrides", None) or {})
         self.llm = LLM(model=str(model), hf_overrides=overrides, **llm_kwargs)
         self.cfg = {**NOTEBOOK_CFG, **(cfg or {})}
 
@@ -86,13 +86,12 @@ class SteeredLLM:
     def register_vector(self, name: str, vector: Any, *, replace: bool = False, source: str = "inline") -> str:
         """Add or replace a named vector (one vector, or ``{layer: vector}``) on the front end
         and every worker; returns its digest. Requests already accepted keep what they had."""
-        vector = self.frontend.check_vector(name, vector, replace)
-        self.llm.collective_rpc("steering_rpc", args=("add_vector", name, vector_to_wire(vector), True, source))
-        return self.frontend.commit_vector(name, vector, source=source, replace=replace)
+        registration = self.frontend.registration(name, vector, replace=replace, source=source)
+        control.send(self.llm, registration.worker_call)
+        return registration.commit()
 
     def remove_vector(self, name: str) -> None:
-        self.frontend.remove_vector(name)
-        self.llm.collective_rpc("steering_rpc", args=("remove_vector", name))
+        control.send(self.llm, self.frontend.remove_vector(name))
 
     def export_vectors(self, names: Sequence[str], path: str | Path, **options: Any) -> None:
         """Save registered vectors to ``.safetensors``, ``.gguf`` (llama.cpp control vector) or ``.pt``."""
@@ -101,8 +100,9 @@ class SteeredLLM:
         export_vectors(self.frontend.registry, list(names), path, **options)
 
     def steering_stats(self) -> list[dict[str, Any]]:
-        """Per worker: the model runner in use, steering slots in use, vectors loaded."""
-        return self.llm.collective_rpc("steering_rpc", args=("stats",))
+        """Per worker: the model runner in use, steering slots in use, vectors and arrays held,
+        requests whose steering could not be applied, and the per-step config histogram."""
+        return control.send(self.llm, control.stats())
 
     # ---- generation ---------------------------------------------------------------------
     def _params(self, sampling_params, count: int, steering: SpecLike | Sequence[SpecLike], captures=None) -> list:
@@ -162,7 +162,7 @@ class SteeredLLM:
         self.llm.generate(prompts, params, use_tqdm=use_tqdm)
         merged: dict[str, dict[int, np.ndarray]] = {key: {} for key in keys}
         # Tensor parallel ranks hold the same rows; pipeline ranks hold their own layers.
-        for worker in self.llm.collective_rpc("steering_rpc", args=("collect_captures", keys)):
+        for worker in control.send(self.llm, control.collect_captures(keys)):
             for key, rows in worker.items():
                 for layer, raw in rows.items():
                     merged[key].setdefault(int(layer), np.frombuffer(raw, dtype="<f4").copy())

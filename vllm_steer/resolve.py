@@ -1,9 +1,11 @@
-"""Spec -> concrete operations on concrete vectors, checked against the model.
+"""Spec -> concrete operations on concrete vectors, checked against the model: once, at
+the front end.
 
-Runs in the front end (to validate, fingerprint and salt the prefix cache) and again in the
-worker (to build slot rows). The front end sends the worker a *resolved* spec in which every
-vector is a ``sha256:`` reference or inline bytes, so both sides resolve to the same ops and
-a re-registered name can never change a request already accepted.
+``resolve`` validates a spec against the model's shape and the front end's registry and
+returns a ``ResolvedSteering``: every vector a ``sha256:`` digest (or inline bytes for
+vectors no other process holds). Its wire form (``to_wire``/``from_wire``) is what travels
+to the workers, which only decode it: a re-registered name can never change a request
+already accepted, and no check runs twice on two different forms.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from vllm_steer.spec import FLOAT32_MAX, ApplyTo, Mode, SteeringError, SteeringSpec, encode_b64, parse_spec, vector_digest
+from vllm_steer.spec import FLOAT32_MAX, ApplyTo, Mode, SteeringError, SteeringSpec, decode_b64, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors.registry import VectorRegistry, feature_name
 
 
@@ -29,7 +31,7 @@ class ModelShape:
     hidden_size: int
     steerable_layers: tuple[int, ...]
     max_directions: int
-    max_request_vectors: int = 64  # vectors and features in one spec
+    max_request_ops: int = 256  # (vector, layer) operations in one spec
 
 
 @dataclass(frozen=True)
@@ -63,21 +65,31 @@ class ResolvedSteering:
         """Identifies the steering by content: equal fingerprints steer identically."""
         return hashlib.sha256(self.canonical.encode()).hexdigest()[:32]
 
+    def cache_namespace(self, prompt_len: int) -> str:
+        """What a request's KV blocks depend on. A phase-limited spec steers positions by
+        where the prompt ends, so the same tokens cached under another prompt length (the
+        next turn of a chat, whose prompt holds this turn's answer) were steered differently."""
+        return self.fingerprint if self.apply_to == "all" else f"{self.fingerprint}@{prompt_len}"
+
     def arrays(self, registry: VectorRegistry) -> dict[str, np.ndarray]:
         """digest -> float32 vector for every op (inline ones first, then the registry's)."""
         return {op.digest: self.inline[op.digest] if op.digest in self.inline else registry.array(op.digest) for op in self.ops}
 
-    def wire(self) -> str:
-        """A spec (JSON) that resolves to exactly these ops on any registry holding the digests."""
-        vectors = []
-        for op in self.ops:
-            entry: dict = {"layers": [op.layer], "scale": op.coeff, "mode": op.mode, "normalize": op.normalize}
-            if op.digest in self.inline:
-                entry["vector_b64"] = encode_b64(self.inline[op.digest])
-            else:
-                entry["name"] = op.digest
-            vectors.append(entry)
-        return json.dumps({"vectors": vectors, "apply_to": self.apply_to}, separators=(",", ":"))
+    def to_wire(self) -> str:
+        """The form the workers receive (JSON): ops by digest, inline vectors as base64."""
+        body = {
+            "apply_to": self.apply_to,
+            "ops": [[op.layer, op.mode, op.digest, op.coeff, op.normalize] for op in self.ops],
+            "inline": {digest: encode_b64(array) for digest, array in self.inline.items()},
+        }
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def from_wire(cls, text: str) -> ResolvedSteering:
+        """Decode ``to_wire``'s output. No validation: the front end resolved it."""
+        body = json.loads(text)
+        ops = tuple(Op(int(layer), mode, digest, float(coeff), bool(normalize)) for layer, mode, digest, coeff, normalize in body["ops"])
+        return cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()})
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
@@ -88,12 +100,8 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
 def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> ResolvedSteering | None:
     """Validate against the model and registry. None when the spec changes nothing."""
     spec: SteeringSpec = parse_spec(spec_value)
-    count = len(spec.vectors) + len(spec.features)
-    if count > shape.max_request_vectors:
-        raise SteeringError(
-            f"{count} vectors and features; this server allows at most {shape.max_request_vectors} per request "
-            "(hf_overrides steering.max_request_vectors)"
-        )
+    # Every entry steers at least one layer: refuse an oversized spec before expanding it.
+    _check_op_count(len(spec.vectors) + len(spec.features), shape)
     ops: list[Op] = []
     inline: dict[str, np.ndarray] = {}
 
@@ -120,12 +128,13 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         if digest is None:
             raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
         _check_vector(registry.array(digest), True, shape, where)
-        if digest in registry.on_demand:
+        if registry.is_on_demand(digest):
             inline[digest] = registry.array(digest)
         effective = strength * layer if spec.use_reduced_strengths else strength
         _check_magnitude(spec.scale * effective, 1.0, where)
         ops.append(Op(layer, mode, digest, spec.scale * effective, True))
 
+    _check_op_count(len(ops), shape)
     directions = Counter(op.layer for op in ops if op.mode != "add")
     for layer, count in sorted(directions.items()):
         if count > shape.max_directions:
@@ -164,6 +173,15 @@ def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray
             raise SteeringError(f"{entry.name!r} has directions for layers {list(own_layers)}, none for layer {layer}", layer_field)
         found.append((layer, layer_field, digest, f"{where}.name"))
     return found
+
+
+def _check_op_count(count: int, shape: ModelShape) -> None:
+    if count > shape.max_request_ops:
+        raise SteeringError(
+            f"{count} steering operations; this server allows at most {shape.max_request_ops} per request. "
+            "An operation is one vector or feature at one layer: a layered vector counts once per layer it steers "
+            "(hf_overrides steering.max_request_ops)"
+        )
 
 
 def check_layer(layer: int, shape: ModelShape, where: str) -> None:

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from vllm_steer.capture import CaptureTables
-from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve, unit
-from vllm_steer.spec import parse_capture
+from vllm_steer.control import WORKER_OPS
+from vllm_steer.resolve import ModelShape, ResolvedSteering, unit
+from vllm_steer.spec import CaptureSpec
 from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
 
 NEVER = torch.iinfo(torch.int64).max
-# Histogram bounds for "distinct steering configs in a step" (exported as a metric).
+# Histogram bounds for "distinct steering configs among the admitted requests, per step".
 STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -81,6 +82,8 @@ class SteeringRuntime:
         self._slot_of: dict[str, int] = {}
         self._layers_of: dict[int, tuple[int, ...]] = {}
         self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
+        # Requests that asked for steering or capture and run without it (see admit).
+        self.unapplied = 0
         # Observability: the steering config (fingerprint) of each slot, and per-step counts.
         self._config_of: dict[int, str] = {}
         self._live_configs: Counter[str] = Counter()
@@ -90,8 +93,9 @@ class SteeringRuntime:
     # ---- admission -------------------------------------------------------------------
     def admit(self, req_id: str, sampling_params: Any, prompt_len: int) -> int:
         """Give ``req_id`` a slot holding its steering (and capture); 0 when it has neither.
-        Never raises: an exception here would kill the engine, so a spec the worker cannot
-        apply degrades to no steering, logged."""
+        Never raises: an exception here would kill the engine. A request whose steering
+        cannot be applied (no slot free, its vector no longer held) runs without it,
+        logged and counted in ``unapplied``."""
         self.release(req_id)
         extra = getattr(sampling_params, "extra_args", None) or {}
         slot = 0
@@ -99,22 +103,32 @@ class SteeringRuntime:
             try:
                 slot = self._admit(extra, prompt_len)
             except Exception as exc:  # noqa: BLE001 - see docstring
+                self.unapplied += 1
                 logger.warning("request %s runs unsteered: its steering could not be applied: %s", req_id, exc)
         self._slot_of[req_id] = slot
         return slot
 
     def _admit(self, extra: dict, prompt_len: int) -> int:
-        resolved = resolve(extra["steering"], self.shape, self.registry) if "steering" in extra else None
-        capture = parse_capture(extra["steering_capture"]) if "steering_capture" in extra else None
+        # The front end resolved and checked both: here they are only decoded.
+        resolved = ResolvedSteering.from_wire(extra["steering"]) if "steering" in extra else None
+        capture = CaptureSpec.model_validate_json(extra["steering_capture"]) if "steering_capture" in extra else None
         if capture is not None and self.capture is None:
             raise ValueError("capture is off on this engine (hf_overrides steering.capture)")
-        if resolved is None and capture is None:
-            return 0
+        rows = build_rows(resolved, resolved.arrays(self.registry), self.shape.hidden_size) if resolved else {}
         if not self._free:
             raise RuntimeError(f"all {self.num_slots - 1} steering slots are in use")
-        rows = build_rows(resolved, resolved.arrays(self.registry), self.shape.hidden_size) if resolved else {}
         slot = self._free.pop()
+        try:
+            self._fill(slot, rows, resolved, capture, prompt_len)
+        except BaseException:
+            self._clear(slot)
+            self._free.append(slot)
+            raise
+        return slot
+
+    def _fill(self, slot: int, rows: dict[int, LayerRows], resolved: ResolvedSteering | None, capture: CaptureSpec | None, prompt_len: int) -> None:
         local = tuple(layer for layer in rows if layer in self.layers)
+        self._layers_of[slot] = local
         for index in local:
             table, layer_rows = self.layers[index], rows[index]
             table.steer_add[slot] = layer_rows.add
@@ -124,31 +138,35 @@ class SteeringRuntime:
         lo, hi = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
         self.phase_lo[slot] = lo
         self.phase_hi[slot] = hi
-        self._layers_of[slot] = local
         if capture is not None:
             self.capture.start(slot, capture, prompt_len)
         if resolved is not None:
             self._config_of[slot] = resolved.fingerprint
             self._live_configs[resolved.fingerprint] += 1
-        return slot
 
     def release(self, req_id: str) -> None:
         slot = self._slot_of.pop(req_id, 0)
         if slot == 0:
             return
-        if self.capture is not None:
-            self.capture.finish(slot)
+        try:
+            if self.capture is not None:
+                self.capture.finish(slot)
+        finally:
+            self._clear(slot)
+            self._free.append(slot)
+
+    def _clear(self, slot: int) -> None:
+        """Zero a slot's rows and forget its bookkeeping."""
         config = self._config_of.pop(slot, None)
         if config is not None:
             self._live_configs[config] -= 1
             if not self._live_configs[config]:
                 del self._live_configs[config]
-        for index in self._layers_of.pop(slot):
+        for index in self._layers_of.pop(slot, ()):
             table = self.layers[index]
             table.steer_add[slot] = 0
             table.steer_dirs[:, slot] = 0
             table.steer_target[:, slot] = 0
-        self._free.append(slot)
 
     def slot_of(self, req_id: str) -> int | None:
         return self._slot_of.get(req_id)
@@ -192,22 +210,28 @@ class SteeringRuntime:
         if self.capture is not None:
             self.capture.clear(num_tokens)
 
-    # ---- control plane (collective_rpc) --------------------------------------------------
+    # ---- control plane (control.py's WORKER_OPS, over collective_rpc) ---------------------
     def rpc(self, op: str, *args: Any) -> Any:
-        if op == "add_vector":
-            name, raw, replace, source = args
-            return self.registry.add(name, vector_from_wire(raw), replace=replace, source=source)
-        if op == "remove_vector":
-            if args[0] in self.registry:
-                self.registry.remove(args[0])
-            return None
-        if op == "collect_captures":
-            return self.capture.collect(args[0]) if self.capture is not None else {}
-        if op == "stats":
-            return {
-                "runner": self.runner,
-                "slots_in_use": self.slots_in_use,
-                "vectors": len(self.registry),
-                "step_distinct_configs": {"counts": list(self._step_counts), "sum": self._step_sum},
-            }
-        raise ValueError(f"unknown steering rpc {op!r}")
+        if op not in WORKER_OPS:
+            raise ValueError(f"unknown steering operation {op!r}; known: {', '.join(WORKER_OPS)}")
+        return getattr(self, op)(*args)
+
+    def add_vector(self, name: str, raw: Any, source: str) -> str:
+        return self.registry.add(name, vector_from_wire(raw), replace=True, source=source)
+
+    def remove_vector(self, name: str) -> None:
+        if name in self.registry:
+            self.registry.remove(name)
+
+    def collect_captures(self, keys: list[str]) -> dict:
+        return self.capture.collect(keys) if self.capture is not None else {}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "runner": self.runner,
+            "slots_in_use": self.slots_in_use,
+            "vectors": len(self.registry),
+            "arrays": self.registry.content_size(),
+            "unapplied_requests": self.unapplied,
+            "step_distinct_configs": {"counts": list(self._step_counts), "sum": self._step_sum},
+        }

@@ -1,44 +1,52 @@
 """Steering metrics on vLLM's ``/metrics``.
 
-Front-end counters are counted where requests pass. What happens per engine step (how many
-distinct steering configs share it) is counted by each worker in a fixed-bucket histogram,
-and polled from the workers every few seconds.
+Front-end counters are counted where requests pass. What the workers see (how many distinct
+steering configs the admitted requests of each step hold, in a fixed-bucket histogram; how
+many requests ran without the steering they asked for) is counted by each worker and polled
+from worker 0 every few seconds.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from vllm_steer.slots import STEP_BUCKETS
 
 
-class _WorkerStepCollector:
+class _WorkerCollector:
+    """Metrics counted by worker 0, from its latest stats."""
+
     def __init__(self) -> None:
-        self.snapshot: dict | None = None
+        self.stats: dict | None = None
 
     def collect(self):
-        family = HistogramMetricFamily(
+        steps = HistogramMetricFamily(
             "vllm_steer_step_distinct_configs",
-            "Distinct steering configs among the requests of an engine step (worker 0)",
+            "Distinct steering configs among the admitted steered requests, per engine step (worker 0)",
         )
-        if self.snapshot is not None:
-            counts, running = self.snapshot["counts"], 0
-            buckets = []
-            for bound, count in zip([*map(str, STEP_BUCKETS), "+Inf"], counts):
+        unapplied = CounterMetricFamily(
+            "vllm_steer_unapplied_requests",
+            "Requests that asked for steering or capture and ran without it (worker 0; see the README)",
+        )
+        if self.stats is not None:
+            snapshot, running, buckets = self.stats["step_distinct_configs"], 0, []
+            for bound, count in zip([*map(str, STEP_BUCKETS), "+Inf"], snapshot["counts"]):
                 running += count
                 buckets.append((bound, running))
-            family.add_metric([], buckets, self.snapshot["sum"])
-        yield family
+            steps.add_metric([], buckets, snapshot["sum"])
+            unapplied.add_metric([], self.stats["unapplied_requests"])
+        yield steps
+        yield unapplied
 
 
 class SteeringMetrics:
     _instance: SteeringMetrics | None = None
 
     def __init__(self) -> None:
-        from vllm.v1.metrics.prometheus import get_prometheus_registry
+        from vllm_steer.touchpoints import prometheus_registry
 
-        registry = get_prometheus_registry()
+        registry = prometheus_registry()
         self.requests_total = Counter(
             "vllm_steer_requests", "Generation requests by steering", ["steering"], registry=registry
         )
@@ -49,8 +57,8 @@ class SteeringMetrics:
         self.slots_in_use = Gauge(
             "vllm_steer_slots_in_use", "Steering slots held by running requests (worker 0)", registry=registry, multiprocess_mode="max"
         )
-        self.steps = _WorkerStepCollector()
-        registry.register(self.steps)
+        self.workers = _WorkerCollector()
+        registry.register(self.workers)
 
     @classmethod
     def get(cls) -> SteeringMetrics:
@@ -67,4 +75,4 @@ class SteeringMetrics:
 
     def worker_stats(self, stats: dict) -> None:
         self.slots_in_use.set(stats["slots_in_use"])
-        self.steps.snapshot = stats["step_distinct_configs"]
+        self.workers.stats = stats

@@ -1,12 +1,14 @@
-"""The ``steering`` field on vLLM's generation endpoints.
+"""The ``steering`` field on vLLM's generation endpoints, and the body limit.
 
 vLLM accepts unknown top-level request fields and drops them, and its ``vllm_xargs`` holds
 only flat values. This ASGI middleware runs before vLLM parses the body: it takes the
-``steering`` field (or ``vllm_xargs.steering``), validates it against the served model and
-the registry, and hands vLLM the resolved spec as ``vllm_xargs.steering`` (a JSON string).
-A bad spec is answered here with a 400 in vLLM's error shape, naming the field. Every
-response carries ``x-vllm-steer-fingerprint``: the applied steering's content fingerprint,
-or ``none``.
+``steering`` field (or ``vllm_xargs.steering``), resolves it against the served model and
+the registry (the only time it is resolved), and hands vLLM the result sealed for the
+front-end hook as ``vllm_xargs.steering`` (a string). A bad spec is answered here with a
+400 in vLLM's error shape, naming the field. Every response carries
+``x-vllm-steer-fingerprint``: the applied steering's content fingerprint, or ``none``.
+Bodies of the generation routes and of ``POST /v1/steering/*`` over ``max_body_bytes``
+get a 413.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_steer.spec import SteeringError
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+STEERING_PREFIX = "/v1/steering/"
 FINGERPRINT_HEADER = b"x-vllm-steer-fingerprint"
 
 
@@ -60,7 +63,9 @@ class SteeringFieldMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         state = getattr(getattr(scope.get("app"), "state", None), "vllm_steer", None)
-        if scope["type"] != "http" or scope.get("method") != "POST" or path not in GENERATION_PATHS or state is None:
+        generation = path in GENERATION_PATHS
+        limited = generation or path.startswith(STEERING_PREFIX)
+        if scope["type"] != "http" or scope.get("method") != "POST" or not limited or state is None:
             await self.app(scope, receive, send)
             return
         limit = state.settings.max_body_bytes
@@ -70,6 +75,9 @@ class SteeringFieldMiddleware:
             await send_error(send, 413, f"request body exceeds {limit} bytes (hf_overrides steering.max_body_bytes)", None, "RequestEntityTooLarge")
             return
         except ConnectionResetError:
+            return
+        if not generation:
+            await self.app(scope, _replay(body, receive), send)
             return
         try:
             body, fingerprint = self._rewrite(body, state)
@@ -97,13 +105,13 @@ class SteeringFieldMiddleware:
         if spec is None:
             state.metrics.request(steered=False)
             return body, "none"
-        resolved = state.resolve(spec)
+        resolved = state.frontend.resolve(spec)
         state.metrics.request(steered=resolved is not None)
         if resolved is None:
             fingerprint = "none"
         else:
             xargs = xargs if isinstance(xargs, dict) else {}
-            xargs["steering"] = resolved.wire()
+            xargs["steering"] = state.frontend.seal(resolved)
             fingerprint = resolved.fingerprint
         if xargs:
             request["vllm_xargs"] = xargs

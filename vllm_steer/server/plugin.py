@@ -12,9 +12,9 @@ import logging
 from argparse import Namespace
 from typing import Any
 
+from vllm_steer import control
 from vllm_steer.frontend import SteeringFrontend, frontend_of
 from vllm_steer.server.metrics import SteeringMetrics
-from vllm_steer.vectors.registry import vector_to_wire
 
 logger = logging.getLogger("vllm_steer")
 POLL_SECONDS = 5.0
@@ -29,8 +29,8 @@ class ServerState:
         self.settings = frontend.settings
         self.metrics = metrics
 
-    def resolve(self, spec: Any):
-        return self.frontend.resolve(spec)
+    async def send(self, call: control.WorkerCall) -> list:
+        return await control.send_async(self.engine_client, call)
 
     async def push_stored_vectors(self) -> None:
         """Hand the workers the registry directory's vectors (a restarted server's included)."""
@@ -38,13 +38,12 @@ class ServerState:
         if store is None:
             return
         for name, entry in store.entries().items():
-            wire = vector_to_wire(store.load(name))
-            await self.engine_client.collective_rpc("steering_rpc", args=("add_vector", name, wire, True, entry["source"]))
+            await self.send(control.add_vector(name, store.load(name), entry["source"]))
 
     async def poll_workers(self) -> None:
         while True:
             try:
-                stats = await self.engine_client.collective_rpc("steering_rpc", args=("stats",))
+                stats = await self.send(control.stats())
                 self.metrics.worker_stats(stats[0])
                 self.frontend.refresh()
                 self.metrics.registry_vectors.set(len(self.frontend.registry))
@@ -99,7 +98,7 @@ class SteeringEndpoints:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         frontend = frontend_of(engine_client.input_processor) if engine_client is not None else None
         if frontend is None:
-            logger.warning("vllm_steer endpoints are idle: the served model is not SteeredLlamaForCausalLM")
+            logger.warning("vllm_steer endpoints are idle: the served model is not steerable")
             return
         server = ServerState(engine_client, frontend, SteeringMetrics.get())
         if frontend.store is None and getattr(args, "api_server_count", 1) and args.api_server_count > 1:

