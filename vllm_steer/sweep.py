@@ -1,8 +1,8 @@
 """The notebook's scale sweep, measured: concept inclusion and fluency against steering scale.
 
-    python launch.py sweep                                   # the demo model, toward "paris"
-    python launch.py sweep --vector ocean
-    python launch.py sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
+    vllm-steer sweep                                   # the demo model, toward "paris"
+    vllm-steer sweep --vector ocean
+    vllm-steer sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
         --features '[[11, 74457, 0.128], [19, 93, 0.459]]' --words eiffel,tower,paris \\
         --system "You are a helpful assistant." --repetition-penalty 1.2
 
@@ -366,7 +366,7 @@ def write_reports(result: SweepResult, out_dir: str | Path, stem: str = "sweep")
     return paths
 
 
-# ---- command line (launch.py sweep) ---------------------------------------------------------
+# ---- command line (vllm-steer sweep) -------------------------------------------------------
 GENERIC_PROMPTS = (
     "Who are you?",
     "Tell me a story.",
@@ -421,7 +421,7 @@ def _read_prompts(args, demo: bool) -> list[str]:
 
 
 def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequence[str] = (), **engine: Any) -> SweepResult:
-    """``launch.py sweep``: start the engine, sweep, write the reports, print the table."""
+    """``vllm-steer sweep``: start the engine, sweep, write the reports, print the table."""
     from vllm_steer import SteeredLLM
     from vllm_steer.demo.corpus import CONCEPT_WORDS
 

@@ -1,13 +1,13 @@
 """Server throughput and latency, steered vs unsteered: many concurrent streaming clients
-against ``launch.py serve`` on a local port, driven by vLLM's own benchmark client
+against ``vllm-steer serve`` on a local port, driven by vLLM's own benchmark client
 (``vllm.benchmarks.serve.benchmark``: its request functions, TTFT/TPOT/ITL accounting and
 percentiles), with steering added per request through the body's ``steering`` field
 (``SampleRequest.request_overrides``). Runs alternate (unsteered, steered, ...) against the
 one server; the report is the median of each metric per side and the steered/unsteered
 ratio of the throughputs.
 
-    python -m benchmarks.serving --model llama-1b --requests 32 --concurrency 16 --max-tokens 32
-    python -m benchmarks.serving --url http://127.0.0.1:8000 --served-model demo   # a running server
+    python -m vllm_steer.benchmarks.serving --model llama-1b --requests 32 --concurrency 16 --max-tokens 32
+    python -m vllm_steer.benchmarks.serving --url http://127.0.0.1:8000 --served-model demo   # a running server
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, launcher
+from vllm_steer.benchmarks import common, launcher
 
 PERCENTILES = [50.0, 90.0, 99.0]
 LATENCIES = ["ttft", "tpot", "itl", "e2el"]
@@ -32,7 +32,7 @@ THROUGHPUTS = ["request_throughput", "output_throughput", "total_token_throughpu
 
 def start_server(model: str, log: Path, *, dtype: str, max_num_seqs: int, max_model_len: int,
                  extra: Sequence[str] = (), timeout: float = 900) -> tuple[subprocess.Popen, str]:
-    """``launch.py serve`` for ``model``, sized for the benchmark; returns (process, url)."""
+    """``vllm-steer serve`` for ``model``, sized for the benchmark; returns (process, url)."""
     from transformers import AutoConfig
 
     import torch
@@ -137,7 +137,7 @@ def steering_counters(url: str, api_key: str | None = None) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", help="demo, tiny, small, llama-1b, a folder or a hub id")
-    parser.add_argument("--url", default=None, help="a running server (default: start launch.py serve)")
+    parser.add_argument("--url", default=None, help="a running server (default: start vllm-steer serve)")
     parser.add_argument("--served-model", default=None, help="the model name the running server answers to")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--dtype", default=None)

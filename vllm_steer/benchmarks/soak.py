@@ -4,8 +4,8 @@ streaming or not, some cancelled mid-stream. Then every completed greedy respons
 compared with the same request sent alone, the steering slots are counted (all must be
 free) and the server's memory is compared with its baseline.
 
-    python -m benchmarks.soak                      # starts `launch.py serve` (the demo) itself
-    python -m benchmarks.soak --url http://127.0.0.1:8000 --model demo --requests 500 --concurrency 64
+    python -m vllm_steer.benchmarks.soak                      # starts `vllm-steer serve` (the demo) itself
+    python -m vllm_steer.benchmarks.soak --url http://127.0.0.1:8000 --model demo --requests 500 --concurrency 64
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import common, launcher
+from vllm_steer.benchmarks import common, launcher
 
 PROMPTS = ["Tell me a story.", "Who are you?", "Tell me about the ocean.", "What should I cook tonight?", "Paris"]
 

@@ -1,6 +1,7 @@
-"""``launch.py serve`` as a child process, for the benchmarks, the soak and the tests: on a
+"""``vllm-steer serve`` as a child process, for the benchmarks, the soak and the tests: on a
 free local port, in its own process group (so stopping it stops its engine and workers too),
-returned once ``/health`` answers."""
+returned once ``/health`` answers. The child is ``python -m vllm_steer.cli serve`` with this
+interpreter, so it works from an installed package as from a checkout."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from vllm_steer.benchmarks.common import ROOT
 
 
 def free_port() -> int:
@@ -25,13 +26,13 @@ def free_port() -> int:
 
 def start_server(args: Sequence[str], log: Path, *, port: int | None = None,
                  timeout: float = 900) -> tuple[subprocess.Popen, str]:
-    """``launch.py serve ARGS --host 127.0.0.1 --port PORT``; returns (process, url).
+    """``vllm-steer serve ARGS --host 127.0.0.1 --port PORT``; returns (process, url).
     Raises with the end of the server's log when it exits or ``timeout`` passes first."""
     port = port or free_port()
-    command = [sys.executable, str(REPO / "launch.py"), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "vllm_steer.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while True:
@@ -46,8 +47,8 @@ def start_server(args: Sequence[str], log: Path, *, port: int | None = None,
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGTERM to the process group (its engine and workers too, even when ``launch.py``
-    itself has ended); SIGKILL when it has not ended within ``timeout``."""
+    """SIGTERM to the process group (its engine and workers too, even when the ``serve``
+    process itself has ended); SIGKILL when it has not ended within ``timeout``."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:

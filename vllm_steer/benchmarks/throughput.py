@@ -9,10 +9,10 @@ time around the base (largest batch, every request steered with its own vector o
 layer, add): one shared spec vs distinct configs, 1 layer vs every layer, add vs clamp,
 0/25/50/100% steered, batch size.
 
-    python -m benchmarks.throughput --model llama-1b --batches 1 8 32 --max-tokens 64
+    python -m vllm_steer.benchmarks.throughput --model llama-1b --batches 1 8 32 --max-tokens 64
 
-This runs the engine parts of ``python -m benchmarks.run`` (which adds the notebook baseline,
-the server and the report); every flag of ``benchmarks.run`` works here.
+This runs the engine parts of ``python -m vllm_steer.benchmarks.run`` (which adds the notebook
+baseline, the server and the report); every flag of ``vllm_steer.benchmarks.run`` works here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks import common
+from vllm_steer.benchmarks import common
 
 
 class Engine:
@@ -175,7 +175,7 @@ def run_stock(engine: Engine, batches: Sequence[int], prompts, max_tokens: int, 
 def main(argv: list[str] | None = None) -> None:
     import sys
 
-    from benchmarks import run
+    from vllm_steer.benchmarks import run
 
     run.main(["--parts", "engine,stock", *(sys.argv[1:] if argv is None else argv)])
 

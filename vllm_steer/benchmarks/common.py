@@ -19,9 +19,18 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache"
-RESULTS = REPO / "bench_results"
+
+def _root() -> Path:
+    """Where ``.cache/``, ``bench_results/`` and ``docs/`` are: the source checkout this
+    package runs from (an editable install, or ``python -m`` inside the repository), else the
+    working directory (an installed package)."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+ROOT = _root()
+CACHE = ROOT / ".cache"
+RESULTS = ROOT / "bench_results"
 
 SHAPES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)

@@ -4,7 +4,7 @@ generating the same prompts with the same steering and token counts as the engin
 (a) one chat at a time, as the notebook does, and
 (b) batched with left padding, every row with its own steering.
 
-    python -m benchmarks.notebook --model llama-1b --batch 8 --max-tokens 32 --chats 2
+    python -m vllm_steer.benchmarks.notebook --model llama-1b --batch 8 --max-tokens 32 --chats 2
 
 Both decode greedily without EOS stops and compute only the last position's logits (as
 ``transformers``' ``generate`` does), so they do the engine's work and no more. The hooks are
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from benchmarks import common
+from vllm_steer.benchmarks import common
 from vllm_steer.reference import ReferenceOutput, layer_ops
 from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve
 from vllm_steer.slots import NEVER, phase_bounds
@@ -195,12 +195,12 @@ def run_subprocess(model: str, *, dtype: str, batch: int, prompt_len: int, max_t
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "benchmarks.notebook", "--model", model, "--dtype", dtype, "--batch", str(batch),
+    command = [sys.executable, "-m", "vllm_steer.benchmarks.notebook", "--model", model, "--dtype", dtype, "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--max-tokens", str(max_tokens), "--chats", str(chats), "--out", str(out)]
     if threads:
         command += ["--threads", str(threads)]
     env = {**os.environ, **(MALLOC_ENV if tuned_malloc else {})}
-    subprocess.run(command, check=True, env=env, cwd=common.REPO)
+    subprocess.run(command, check=True, env=env, cwd=common.ROOT)
     report = json.loads(Path(out).read_text())
     report["malloc"] = MALLOC_ENV if tuned_malloc else "default"
     return report

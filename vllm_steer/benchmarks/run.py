@@ -2,17 +2,17 @@
 server, per model; writes a JSON report (every pass, the machine), a markdown table and PNG
 plots.
 
-    python -m benchmarks.run --quick                       # < 5 min on a 2-core CPU
-    python -m benchmarks.run                               # CPU: the demo model and a 1B-shaped one
-    python -m benchmarks.run --model meta-llama/Llama-3.1-8B-Instruct --dtype bfloat16   # a GPU
-    python launch.py bench --quick --docs                  # the same; --docs refreshes docs/bench_*
+    vllm-steer bench --quick            # < 5 min on a 2-core CPU (= python -m vllm_steer.benchmarks.run --quick)
+    vllm-steer bench                    # CPU: the demo model and a 1B-shaped one
+    vllm-steer bench --model meta-llama/Llama-3.1-8B-Instruct --dtype bfloat16   # a GPU
+    vllm-steer bench --quick --docs     # --docs also refreshes docs/bench_*
 
 Parts (``--parts``, all by default):
   engine    scenarios on one steered engine per model, alternating unsteered/steered passes
   stock     stock vLLM (no steerable layers) on the same prompts: the cost of the steerable
             architecture itself, and peak RSS with steering off (separate engine, not alternated)
   notebook  transformers + forward hooks: one chat at a time, and batched with left padding
-  server    ``launch.py serve`` + vLLM's benchmark client, unsteered vs steered
+  server    ``vllm-steer serve`` + vLLM's benchmark client, unsteered vs steered
 Models: ``demo`` (the bundled demo model; the tiny model until it is there), ``tiny``,
 ``small``, ``llama-1b`` (random weights, Llama 3.2 1B's shape, built once under .cache/),
 a local folder or a hub id.
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, launcher
+from vllm_steer.benchmarks import common, launcher
 
 PARTS = ("engine", "stock", "notebook", "server")
 
@@ -52,8 +52,8 @@ def defaults(quick: bool, gpu: bool) -> dict[str, Any]:
                 server_requests=64, server_concurrency=32, server_pairs=2, server_max_tokens=32)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__,
+def parse_args(argv: list[str], prog: str = "python -m vllm_steer.benchmarks.run") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small configuration that finishes in < 5 min on 2 CPU cores")
     parser.add_argument("--models", nargs="+", default=None, help="models for the engine, stock and notebook parts")
@@ -132,7 +132,7 @@ def model_entry(name: str) -> dict[str, Any]:
 
 
 def run_engine_parts(entry: dict[str, Any], args, log) -> None:
-    from benchmarks import throughput
+    from vllm_steer.benchmarks import throughput
 
     config = entry["config"]
     top = max(args.batches)
@@ -179,7 +179,7 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
         entry["stock"] = {"batches": batches, "peak_rss_bytes": rss.peak}
         entry.setdefault("memory", {})["peak_rss_stock_engine"] = rss.peak
     if "notebook" in args.parts:
-        from benchmarks import notebook
+        from vllm_steer.benchmarks import notebook
 
         log(f"[{entry['label']}] the notebook's method (transformers + hooks, in a subprocess)")
         result = notebook.run_subprocess(entry["name"], dtype=args.dtype, batch=top, prompt_len=args.prompt_len,
@@ -193,13 +193,13 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
 
 
 def run_server_part(entry: dict[str, Any], args, log) -> None:
-    from benchmarks import serving
+    from vllm_steer.benchmarks import serving
 
     config = entry["config"]
     prompts = common.make_prompts(args.server_requests, args.prompt_len, config["vocab_size"], seed=2)
     specs = common.scenario_specs(common.Scenario(args.server_requests, args.server_requests),
                                   config["hidden_size"], config["num_hidden_layers"])
-    log(f"[{entry['label']}] starting launch.py serve")
+    log(f"[{entry['label']}] starting vllm-steer serve")
     started = time.perf_counter()
     process, url = serving.start_server(entry["path"], args.out_dir / f"server-{entry['name'].replace('/', '_')}.log",
                                         dtype=args.dtype, max_num_seqs=args.server_concurrency,
@@ -319,7 +319,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if server:
             rows = [[name, server["median"][U].get(name), server["median"][S].get(name), server["ratio"].get(name)]
                     for name in server["ratio"]]
-            lines += ["", f"Server (`launch.py serve`, vLLM's benchmark client, {server['requests']} requests, "
+            lines += ["", f"Server (`vllm-steer serve`, vLLM's benchmark client, {server['requests']} requests, "
                           f"{server['concurrency']} concurrent, {server['max_tokens']} output tokens; steered: every "
                           f"request its own vector on every layer):", "",
                       common.markdown_table(["metric", "unsteered", "steered", "ratio"], rows)]
@@ -402,10 +402,11 @@ def steered_at(entry: dict[str, Any], batch: int) -> float | None:
 
 
 # ---- main -----------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, program: str = "python -m vllm_steer.benchmarks.run") -> dict[str, Any]:
+    """``program`` is how the report names the command that made it."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, program)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     clock = common.Stopwatch()
 
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{clock():6.0f}s] {message}", flush=True)
 
     report: dict[str, Any] = {
-        "command": " ".join([_program(), *argv]),
+        "command": " ".join([program, *argv]),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick,
         "machine": common.machine(),
@@ -439,10 +440,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _program() -> str:
-    return "python launch.py bench" if Path(sys.argv[0]).name == "launch.py" else "python -m benchmarks.run"
-
-
 def save(report: dict[str, Any], entries: dict[str, dict[str, Any]], seconds: float, args) -> dict[str, Any]:
     for entry in entries.values():
         entry["targets"] = targets(entry)
@@ -452,7 +449,7 @@ def save(report: dict[str, Any], entries: dict[str, dict[str, Any]], seconds: fl
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path, docs: bool = False) -> list[Path]:
-    from benchmarks import plots
+    from vllm_steer.benchmarks import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -460,7 +457,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path, docs: bool = False) -> 
     table.write_text(render_markdown(report))
     written = [out_dir / "report.json", table, *plots.plot_report(report, out_dir)]
     if docs:
-        target = common.REPO / "docs"
+        target = common.ROOT / "docs"
         target.mkdir(exist_ok=True)
         shutil.copy(table, target / "bench_results.md")
         for path in written[2:]:

@@ -4,7 +4,7 @@ share of samples under the steering code (the V1 writer, admission, release, the
 fill) and under the model's forward, for each side.
 
     .venv/bin/pip install py-spy
-    python -m benchmarks.profile --model tiny --batch 32 --max-tokens 64 --seconds 20
+    python -m vllm_steer.benchmarks.profile --model tiny --batch 32 --max-tokens 64 --seconds 20
 
 Raw collapsed stacks go to bench_results/profile/ (``py-spy record --format raw``), for
 flame graphs (``flamegraph.pl``, speedscope).
@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks import common
+from vllm_steer.benchmarks import common
 
 # Frames (function names in py-spy's "function (file:line)" form) worth a line of their own.
 MARKERS = {
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=str(common.RESULTS / "profile"))
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
-    from benchmarks.throughput import Engine
+    from vllm_steer.benchmarks.throughput import Engine
 
     path, label = common.resolve_model(args.model)
     out_dir = Path(args.out_dir)

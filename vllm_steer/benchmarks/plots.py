@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from vllm_steer.benchmarks import common
 
 
 def _pyplot():

