@@ -5,6 +5,7 @@ reference; one small end-to-end run on the tiny model. Speed is never asserted."
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -255,6 +256,13 @@ def test_outputs_json_shape_and_plots(tmp_path):
     series = plots.ratio_series(report["models"][0])
     assert series["batch 8"] == [(1, pytest.approx(40.25 / 40.5)), (8, pytest.approx(39.5 / 40.5))]
     assert [p[0] for p in plots.batch_series(report["models"][0])["stock vLLM"]] == [1, 8]
+
+
+def test_outputs_without_matplotlib_skip_only_the_plots(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    written = run.write_outputs(constructed_report(), tmp_path)
+    assert [p.name for p in written] == ["report.json", "report.md"]
+    assert "pip install 'vllm-steer[plots]'" in capsys.readouterr().out
 
 
 def test_server_summary_on_constructed_runs():

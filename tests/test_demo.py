@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -120,16 +121,19 @@ def test_named_vector_entries_default_to_the_vectors_norm():
         sweep.named_vector_entries(registry, "nope", None, None)
 
 
-def test_reports_json_shape_markdown_and_plot(tmp_path):
+def constructed_result() -> sweep.SweepResult:
     outputs = [out(None, None, "hello", -0.5)] + [
         out(mode, scale, "the ocean" if scale else "hello", -0.5 - scale) for mode in ("add", "clamp") for scale in (0.0, 1.0, 4.0)
     ]
     baseline, rows, sweet = sweep.summarize(outputs)
-    result = sweep.SweepResult(
+    return sweep.SweepResult(
         model="m", steering={"vectors": []}, words=["ocean"], prompts=["p"], scales=[0.0, 1.0, 4.0], modes=["add", "clamp"],
         max_tokens=8, baseline=baseline, rows=rows, sweet_spot=sweet, outputs=outputs,
     )
-    paths = sweep.write_reports(result, tmp_path, "demo")
+
+
+def test_reports_json_shape_markdown_and_plot(tmp_path):
+    paths = sweep.write_reports(constructed_result(), tmp_path, "demo")
     data = json.loads(paths["json"].read_text())
     assert set(data) == {"model", "steering", "words", "prompts", "scales", "modes", "max_tokens", "baseline", "rows",
                          "sweet_spot", "outputs"}
@@ -139,6 +143,13 @@ def test_reports_json_shape_markdown_and_plot(tmp_path):
     table = paths["markdown"].read_text()
     assert table.count("**sweet spot**") == 2 and "| add | 4 | 100% |" in table
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_without_matplotlib_skip_only_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    paths = sweep.write_reports(constructed_result(), tmp_path, "demo")
+    assert set(paths) == {"json", "markdown"} and sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.md"]
+    assert "pip install 'vllm-steer[plots]'" in capsys.readouterr().out
 
 
 # ---- the corpus ------------------------------------------------------------------------------

@@ -317,13 +317,14 @@ def steering_label(result: SweepResult) -> str:
     return ", ".join(f"{v['name']} (layer {', '.join(map(str, v.get('layers') or []))})" for v in steering.get("vectors", []))
 
 
-def plot(result: SweepResult, path: str | Path, title: str | None = None) -> Path:
-    """Inclusion, fluency and repetition against scale, one panel per mode, sweet spot marked."""
-    import matplotlib
+def plot(result: SweepResult, path: str | Path, title: str | None = None) -> Path | None:
+    """Inclusion, fluency and repetition against scale, one panel per mode, sweet spot marked;
+    None (and no file) without matplotlib."""
+    from vllm_steer.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(Path(path).name)
+    if plt is None:
+        return None
     modes = result.modes
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.2), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
@@ -362,7 +363,8 @@ def write_reports(result: SweepResult, out_dir: str | Path, stem: str = "sweep")
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     paths["json"].write_text(json.dumps(result.to_json(), indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(result) + "\n\n" + examples(result) + "\n")
-    plot(result, paths["png"])
+    if plot(result, paths["png"]) is None:
+        del paths["png"]
     return paths
 
 

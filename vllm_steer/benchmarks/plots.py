@@ -1,4 +1,4 @@
-"""PNG plots of a benchmark report (matplotlib, no display needed)."""
+"""PNG plots of a benchmark report (matplotlib, optional: no plots without it)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer.benchmarks import common
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from vllm_steer.plotting import pyplot
 
 
 def batch_series(model: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -108,9 +100,9 @@ def _ratio_panel(axis, model: dict[str, Any]) -> None:
 
 
 def plot_report(report: dict[str, Any], out_dir: Path, prefix: str = "bench_") -> list[Path]:
-    plt = _pyplot()
     models = [m for m in report["models"] if m.get("engine")]
-    if not models:
+    plt = pyplot(f"{prefix}*.png") if models else None
+    if plt is None:
         return []
     return [
         _save_panels(plt, models, _throughput_panel, "vllm-steer engine throughput vs batch size",
