@@ -92,3 +92,25 @@ def test_re_registering_does_not_change_a_request_in_flight(llm, prompt_ids, hf_
     assert got.token_ids == reference(hf_model, llm, prompt_ids[0], inline_original, gen_len).token_ids
     moved = reference(hf_model, llm, prompt_ids[0], spec, gen_len)  # resolves to the replacement now
     assert moved.token_ids != got.token_ids
+
+
+@pytest.mark.parametrize("phase", ["prompt", "generated"])
+def test_the_next_turn_of_a_phase_limited_request_never_reads_kv_of_the_other_phase(llm, long_prompt, hf_model, gen_len, phase):
+    """Turn 1 caches KV for its answer's tokens steered as *generated*; in turn 2 the same
+    tokens are *prompt*. With one namespace for both, turn 2 would read KV computed under the
+    other phase. (CPU KV blocks hold 128 tokens: turn 1's answer completes the second block.)"""
+    from helpers import assert_same_tokens_close_logprobs, reference
+
+    vector = np.random.default_rng(21).standard_normal(256).tolist()
+    spec = {"vectors": [{"vector": vector, "layers": [1], "scale": 8.0}], "apply_to": phase}
+    llm.llm.reset_prefix_cache()
+    first_prompt = long_prompt[:253]
+    first = raw_generate(llm, first_prompt, gen_len, spec)
+    second_prompt = first_prompt + first.token_ids + long_prompt[253:270]
+    second = raw_generate(llm, second_prompt, gen_len, spec)
+    fresh = raw_generate(llm, second_prompt, gen_len, spec, cache_salt=f"fresh-namespace-{phase}")
+    assert fresh.num_cached_tokens == 0
+    assert_same_tokens_close_logprobs(second, fresh)
+    assert_same_tokens_close_logprobs(second, reference(hf_model, llm, second_prompt, spec, gen_len))
+    again = raw_generate(llm, second_prompt, gen_len, spec)
+    assert again.num_cached_tokens > 0, "identical requests (same spec, same prompt) should share their cache"

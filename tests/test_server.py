@@ -194,6 +194,11 @@ def test_limits_answer_413_and_400(server):
     huge = json.dumps({"model": server.model, "prompt": "x", "steering": {"vectors": [{"vector": [0.5] * 900_000, "layers": [1]}]}}).encode()
     too_large = post(server, "/v1/completions", content=huge)
     assert too_large.status_code == 413 and "exceeds" in too_large.json()["error"]["message"]
+    # The registry API's bodies too (they used to be read whole, whatever their size).
+    huge_vector = json.dumps({"name": "huge", "vector": [0.5] * 900_000}).encode()
+    too_large = post(server, "/v1/steering/vectors", content=huge_vector)
+    assert too_large.status_code == 413 and "exceeds" in too_large.json()["error"]["message"]
+    assert "huge" not in {e["name"] for e in post(server, "/v1/steering/vectors", method="GET").json()["data"]}
     bad = post(server, "/v1/steering/vectors", {"name": "short", "vector": [1.0, 2.0]})
     assert bad.status_code == 400 and "hidden size is 256" in bad.json()["error"]["message"]
     nan = post(server, "/v1/steering/vectors", content=b'{"name": "nan", "vector_b64": "AADAfw=="}')
@@ -231,6 +236,10 @@ def test_metrics_count_steering(server):
     assert steered and float(steered[0].split()[-1]) >= 1
     assert any(line.startswith("vllm_steer_registry_vectors ") for line in text.splitlines())
     assert "vllm_steer_step_distinct_configs" in text
+    # Requests that run without the steering they asked for are counted (0 here: none did).
+    assert any(line.startswith("vllm_steer_unapplied_requests_total ") for line in text.splitlines())
+    workers = post(server, "/v1/steering/stats", method="GET").json()["workers"]
+    assert all(worker["unapplied_requests"] == 0 for worker in workers)
 
 
 def test_the_server_runs_on_the_selected_runner(server, runner):

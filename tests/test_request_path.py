@@ -1,0 +1,109 @@
+"""The request path's hand-offs: the middleware's sealed spec, ``SteeredLLM``'s
+``hf_overrides`` merge, and content freed from every process's registry."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vllm_steer.config import ARCHITECTURE, hf_overrides
+from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request
+from vllm_steer.resolve import ResolvedSteering
+
+SPEC = {"vectors": [{"name": "v", "layers": [1], "scale": 2.0}]}
+
+
+@pytest.fixture
+def frontend() -> SteeringFrontend:
+    config = SimpleNamespace(num_hidden_layers=4, hidden_size=8, architectures=[ARCHITECTURE], steering={})
+    frontend = SteeringFrontend(config)
+    frontend.registry.add("v", np.arange(8, dtype=np.float32))
+    return frontend
+
+
+def request(steering, cache_salt=None, prompt_len=3):
+    return SimpleNamespace(
+        sampling_params=SimpleNamespace(extra_args={"steering": steering}), cache_salt=cache_salt, prompt_token_ids=list(range(prompt_len))
+    )
+
+
+def test_a_sealed_spec_is_decoded_not_resolved_again(frontend, monkeypatch):
+    resolved = frontend.resolve(SPEC)
+    sealed = frontend.seal(resolved)
+    monkeypatch.setattr(frontend, "resolve", lambda spec: pytest.fail("resolved twice"))
+    req = request(sealed)
+    prepare_request(frontend, req)
+    assert ResolvedSteering.from_wire(req.sampling_params.extra_args["steering"]) == resolved
+
+
+def test_a_forged_or_foreign_seal_is_refused(frontend):
+    other = SteeringFrontend(SimpleNamespace(num_hidden_layers=4, hidden_size=8, architectures=[ARCHITECTURE], steering={}))
+    other.registry.add("v", np.arange(8, dtype=np.float32))
+    foreign = other.seal(other.resolve(SPEC))
+    with pytest.raises(SteeringRequestError, match="sealed spec must come from this server's own front end"):
+        prepare_request(frontend, request(foreign))
+    tampered = frontend.seal(frontend.resolve(SPEC)).replace('"add"', '"clamp"')
+    with pytest.raises(SteeringRequestError, match="sealed spec"):
+        prepare_request(frontend, request(tampered))
+
+
+def test_phase_limited_namespaces_follow_the_prompt_length(frontend):
+    def salt(spec, prompt_len):
+        req = request(spec, prompt_len=prompt_len)
+        prepare_request(frontend, req)
+        return req.cache_salt
+
+    for phase in ("prompt", "generated"):
+        phased = {**SPEC, "apply_to": phase}
+        assert salt(phased, 10) == salt(phased, 10) != salt(phased, 11)
+    assert salt(SPEC, 10) == salt(SPEC, 11)  # every position steered: one namespace
+
+
+def test_hf_overrides_merge_key_by_key_and_refuse_conflicts():
+    merged = hf_overrides({"steering": {"sae": ["a.pt"], "capture": True}, "rope_theta": 5.0}, vector_files=("v.pt",), max_directions=2)
+    assert merged == {
+        "architectures": [ARCHITECTURE],
+        "rope_theta": 5.0,
+        "steering": {"vector_files": ("v.pt",), "max_directions": 2, "sae": ["a.pt"], "capture": True},
+    }
+    with pytest.raises(ValueError, match=r"hf_overrides\['steering'\]\['max_directions'\] = 3 conflicts with the max_directions argument"):
+        hf_overrides({"steering": {"max_directions": 3}}, max_directions=2)
+    with pytest.raises(ValueError, match="architectures"):
+        hf_overrides({"architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ValueError, match="bogus"):
+        hf_overrides({"steering": {"bogus": 1}})
+
+
+def test_steered_llm_keeps_every_steering_setting_given_in_hf_overrides(monkeypatch):
+    """It used to merge shallowly: hf_overrides={"steering": {...}} dropped vectors/sae/capture."""
+    import vllm
+
+    seen = {}
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+    from vllm_steer import SteeredLLM
+
+    SteeredLLM("model", vectors=["/abs/v.pt"], capture=True, hf_overrides={"steering": {"max_request_ops": 8, "sae": ["/abs/sae.pt"]}})
+    assert seen["hf_overrides"]["steering"] == {
+        "vector_files": ("/abs/v.pt",), "capture": True, "max_request_ops": 8, "sae": ["/abs/sae.pt"],
+    }
+
+
+def test_registering_and_deleting_many_vectors_keeps_every_registry_bounded(llm):
+    """Deleted and replaced content is freed on the front end and on every worker (a bounded
+    number stay retired for requests accepted before the change)."""
+    from vllm_steer.vectors.registry import RETIRED_LIMIT
+
+    before = llm.steering_stats()[0]["arrays"]["live"]
+    generator = np.random.default_rng(3)
+    for index in range(RETIRED_LIMIT + 40):
+        name = f"churn-{index % 4}"
+        llm.register_vector(name, generator.standard_normal(256).astype(np.float32), replace=True)
+        if index % 3 == 0:
+            llm.remove_vector(name)
+    for name in {f"churn-{i}" for i in range(4)} & set(llm.frontend.registry.names()):
+        llm.remove_vector(name)
+    for sizes in [llm.frontend.registry.content_size()] + [stats["arrays"] for stats in llm.steering_stats()]:
+        assert sizes["live"] <= before + 1 and sizes["retired"] <= RETIRED_LIMIT, sizes
+    assert not any(name.startswith("churn-") for name in llm.frontend.registry.names())

@@ -1,0 +1,104 @@
+"""Every vLLM name vllm-steer relies on (see vllm_steer/touchpoints.py) exists on the pinned
+vLLM with the signature and attributes used. A vLLM upgrade that breaks one fails here,
+naming it, instead of deep inside an engine step."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def assigned_in_init(cls, *names: str) -> None:
+    """Attributes vLLM sets in ``__init__`` (instances are too costly to build here)."""
+    source = inspect.getsource(cls.__init__)
+    missing = [name for name in names if f"self.{name}" not in source]
+    assert not missing, f"{cls.__name__}.__init__ no longer sets {missing}"
+
+
+def fields(cls) -> set[str]:
+    return {field.name for field in dataclasses.fields(cls)} | {
+        name for name, value in vars(cls).items() if isinstance(value, property)
+    }
+
+
+def test_pinned_vllm_version():
+    import vllm
+
+    assert vllm.__version__.startswith("0.32.0"), "touchpoints.py is audited for vLLM 0.32.0; audit it for this version"
+
+
+def test_front_end_touchpoints():
+    from vllm import ModelRegistry
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_steer.touchpoints import _installed
+
+    hook = InputProcessor.__dict__["assign_request_id"]
+    # vLLM's own is a staticmethod taking the request; once wrapped, ours takes (self, request).
+    assert parameters(hook.__func__ if isinstance(hook, staticmethod) else hook)[-1] == "request"
+    assert isinstance(hook, staticmethod) or _installed(hook)
+    assert parameters(ModelRegistry.register_model) == ["model_arch", "model_cls"]
+    assert {"prompt_token_ids", "prompt_embeds", "sampling_params", "cache_salt"} <= set(EngineCoreRequest.__struct_fields__)
+    assert {"parameter", "value"} <= set(parameters(VLLMValidationError.__init__))
+    assigned_in_init(InputProcessor, "model_config")
+
+
+def test_model_runner_v1_touchpoints():
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert parameters(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    assert parameters(GPUModelRunner._model_forward)[:5] == ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds"]
+    assert {"finished_req_ids", "preempted_req_ids"} <= fields(SchedulerOutput)
+    assigned_in_init(GPUModelRunner, "requests", "input_batch", "query_start_loc")
+    assert isinstance(vars(InputBatch)["req_ids"], property) and "num_reqs" in vars(InputBatch)
+    assert {"sampling_params"} <= fields(CachedRequestState)
+    assert "num_prompt_tokens" in inspect.getsource(CachedRequestState)
+
+
+def test_model_runner_v2_touchpoints():
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+    from vllm.v1.worker.gpu.states import RequestState
+
+    assert parameters(DefaultModelState.__init__) == ["self", "vllm_config", "model", "encoder_cache", "device"]
+    assert parameters(DefaultModelState.add_request) == ["self", "req_index", "new_req_data"]
+    assert parameters(DefaultModelState.remove_request) == ["self", "req_id"]
+    assert parameters(DefaultModelState.prepare_inputs) == ["self", "input_batch", "req_states"]
+    assert parameters(DefaultModelState.prepare_dummy_inputs) == ["self", "num_reqs", "num_tokens"]
+    assert {"num_reqs", "num_tokens", "num_tokens_after_padding", "req_ids", "idx_mapping", "query_start_loc", "positions"} <= fields(InputBatch)
+    assert {"req_id", "sampling_params", "prompt_len"} <= fields(NewRequestData)
+    assigned_in_init(RequestState, "req_id_to_index")
+    assert "max_num_reqs" in inspect.getsource(DefaultModelState)
+
+
+def test_worker_and_model_touchpoints():
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    assert "layer_type" in parameters(LlamaForCausalLM.__init__)
+    assert parameters(LlamaDecoderLayer.forward)[1:4] == ["positions", "hidden_states", "residual"]
+    assert getattr(WorkerBase, "steering_rpc", None) in (None, __import__("vllm_steer.runners").runners.steering_rpc)
+    from vllm.v1.worker.gpu import model_states
+
+    # V2 asks the model for its state class by this name (our model class defines it).
+    assert 'hasattr(model, "get_model_state_cls")' in inspect.getsource(model_states)
+
+
+def test_server_touchpoints():
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup  # noqa: F401
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+    from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: F401
+    from vllm.v1.metrics.prometheus import get_prometheus_registry  # noqa: F401
+
+    assert parameters(EndpointPlugin.attach_router) == ["self", "app"]
+    assert parameters(EndpointPlugin.init_state) == ["self", "engine_client", "state", "args"]
+    assert {"subparser_init", "validate", "cmd"} <= set(dir(ServeSubcommand))
