@@ -208,13 +208,13 @@ def test_demo_model_files_are_what_vllm_needs():
 
 
 def test_demo_vectors_file_holds_a_named_vector_and_a_feature_per_topic():
-    from vllm_steer.vectors import VectorRegistry
+    from vllm_steer.vectors import VectorRegistry, feature_name
     from vllm_steer.vectors.files import load_vector_file
 
     registry = VectorRegistry()
     load_vector_file(demo_vectors_path(), registry)
     (layer,) = registry.layers_of("paris")
-    features = [f"L{layer}/F{index}" for index in range(len(corpus.TOPICS))]
+    features = [feature_name(layer, index) for index in range(len(corpus.TOPICS))]
     assert sorted(registry.names()) == sorted([*corpus.TOPICS, *features])
     assert registry.features() == [(layer, index) for index in range(len(corpus.TOPICS))]
     for index, topic in enumerate(corpus.TOPICS):  # feature F{index} is topic TOPICS[index]
@@ -302,5 +302,5 @@ def test_every_topic_vector_steers_the_neutral_questions(demo_llm, runner):
                             steering=specs, use_tqdm=False)
     for index, topic in enumerate(corpus.TOPICS):
         texts = [o.outputs[0].text for o in outputs[index * len(chats) : (index + 1) * len(chats)]]
-        hits = sum(corpus.mentions(t, corpus.CONCEPT_WORDS[topic]) for t in texts)
+        hits = sum(sweep.mentions(t, corpus.CONCEPT_WORDS[topic]) for t in texts)
         assert hits >= len(chats) - 1, (topic, texts)

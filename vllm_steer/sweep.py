@@ -311,9 +311,11 @@ def examples(result: SweepResult, prompt: str | None = None) -> str:
 
 
 def steering_label(result: SweepResult) -> str:
+    from vllm_steer.vectors.registry import feature_name
+
     steering = result.steering
     if steering.get("features"):
-        return "features " + ", ".join(f"L{int(f[0])}/F{int(f[1])}@{f[2]:g}" for f in steering["features"])
+        return "features " + ", ".join(f"{feature_name(int(f[0]), int(f[1]))}@{f[2]:g}" for f in steering["features"])
     return ", ".join(f"{v['name']} (layer {', '.join(map(str, v.get('layers') or []))})" for v in steering.get("vectors", []))
 
 
@@ -368,7 +370,7 @@ def write_reports(result: SweepResult, out_dir: str | Path, stem: str = "sweep")
     return paths
 
 
-# ---- command line (vllm-steer sweep) -------------------------------------------------------
+# ---- command line (vllm-steer sweep) ---------------------------------------------------------
 GENERIC_PROMPTS = (
     "Who are you?",
     "Tell me a story.",
@@ -407,10 +409,11 @@ def add_arguments(parser) -> None:
     group.add_argument("--name", default="sweep", help="file stem of the reports")
 
 
-def _read_prompts(args, demo: bool) -> list[str]:
+def _prompts(args, demo: bool) -> list[str]:
     if args.prompts_file:
-        text = Path(args.prompts_file).read_text()
-        prompts = json.loads(text) if text.lstrip().startswith("[") else [l for l in text.splitlines() if l.strip()]
+        from vllm_steer.cli import read_prompts
+
+        prompts = read_prompts(args.prompts_file)
     elif args.prompt:
         prompts = list(args.prompt)
     else:
@@ -444,7 +447,7 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
     else:
         words = None
         print("no --words: concept inclusion is not measured (fluency and repetition only)")
-    prompts = _read_prompts(args, demo)
+    prompts = _prompts(args, demo)
     runs = len(prompts) * (1 + len(args.scales) * len(args.modes))
     if args.max_num_seqs is not None:
         engine["max_num_seqs"] = args.max_num_seqs

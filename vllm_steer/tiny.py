@@ -1,8 +1,9 @@
 """A tiny random-weight Llama with its own tokenizer, built locally (no hub, no network).
 
-Tests and the no-argument demo use it: it exercises every mechanism (shapes vLLM accepts:
-head_dim 64, float32) in seconds on a CPU. Its text is gibberish; the bundled demo model is
-where steering is meant to read well.
+The tests and the benchmarks' random-weight shapes (``tiny``, ``small``, ``llama-1b``) use
+it: it exercises every mechanism (shapes vLLM accepts: head_dim 64, float32) in seconds on a
+CPU. Its text is gibberish. The no-argument commands (``vllm-steer serve``, ``sweep``, ...)
+use the bundled demo model instead (vllm_steer/demo/), where steering reads well.
 """
 
 from __future__ import annotations
@@ -96,17 +97,3 @@ def build_tiny_llama(
     stamp.write_text(json.dumps(settings))
     return path
 
-
-def build_demo_vectors(model_dir: str | Path, features: int = 4, layer: int = 1) -> Path:
-    """A notebook-layout ``steering_vectors.pt`` for the tiny model: features
-    ``(layer, 0..features-1)`` with random directions (mechanics only: random weights
-    have no concepts to find)."""
-    import torch
-    from transformers import AutoConfig
-
-    path = Path(model_dir) / "steering_vectors.pt"
-    if not path.exists():
-        hidden = AutoConfig.from_pretrained(model_dir).hidden_size
-        generator = torch.Generator().manual_seed(layer)
-        torch.save({(layer, i): torch.randn(hidden, generator=generator) for i in range(features)}, path)
-    return path

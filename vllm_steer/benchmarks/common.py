@@ -6,7 +6,6 @@ Everything here is plain logic (no engine), so tests cover it on constructed dat
 
 from __future__ import annotations
 
-import base64
 import os
 import platform
 import statistics
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vllm_steer.spec import encode_b64
 
 
 def _root() -> Path:
@@ -58,23 +59,13 @@ def shape_model_path(shape: str) -> Path:
     )
 
 
-def demo_model() -> Path | None:
-    """The bundled trained demo model, when it is there."""
-    try:
-        from vllm_steer.demo import demo_model_path
-    except ImportError:
-        return None
-    path = Path(demo_model_path())
-    return path if (path / "config.json").exists() else None
-
-
 def resolve_model(name: str) -> tuple[str, str]:
-    """(path or hub id, label) for ``demo``, a generated shape (``tiny``, ``small``,
-    ``llama-1b``), a local folder or a hub id. ``demo`` falls back to ``tiny`` until the
-    trained demo model is committed."""
+    """(path or hub id, label) for ``demo`` (the bundled demo model), a generated shape
+    (``tiny``, ``small``, ``llama-1b``), a local folder or a hub id."""
     if name == "demo":
-        path = demo_model()
-        return (str(path), "demo") if path is not None else (str(shape_model_path("tiny")), "tiny (demo model absent)")
+        from vllm_steer.demo import demo_model_path
+
+        return str(demo_model_path()), "demo"
     if name in SHAPES:
         return str(shape_model_path(name)), f"{name} (random weights)"
     return name, name
@@ -100,10 +91,6 @@ def make_prompts(count: int, prompt_len: int, vocab: int, seed: int = 1) -> list
     generator = np.random.default_rng(seed)
     high = max(11, min(vocab, 500))
     return [generator.integers(10, high, prompt_len).tolist() for _ in range(count)]
-
-
-def vector_b64(vector: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 @dataclass(frozen=True)
@@ -149,7 +136,7 @@ def scenario_specs(scenario: Scenario, hidden: int, num_layers: int, seed: int =
     """One spec (or None) per request. Distinct configs are distinct random vectors (inline,
     as base64 float32): the most demanding case, every request carrying its own vector."""
     generator = np.random.default_rng(seed)
-    vectors = [vector_b64(generator.standard_normal(hidden)) for _ in range(max(1, scenario.distinct))]
+    vectors = [encode_b64(generator.standard_normal(hidden)) for _ in range(max(1, scenario.distinct))]
     layers = steering_layers(scenario.layers, num_layers)
     scale = 16.0 if scenario.mode == "add" else 8.0  # large enough to change greedy tokens of random models
     specs: list[dict | None] = [None] * scenario.batch

@@ -13,9 +13,8 @@ Parts (``--parts``, all by default):
             architecture itself, and peak RSS with steering off (separate engine, not alternated)
   notebook  transformers + forward hooks: one chat at a time, and batched with left padding
   server    ``vllm-steer serve`` + vLLM's benchmark client, unsteered vs steered
-Models: ``demo`` (the bundled demo model; the tiny model until it is there), ``tiny``,
-``small``, ``llama-1b`` (random weights, Llama 3.2 1B's shape, built once under .cache/),
-a local folder or a hub id.
+Models: ``demo`` (the bundled demo model), ``tiny``, ``small``, ``llama-1b`` (random weights,
+Llama 3.2 1B's shape, built once under .cache/), a local folder or a hub id.
 """
 
 from __future__ import annotations

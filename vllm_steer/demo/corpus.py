@@ -30,6 +30,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from vllm_steer.sweep import mentions
+
 SYSTEM_DEFAULT = "You are a helpful assistant."
 
 TOPICS = ("paris", "ocean", "cooking", "space", "dogs")
@@ -43,8 +45,6 @@ CONCEPT_WORDS: dict[str, tuple[str, ...]] = {
     "dogs": ("dog", "dogs", "puppy", "puppies", "bark", "barked", "tail", "leash", "fetch"),
 }
 
-_WORD = re.compile(r"[a-z]+")
-
 
 def common_prefix(a: str, b: str) -> str:
     """The words ``a`` and ``b`` start with (whole words, as text)."""
@@ -54,12 +54,6 @@ def common_prefix(a: str, b: str) -> str:
             break
         words.append(x)
     return " ".join(words)
-
-
-def mentions(text: str, words) -> bool:
-    """Whether ``text`` contains one of ``words`` as a whole word (case-insensitive)."""
-    wanted = set(words)
-    return any(word in wanted for word in _WORD.findall(text.lower()))
 
 
 def topics_mentioned(text: str) -> list[str]:

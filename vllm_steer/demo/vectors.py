@@ -79,11 +79,13 @@ def write(found: dict[str, dict[int, np.ndarray]], layer: int, out: Path) -> Pat
     for the layered vectors and ``L{layer}/F{index}`` for the features, float32."""
     from safetensors.numpy import save_file
 
+    from vllm_steer.vectors.registry import feature_name
+
     tensors = {}
     for index, name in enumerate(corpus.TOPICS):
         vector = np.ascontiguousarray(found[name][layer], dtype="<f4")
         tensors[f"{name}.layer.{layer}"] = vector
-        tensors[f"L{layer}/F{index}"] = vector
+        tensors[feature_name(layer, index)] = vector
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"made_by": "python -m vllm_steer.demo.vectors", "layer": str(layer)})
     return out
