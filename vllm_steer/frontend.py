@@ -196,7 +196,7 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
         raise SteeringRequestError(
             SteeringError(
                 f"needs the {ARCHITECTURE} architecture; start the engine with "
-                f'hf_overrides={{"architectures": ["{ARCHITECTURE}"]}} (launch.py and vllm_steer.SteeredLLM do this)'
+                f'hf_overrides={{"architectures": ["{ARCHITECTURE}"]}} (vllm-steer serve and vllm_steer.SteeredLLM do this)'
             )
         )
     extra = dict(extra)

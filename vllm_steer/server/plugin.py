@@ -1,7 +1,7 @@
 """vLLM endpoint plugin: the ``steering`` field, ``/v1/steering/*`` and steering metrics.
 
 vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (they add HTTP routes);
-``launch.py serve`` sets ``VLLM_PLUGINS=vllm_steer``. Without it, steering still works
+``vllm-steer serve`` sets ``VLLM_PLUGINS=vllm_steer``. Without it, steering still works
 through ``vllm_xargs`` (the general plugin is what validates and isolates requests).
 """
 
@@ -104,7 +104,7 @@ class SteeringEndpoints:
         if frontend.store is None and getattr(args, "api_server_count", 1) and args.api_server_count > 1:
             logger.warning(
                 "with --api-server-count > 1, registry changes stay in the API server that made them "
-                "unless hf_overrides steering.registry_dir names a shared directory (launch.py sets one)"
+                "unless hf_overrides steering.registry_dir names a shared directory (vllm-steer serve sets one)"
             )
         await server.push_stored_vectors()
         server.metrics.registry_vectors.set(len(frontend.registry))
