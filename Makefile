@@ -1,12 +1,14 @@
-# make test   run the whole suite on Model Runner V1, then the engine tests on V2 (creates .venv on first use)
-# make serve  start the steering server (creates .venv on first use)
+# make test-fast  the tests that start no engine or server (< 1 min)
+# make test       the whole suite on Model Runner V1, then the engine tests on V2
+# make serve      start the steering server
+# Each creates .venv on first use.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vllm-steer-installed
 # Model Runner V2 (vLLM's GPU default) on this CPU, through Triton's interpreter: test-only.
 V2_ON_CPU := PYTHONPATH=tests/v2_on_cpu VLLM_STEER_TEST_V2_ON_CPU=1
 
-.PHONY: test test-v1 test-v2 serve venv clean
+.PHONY: test test-fast test-v1 test-v2 serve venv clean
 
 venv: $(STAMP)
 
@@ -14,6 +16,9 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	scripts/bootstrap.sh
 
 test: test-v1 test-v2
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not engine and not server" $(PYTEST_ARGS)
 
 test-v1: $(STAMP)
 	$(PY) -m pytest --runner v1 $(PYTEST_ARGS)

@@ -34,7 +34,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "runner: an engine-level test that runs on the selected model runner")
     runner = config.getoption("--runner")
     hook_active = os.environ.get(V2_FLAG) == "1"
     if (runner == "v2") != hook_active:
@@ -46,9 +45,19 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tests by cost (markers registered in pyproject.toml): ``runner`` on every test using the
+    runner fixture; ``server`` on every test using the server fixture or in a module that
+    imports the launcher (it starts servers of its own); ``engine`` on both."""
+    from vllm_steer.benchmarks import launcher
+
     for item in items:
-        if "runner" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "runner" in fixtures:
             item.add_marker(pytest.mark.runner)
+        if "server" in fixtures or getattr(getattr(item, "module", None), "start_server", None) is launcher.start_server:
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("runner") or item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.engine)
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -347,6 +347,7 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
     assert (tmp_path / "bench_throughput.png").exists() and (tmp_path / "bench_ratio.png").exists()
 
 
+@pytest.mark.server  # requests the server fixture by name, after the skip
 def test_server_benchmark_against_the_test_server(runner, request):
     """vLLM's benchmark client with the steering field in the body, against vllm-steer serve."""
     if runner == "v2":
