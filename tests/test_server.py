@@ -1,5 +1,5 @@
 """The OpenAI-compatible server end to end: the official ``openai`` SDK (and raw HTTP where
-the SDK would refuse to send something) against ``launch.py serve`` on a local port."""
+the SDK would refuse to send something) against ``vllm-steer serve`` on a local port."""
 
 from __future__ import annotations
 
