@@ -120,15 +120,14 @@ def test_table_bytes_formula():
 
 @pytest.mark.parametrize("max_directions", [0, 4])
 def test_table_bytes_formula_matches_what_the_model_allocates(max_directions):
-    """The same buffers SteeredLlamaForCausalLM attaches (attach_steering, SteeringRuntime)."""
-    from vllm_steer.model import SteeredLlamaDecoderLayer
+    """The same buffers a steered model attaches (attach_steering, SteeringRuntime)."""
+    from vllm_steer.model import SteeringLayer
     from vllm_steer.resolve import ModelShape
     from vllm_steer.slots import SteeringRuntime
     from vllm_steer.vectors.registry import VectorRegistry
 
     class Layer(torch.nn.Module):
-        hidden_size = 64
-        attach_steering = SteeredLlamaDecoderLayer.attach_steering
+        attach_steering = SteeringLayer.attach_steering
 
     layers = {i: Layer() for i in (0, 2, 3)}
     shape = ModelShape(num_layers=4, hidden_size=64, steerable_layers=(0, 2, 3), max_directions=max_directions)

@@ -11,10 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_steer.config import ARCHITECTURE, hf_overrides
+from vllm_steer.config import hf_overrides
+from vllm_steer.families import FAMILIES
 from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request, steering_salt
 from vllm_steer.resolve import ResolvedSteering
 from vllm_steer.spec import SteeringError
+
+ARCHITECTURE = FAMILIES["LlamaForCausalLM"].steered
+
 
 
 def test_installing_the_package_registers_the_plugin():
@@ -31,7 +35,7 @@ def test_register_is_idempotent_and_registers_the_architecture():
     register()
     hook = InputProcessor.__dict__["assign_request_id"]
     register()
-    assert ARCHITECTURE in ModelRegistry.get_supported_archs()
+    assert {family.steered for family in FAMILIES.values()} <= set(ModelRegistry.get_supported_archs())
     assert InputProcessor.__dict__["assign_request_id"] is hook
 
 
@@ -41,8 +45,8 @@ def test_importing_the_package_does_not_import_vllm():
 
 
 def test_hf_overrides_select_the_architecture():
-    assert hf_overrides() == {"architectures": [ARCHITECTURE]}
-    assert hf_overrides(max_directions=2, vector_files=("a.pt",)) == {
+    assert hf_overrides(architecture=ARCHITECTURE) == {"architectures": [ARCHITECTURE]}
+    assert hf_overrides(architecture=ARCHITECTURE, max_directions=2, vector_files=("a.pt",)) == {
         "architectures": [ARCHITECTURE],
         "steering": {"max_directions": 2, "vector_files": ("a.pt",)},
     }
@@ -96,7 +100,7 @@ def test_bad_spec_is_a_400_class_error_that_names_the_field(frontend):
 
 
 def test_steering_on_an_unsteered_architecture_says_how_to_enable_it():
-    with pytest.raises(SteeringRequestError, match=r"needs the SteeredLlamaForCausalLM architecture; start the engine with hf_overrides"):
+    with pytest.raises(SteeringRequestError, match=r"needs a steered model: start the engine with vllm-steer serve or vllm_steer.SteeredLLM, or give vLLM hf_overrides"):
         prepare_request(None, request({"vectors": [{"name": "v", "layers": [1]}]}))
 
 

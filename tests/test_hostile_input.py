@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_steer.config import ARCHITECTURE
+from vllm_steer.families import FAMILIES
 from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request
 from vllm_steer.resolve import ResolvedSteering, resolve
 from vllm_steer.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
@@ -72,6 +72,9 @@ good_spec = st.fixed_dictionaries(
     optional={"features": st.lists(st.tuples(st.just(1), st.just(3), st.floats(-5, 5)), max_size=2),
               "scale": st.floats(-3, 3), "apply_to": st.sampled_from(["all", "prompt", "generated"])},
 )
+
+ARCHITECTURE = FAMILIES["LlamaForCausalLM"].steered
+
 
 
 def frontend() -> SteeringFrontend:

@@ -8,11 +8,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_steer.config import ARCHITECTURE, hf_overrides
+from vllm_steer.config import hf_overrides
+from vllm_steer.families import FAMILIES
 from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request
 from vllm_steer.resolve import ResolvedSteering
 
 SPEC = {"vectors": [{"name": "v", "layers": [1], "scale": 2.0}]}
+
+ARCHITECTURE = FAMILIES["LlamaForCausalLM"].steered
+
 
 
 @pytest.fixture
@@ -62,18 +66,20 @@ def test_phase_limited_namespaces_follow_the_prompt_length(frontend):
 
 
 def test_hf_overrides_merge_key_by_key_and_refuse_conflicts():
-    merged = hf_overrides({"steering": {"sae": ["a.pt"], "capture": True}, "rope_theta": 5.0}, vector_files=("v.pt",), max_directions=2)
+    merged = hf_overrides(
+        {"steering": {"sae": ["a.pt"], "capture": True}, "rope_theta": 5.0}, architecture=ARCHITECTURE, vector_files=("v.pt",), max_directions=2
+    )
     assert merged == {
         "architectures": [ARCHITECTURE],
         "rope_theta": 5.0,
         "steering": {"vector_files": ("v.pt",), "max_directions": 2, "sae": ["a.pt"], "capture": True},
     }
     with pytest.raises(ValueError, match=r"hf_overrides\['steering'\]\['max_directions'\] = 3 conflicts with the max_directions argument"):
-        hf_overrides({"steering": {"max_directions": 3}}, max_directions=2)
+        hf_overrides({"steering": {"max_directions": 3}}, architecture=ARCHITECTURE, max_directions=2)
     with pytest.raises(ValueError, match="architectures"):
-        hf_overrides({"architectures": ["LlamaForCausalLM"]})
+        hf_overrides({"architectures": ["LlamaForCausalLM"]}, architecture=ARCHITECTURE)
     with pytest.raises(ValueError, match="bogus"):
-        hf_overrides({"steering": {"bogus": 1}})
+        hf_overrides({"steering": {"bogus": 1}}, architecture=ARCHITECTURE)
 
 
 def test_steered_llm_keeps_every_steering_setting_given_in_hf_overrides(monkeypatch):
@@ -82,6 +88,7 @@ def test_steered_llm_keeps_every_steering_setting_given_in_hf_overrides(monkeypa
 
     seen = {}
     monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("vllm_steer.offline.architecture_for", lambda *args: ARCHITECTURE)
     from vllm_steer import SteeredLLM
 
     SteeredLLM("model", vectors=["/abs/v.pt"], capture=True, hf_overrides={"steering": {"max_request_ops": 8, "sae": ["/abs/sae.pt"]}})

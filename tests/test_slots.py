@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_steer.model import SteeredLlamaDecoderLayer
+from vllm_steer.model import SteeringLayer
 from vllm_steer.reference import layer_ops, phase_mask, steer_stream
 from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
 from vllm_steer.runners import V2SlotWriter, release_v1, write_v1
@@ -24,13 +24,12 @@ SHAPE = ModelShape(num_layers=LAYERS, hidden_size=HIDDEN, steerable_layers=(0, 1
 
 
 class Layer(nn.Module):
-    """The steering half of SteeredLlamaDecoderLayer, without vLLM's attention and MLP."""
+    """The steering half of a steerable layer, without vLLM's attention and MLP."""
 
-    hidden_size = HIDDEN
     max_directions = None
-    attach_steering = SteeredLlamaDecoderLayer.attach_steering
-    attach_capture = SteeredLlamaDecoderLayer.attach_capture
-    steer = SteeredLlamaDecoderLayer.steer
+    attach_steering = SteeringLayer.attach_steering
+    attach_capture = SteeringLayer.attach_capture
+    steer = SteeringLayer.steer
 
 
 def make_registry() -> VectorRegistry:

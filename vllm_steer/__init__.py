@@ -1,15 +1,18 @@
 """vllm-steer: per-request activation steering for stock vLLM."""
 
-from vllm_steer.config import ARCHITECTURE, SteeringConfig, hf_overrides
+from vllm_steer.config import SteeringConfig, hf_overrides
+from vllm_steer.families import FAMILIES, UnsupportedModel, architecture_for
 from vllm_steer.spec import SteeringError, SteeringSpec, VectorEntry, parse_spec
 
 __all__ = [
-    "ARCHITECTURE",
+    "FAMILIES",
     "SteeredLLM",
     "SteeringConfig",
     "SteeringError",
     "SteeringSpec",
+    "UnsupportedModel",
     "VectorEntry",
+    "architecture_for",
     "hf_overrides",
     "parse_spec",
 ]

@@ -27,7 +27,7 @@ MAX_UNCOLLECTED = 4096  # results kept for clients that have not collected them 
 
 
 class CaptureTables:
-    def __init__(self, layers: dict[int, Any], num_slots: int, max_tokens: int):
+    def __init__(self, layers: dict[int, Any], num_slots: int, max_tokens: int, hidden: int):
         self.layers = layers
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
         self.token_weight = torch.zeros(max_tokens, dtype=torch.float32)
@@ -35,7 +35,7 @@ class CaptureTables:
         self.hi = torch.zeros(num_slots, dtype=torch.int64)
         self.scale = torch.zeros(num_slots, dtype=torch.float32)
         for layer in layers.values():
-            layer.attach_capture(self.token_slot, self.token_weight, num_slots)
+            layer.attach_capture(self.token_slot, self.token_weight, num_slots, hidden)
         self._spec_of: dict[int, CaptureSpec] = {}
         self._results: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
 

@@ -68,13 +68,19 @@ def serve(argv: list[str]) -> None:
                         help="a directory whose files POST /v1/steering/vectors may read; repeatable")
     parser.add_argument("--max-registry-vectors", type=int, default=1024)
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20)
+    # vLLM's own flags, read here too: the steered architecture depends on them.
+    parser.add_argument("--revision", default=None, help="(vLLM) the model revision")
+    parser.add_argument("--hf-overrides", type=json.loads, default=None, help="(vLLM) JSON; merged with the steering settings")
     args, passthrough = parser.parse_known_args(argv)
     model, vectors = _model_and_vectors(args)
     from vllm_steer.config import hf_overrides
+    from vllm_steer.families import architecture_for
     from vllm_steer.vectors import absolute_source
 
     registry_dir = args.registry_dir or tempfile.mkdtemp(prefix="vllm-steer-registry-")
     overrides = hf_overrides(
+        args.hf_overrides,
+        architecture=architecture_for(model, args.hf_overrides, args.revision),
         vector_files=tuple(vectors),
         sae=tuple(absolute_source(s) for s in args.sae),
         max_directions=args.max_directions,
@@ -92,7 +98,8 @@ def serve(argv: list[str]) -> None:
     _allow_endpoint_plugin()
     from vllm_steer.touchpoints import run_vllm_serve
 
-    run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *extra, *passthrough], prog="vllm-steer serve")
+    revision = ["--revision", args.revision] if args.revision else []
+    run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *revision, *extra, *passthrough], prog="vllm-steer serve")
 
 
 def _allow_endpoint_plugin() -> None:

@@ -1,11 +1,12 @@
 """Static steering settings of a served model, carried in ``hf_overrides``.
 
-    hf_overrides={"architectures": ["SteeredLlamaForCausalLM"],
+    hf_overrides={"architectures": ["SteeredLlamaForCausalLM"],  # Steered + the model's own
                   "steering": {"vector_files": ["steering_vectors.pt"],
                                "max_directions": 4, "layers": None}}
 
 vLLM sets dict-valued overrides on the HF config, so every process (front end and
-workers) reads the same settings from ``hf_config.steering``.
+workers) reads the same settings from ``hf_config.steering``. The steered architecture of a
+model comes from its own config (families.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-ARCHITECTURE = "SteeredLlamaForCausalLM"
-
 
 class SteeringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,10 +51,11 @@ class SteeringConfig(BaseModel):
         """What validation needs to know about the served model."""
         from vllm_steer.resolve import ModelShape
 
+        text = text_config(hf_config)
         return ModelShape(
-            num_layers=hf_config.num_hidden_layers,
-            hidden_size=hf_config.hidden_size,
-            steerable_layers=self.steerable_layers(hf_config.num_hidden_layers),
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            steerable_layers=self.steerable_layers(text.num_hidden_layers),
             max_directions=self.max_directions,
             max_request_ops=self.max_request_ops,
         )
@@ -75,12 +74,18 @@ class SteeringConfig(BaseModel):
         return tuple(sorted(set(self.layers)))
 
 
-def hf_overrides(user_overrides: dict[str, Any] | None = None, **steering: Any) -> dict[str, Any]:
-    """The ``hf_overrides`` that select the steered architecture with these settings, merged
-    with a caller's own ``hf_overrides`` (its ``steering`` dict merged key by key). A key set
-    both ways to different values is refused: one of them would be dropped silently."""
+def text_config(hf_config: Any) -> Any:
+    """The language model's config (a multimodal model nests it)."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if get is not None else hf_config
+
+
+def hf_overrides(user_overrides: dict[str, Any] | None = None, *, architecture: str, **steering: Any) -> dict[str, Any]:
+    """The ``hf_overrides`` that select the steered ``architecture`` with these settings,
+    merged with a caller's own ``hf_overrides`` (its ``steering`` dict merged key by key). A
+    key set both ways to different values is refused: one of them would be dropped silently."""
     settings = SteeringConfig(**steering).model_dump(exclude_defaults=True)
-    overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+    overrides: dict[str, Any] = {"architectures": [architecture]}
     user = dict(user_overrides or {})
     user_settings = dict(user.pop("steering", None) or {})
     for key, value in user_settings.items():

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from vllm_steer import control, touchpoints
-from vllm_steer.config import ARCHITECTURE, SteeringConfig
+from vllm_steer.config import SteeringConfig
+from vllm_steer.families import FAMILIES, is_steered
 from vllm_steer.resolve import ResolvedSteering, check_layer, resolve
 from vllm_steer.spec import DIGEST_PREFIX, CaptureSpec, SteeringError, parse_capture
 from vllm_steer.touchpoints import VLLMValidationError
@@ -172,7 +173,7 @@ def frontend_of(input_processor: Any) -> SteeringFrontend | None:
             frontend = getattr(input_processor, "_vllm_steer", None)
             if frontend is None:
                 hf_config = touchpoints.served_hf_config(input_processor)
-                steerable = ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+                steerable = is_steered(getattr(hf_config, "architectures", None))
                 frontend = SteeringFrontend(hf_config) if steerable else False
                 input_processor._vllm_steer = frontend
     return frontend or None
@@ -195,8 +196,9 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
     if frontend is None:
         raise SteeringRequestError(
             SteeringError(
-                f"needs the {ARCHITECTURE} architecture; start the engine with "
-                f'hf_overrides={{"architectures": ["{ARCHITECTURE}"]}} (vllm-steer serve and vllm_steer.SteeredLLM do this)'
+                "needs a steered model: start the engine with vllm-steer serve or vllm_steer.SteeredLLM, or give "
+                'vLLM hf_overrides={"architectures": ["Steered<its architecture>"]}, e.g. "SteeredLlamaForCausalLM" '
+                f"(families: {', '.join(family.architecture for family in FAMILIES.values())})"
             )
         )
     extra = dict(extra)

@@ -20,6 +20,7 @@ import numpy as np
 
 from vllm_steer import control
 from vllm_steer.config import hf_overrides
+from vllm_steer.families import architecture_for
 from vllm_steer.frontend import SteeringFrontend, frontend_of
 from vllm_steer.spec import SteeringSpec
 from vllm_steer.vectors import absolute_source
@@ -61,8 +62,10 @@ class SteeredLLM:
         the ``features`` form may name. ``llm_kwargs`` go to ``vllm.LLM``."""
         from vllm import LLM
 
+        user_overrides = llm_kwargs.pop("hf_overrides", None)
         overrides = hf_overrides(
-            llm_kwargs.pop("hf_overrides", None),
+            user_overrides,
+            architecture=architecture_for(model, user_overrides, llm_kwargs.get("revision")),
             vector_files=tuple(absolute_source(p) for p in vectors),
             sae=tuple(absolute_source(p) for p in sae),
             max_directions=max_directions,

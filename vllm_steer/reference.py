@@ -1,6 +1,7 @@
 """The original notebook's method: plain transformers with forward hooks.
 
-A post-hook on ``model.model.layers[L]`` edits that layer's output (the residual stream),
+A post-hook on decoder layer ``L`` (``model.model.layers[L]``; a multimodal model's
+language model's) edits that layer's output (the residual stream),
 one operation after another: the adds, then each clamp/ablate in the order given. It is
 the oracle the engine is tested against and the baseline the benchmarks beat. It applies
 each op on its own (no pre-summed rows), so it does not share the engine's table logic.
@@ -50,6 +51,11 @@ def steer_stream(hidden: torch.Tensor, prepared, inside: torch.Tensor) -> torch.
     return hidden
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (or of a multimodal model's language model)."""
+    return model.get_decoder().layers
+
+
 def phase_mask(positions: torch.Tensor, apply_to: str, prompt_len: int, dtype: torch.dtype) -> torch.Tensor:
     lo, hi = phase_bounds(apply_to, prompt_len)
     return ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(dtype)
@@ -57,7 +63,7 @@ def phase_mask(positions: torch.Tensor, apply_to: str, prompt_len: int, dtype: t
 
 class ReferenceSteerer:
     def __init__(self, model, vectors: dict[str, np.ndarray]):
-        """``model``: a transformers Llama; ``vectors``: digest -> float32 array."""
+        """``model``: a transformers causal LM; ``vectors``: digest -> float32 array."""
         self.model = model
         self.vectors = vectors
 
@@ -77,7 +83,7 @@ class ReferenceSteerer:
                 hidden = steer_stream(hidden, prepared, inside)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-            handles.append(self.model.model.layers[layer].register_forward_hook(hook, with_kwargs=True))
+            handles.append(decoder_layers(self.model)[layer].register_forward_hook(hook, with_kwargs=True))
         try:
             yield
         finally:

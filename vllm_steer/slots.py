@@ -76,8 +76,8 @@ class SteeringRuntime:
         self.phase_lo = torch.zeros(num_slots, dtype=torch.int64)
         self.phase_hi = torch.full((num_slots,), NEVER, dtype=torch.int64)
         for layer in layers.values():
-            layer.attach_steering(self.token_slot, num_slots, shape.max_directions)
-        self.capture = CaptureTables(layers, num_slots, max_tokens) if capture else None
+            layer.attach_steering(self.token_slot, num_slots, shape.max_directions, shape.hidden_size)
+        self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}
         self._layers_of: dict[int, tuple[int, ...]] = {}

@@ -2,8 +2,10 @@
 
 A vLLM upgrade starts as an audit of this file: ``tests/test_touchpoints.py`` asserts that
 each class, method and attribute named here exists with the signature relied on. The rest
-of the package talks to vLLM only through these functions (the model classes, which
-subclass vLLM's Llama, are in ``model.py`` and are checked by the same test).
+of the package talks to vLLM only through these functions, and through the model classes
+of ``families.py`` (vLLM's ``...ForCausalLM`` classes by module path, their ``model.layers``
+or ``get_language_model().model.layers``, and layers returning ``(hidden, residual)``),
+which the same test imports and the family tests run.
 
 Front end (every process that accepts requests)
 - ``InputProcessor.assign_request_id``: the one call every entry path makes once per
@@ -12,6 +14,7 @@ Front end (every process that accepts requests)
 - ``VLLMValidationError``: raised for a bad spec, answered as HTTP 400 by vLLM.
 
 Workers
+- ``PPMissingLayer``: a pipeline-parallel rank's placeholder for another rank's layer.
 - ``GPUModelRunner._update_states`` (Model Runner V1): wrapped to release the slots of
   finished and preempted requests (``SchedulerOutput.finished_req_ids`` and
   ``preempted_req_ids``) before V1 rebuilds its batch. (Running requests that are merely not
@@ -85,6 +88,14 @@ def prometheus_registry():
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     return get_prometheus_registry()
+
+
+# ---- workers: the model ----------------------------------------------------------------------
+def is_missing_layer(layer: Any) -> bool:
+    """A pipeline-parallel placeholder for a layer another rank holds."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    return isinstance(layer, PPMissingLayer)
 
 
 # ---- workers: Model Runner V1 -----------------------------------------------------------------

@@ -215,7 +215,7 @@ def spread(passes: Sequence[dict[str, Any]], kind: str, metric: str = "output_to
 # ---- memory ----------------------------------------------------------------------------------
 def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, max_directions: int,
                          dtype_bytes: int, max_num_batched_tokens: int) -> dict[str, int]:
-    """What SteeredLlamaForCausalLM allocates for steering (vllm_steer/model.py, slots.py).
+    """What a steered model allocates for steering (vllm_steer/model.py, slots.py).
 
     Per steerable layer, ``max_num_seqs + 1`` slot rows (row 0: no steering) of one summed
     add and ``max_directions`` directions of ``hidden`` values, plus one target per direction;
