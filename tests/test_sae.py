@@ -244,5 +244,5 @@ def test_what_is_not_an_sae_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="SAE source not found"):
         load_registry(sae=[str(tmp_path / "missing")])
     torch.save({"weight": torch.zeros(4, 4)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"no SAE decoder: expected 'decoder.weight' \[d_model, d_sae\] or 'W_dec'.*found weight"):
+    with pytest.raises(ValueError, match=r"no SAE decoder: expected one of 'decoder.weight' \[d_model, d_sae\], 'W_dec' \[d_sae, d_model\].*found weight"):
         load_registry(sae=[f"{tmp_path / 'other.pt'}#layer=1"])

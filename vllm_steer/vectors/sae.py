@@ -2,47 +2,116 @@
 ``[layer, feature_id, strength]``, and the vector of a feature is its decoder direction.
 
 Only the requested feature's row/column is copied out, each time into a fresh float32 array:
-the decoder stays memory-mapped (``torch.load(mmap=True)`` for ``.pt``, ``safe_open`` slices
-for ``.safetensors``), so the process holds no copy of it. (The OS pages in what is touched,
-and around it, as page cache: a column of a ``[d_model, d_sae]`` decoder touches one page per
-row.) Vectors are returned raw; the spec's resolution unit-normalizes features, as the
-notebook did.
+the decoder stays memory-mapped (``torch.load(mmap=True)`` for ``.pt``/``.pth``, ``safe_open``
+slices for ``.safetensors``, ``np.memmap`` into a stored ``.npz`` member; sae_arrays.py), so
+the process holds no copy of it. (The OS pages in what is touched, and around it, as page
+cache: a column of a ``[d_model, d_sae]`` decoder touches one page per row.) Vectors are
+returned raw; the spec's resolution unit-normalizes features, as the notebook did. A source
+also tells its ``d_model`` (the decoder's hidden size), ``num_features`` and its ``layout``:
+the keys of its encoder weights, bias and threshold where the suite has them (not read now;
+a feature's encoder is a row where its decoder is a column and vice versa, in every suite
+below).
 
-SAE source strings (paths and ``hf://`` addresses as in sources.py, option ``#layer=L``):
+Which layout a source is follows from its file name or, for a local folder, the files in it;
+there is no guessing from tensor shapes. The layer comes from the path or config as each suite
+names it, and ``#layer=L`` always wins. Our layer ``L`` is the output of decoder layer ``L``
+(HF ``model.layers[L]``): a hook ``blocks.L.hook_resid_post`` (TransformerLens) or
+``model.layers.L[.output]`` (HF) is layer ``L``; ``blocks.L.hook_resid_pre`` is layer ``L - 1``
+(the input of block ``L`` is the output of block ``L - 1``; see ``hook_layer``). Hooks that are
+not a layer's residual output (attention/MLP outputs, transcoders, ``hook_resid_mid``,
+embeddings) are refused unless ``#layer=`` says where to use them.
+
+SAE source strings (paths and ``hf://`` addresses as in sources.py, option ``#layer=L``). Facts
+below were read from the named public sources; "row" means the decoder is ``[d_sae, d_model]``
+and feature ``f`` is ``decoder[f]``, "column" means ``[d_model, d_sae]`` (an
+``nn.Linear(d_sae, d_model).weight``) and feature ``f`` is ``decoder[:, f]``.
 
 - dictionary_learning ``ae.pt`` -- e.g. ``hf://andyrdt/saes-llama-3.1-8b-instruct/
   resid_post_layer_11/trainer_1/ae.pt``: a state dict whose ``decoder.weight`` is
-  ``[d_model, d_sae]`` (``nn.Linear(dict_size, activation_dim)`` of ``AutoEncoder`` and
+  ``[d_model, d_sae]``, column (``nn.Linear(dict_size, activation_dim)`` of ``AutoEncoder`` and
   ``BatchTopKSAE`` in saprmarks/dictionary_learning ``dictionary_learning/dictionary.py`` and
-  ``trainers/batch_top_k.py``; the Eiffel Tower code reads ``sae["decoder.weight"][:, feature]``),
-  so a feature is a column. A ``W_dec`` ``[d_sae, d_model]`` key (``JumpReluAutoEncoder``) is
-  read by rows. The layer comes from ``resid_post_layer_{L}`` in the path (that repo's
-  ``model.model.layers[L]`` output, our layer ``L``) or ``#layer=``. A folder holding
-  ``ae.pt`` works too.
-- SAELens -- a folder holding ``sae_weights.safetensors`` (``W_dec`` ``[d_sae, d_in]``, a
-  feature is a row) and ``cfg.json``, or the ``.safetensors`` file itself (``cfg.json`` next
-  to it). The layer comes from the hook name (top-level ``hook_name`` or, from SAELens 6,
-  ``meta.hook_name``): ``blocks.L.hook_resid_post`` is layer ``L``,
-  ``blocks.L.hook_resid_pre`` is layer ``L - 1`` (the input of block ``L`` is the output of
-  block ``L - 1``), ``model.layers.L`` (an HF module's output) is layer ``L``; with no hook
-  name, ``hook_layer``. Other hooks (attention/MLP outputs, ``hook_resid_mid``) are not a
-  layer's residual output and are refused unless ``#layer=`` says where to use them.
+  ``trainers/batch_top_k.py``; the Eiffel Tower code reads ``sae["decoder.weight"][:, feature]``).
+  A ``W_dec`` ``[d_sae, d_model]`` key (``JumpReluAutoEncoder``) is read by rows. The layer
+  comes from ``resid_post_layer_{L}`` in the path (that repo's ``model.model.layers[L]``
+  output, our layer ``L``). A folder holding ``ae.pt`` works too.
+- SAELens -- a folder holding ``sae_weights.safetensors`` (``W_dec`` ``[d_sae, d_in]``, row)
+  and ``cfg.json``, or the ``.safetensors`` file itself (``cfg.json`` next to it). The layer
+  comes from the hook name (top-level ``hook_name`` or, from SAELens 6, ``meta.hook_name``);
+  with no hook name, ``hook_layer``. A hub folder is read as SAELens (nothing is listed to
+  look for other layouts): name the weights file for every other suite.
+- Gemma Scope (Gemma 2) -- ``params.npz``, e.g. ``hf://google/gemma-scope-2b-pt-res/
+  layer_20/width_16k/average_l0_71/params.npz`` (or a folder holding it). Keys ``W_enc``
+  ``[d_model, d_sae]``, ``W_dec`` ``[d_sae, d_model]`` (row), ``b_enc``, ``b_dec``,
+  ``threshold``, float32 (the Gemma Scope tutorial's ``JumpReLUSAE`` and SAELens
+  ``sae_lens/loading/pretrained_sae_loaders.py`` ``gemma_2_sae_huggingface_loader``, which
+  also accepts lower-case ``w_`` keys: matched case-insensitively here). Folder layout
+  ``layer_{L}/width_{W}/average_l0_{N}/params.npz`` (google/gemma-scope-2b-pt-res on the
+  hub); the ``-res`` repos are ``blocks.L.hook_resid_post`` (SAELens ``get_gemma_2_config_from_hf``),
+  so the layer is the ``layer_{L}`` folder. A path naming a ``gemma-scope-*-mlp``/``-att``/
+  ``-transcoders`` repo, or an ``embedding`` folder, is refused. The archive's members are
+  read in place when stored uncompressed; the hub's file sizes suggest both kinds exist
+  (``layer_9/width_65k/average_l0_61`` is 1.21 GB, float32's exact size, while
+  ``layer_22/width_65k/average_l0_62`` is 454 MB), and a compressed ``W_dec`` is streamed up
+  to the requested row on every read (a warning says so at load; see sae_arrays.py).
+- Gemma Scope 2 (Gemma 3) -- ``params.safetensors`` with ``config.json`` next to it, e.g.
+  ``hf://google/gemma-scope-2-1b-pt/resid_post/layer_13_width_16k_l0_medium/params.safetensors``
+  (or a folder holding it). Lower-case keys ``w_enc`` ``[d_model, d_sae]``, ``w_dec``
+  ``[d_sae, d_model]`` (row), ``b_enc``, ``b_dec``, ``threshold`` (SAELens
+  ``gemma_3_sae_huggingface_loader`` and its tests in ``tests/loading/
+  test_pretrained_sae_loaders.py``: ``d_in, d_sae = shape of w_enc``). Folders are
+  ``{site}/layer_{L}_width_{W}_l0_{S}`` with site ``resid_post``, ``resid_post_all``,
+  ``attn_out``, ``mlp_out``, ``transcoder``, ...; ``config.json`` holds ``hf_hook_point_in``
+  (``model.layers.L.output`` for ``resid_post``) and ``hf_hook_point_out``. The layer comes
+  from ``hf_hook_point_in`` (refused when ``hf_hook_point_out`` differs: a transcoder) or,
+  with no ``config.json``, from a ``resid_post``/``resid_post_all`` folder's ``layer_{L}``.
+- Llama Scope -- a folder holding ``hyperparams.json`` and ``checkpoints/final.safetensors``,
+  or that file, e.g. ``hf://fnlp/Llama3_1-8B-Base-LXR-8x/Llama3_1-8B-Base-L15R-8x/
+  checkpoints/final.safetensors``. Keys ``encoder.weight`` ``[d_sae, d_model]``,
+  ``encoder.bias``, ``decoder.weight`` ``[d_model, d_sae]`` (column), ``decoder.bias``; the
+  JumpReLU threshold is one number, ``jump_relu_threshold`` in ``hyperparams.json``, whose
+  ``dtype`` says ``torch.bfloat16`` (SAELens ``llama_scope_sae_huggingface_loader``, which
+  transposes ``decoder.weight`` into ``W_dec`` and casts to bfloat16; the tensors' stored dtype
+  was not seen, and any float dtype is read). The layer comes from ``hook_point_in``
+  (``blocks.L.hook_resid_post`` for the ``LXR`` repos; ``LXA``/``LXM``/``LXTC`` are attention,
+  MLP and transcoder SAEs, refused).
+- Qwen-Scope -- ``layer{L}.sae.pt``, e.g. ``hf://Qwen/SAE-Res-Qwen3-8B-Base-W64K-L0_50/
+  layer20.sae.pt``: a torch dict ``W_enc`` ``[d_sae, d_model]``, ``W_dec`` ``[d_model, d_sae]``
+  (column, unlike SAELens' ``W_dec``), ``b_enc``, ``b_dec`` (the model card of
+  Qwen/SAE-Res-Qwen3.5-2B-Base-W32K-L0_100: "Each checkpoint file layer{n}.sae.pt is a Python
+  dict with four tensors", hook point "Residual stream", layers 0-23 of 24; a public test
+  suite's copy of Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50's ``config.json`` reads
+  ``"hook_point": "resid_post"``, ``"dtype": "float32"``). The layer is ``L`` of the file name
+  (the residual stream after decoder layer ``L``). ``b_dec``'s length confirms which decoder
+  axis is ``d_model``.
+- Goodfire -- ``Goodfire/Llama-3.1-8B-Instruct-SAE-l19`` (``Llama-3.1-8B-Instruct-SAE-l19.pth``)
+  and ``Goodfire/Llama-3.3-70B-Instruct-SAE-l50`` (``Llama-3.3-70B-Instruct-SAE-l50.pt``, once
+  named ``Llama-3.3-70B-Instruct__model.layers.50.pt``): a ``.pt``/``.pth`` state dict with
+  ``encoder_linear.weight`` ``[d_sae, d_model]``, ``encoder_linear.bias``,
+  ``decoder_linear.weight`` ``[d_model, d_sae]`` (column), ``decoder_linear.bias``, float32
+  (SAELens ``get_goodfire_huggingface_loader``, which transposes it into ``W_dec``, with
+  ``blocks.19``/``blocks.50.hook_resid_post``; the hub lists FloatStorage pickles). Found by
+  the ``decoder_linear.weight`` key in any ``.pt``/``.pth``; the layer is ``l{L}`` of
+  ``-SAE-l{L}`` (or ``model.layers.{L}``) in the path.
 
-``#layer=L`` always wins over what the path or config says.
+An SAE whose ``d_model`` differs from the model's hidden size is refused when a feature of it
+is resolved (resolve.py: the vector's size against the hidden size).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import posixpath
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vllm_steer.vectors.pt_format import safe_torch_load
 from vllm_steer.vectors.registry import FeatureSource
+from vllm_steer.vectors.sae_arrays import NpzArrays, SafetensorsArrays, TorchArrays
 from vllm_steer.vectors.sources import Source, int_option, parse_source
 
 logger = logging.getLogger(__name__)
@@ -52,152 +121,333 @@ AE_LAYER = re.compile(r"resid_post_layer_(\d+)")
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
 AE_FILE = "ae.pt"
-# (decoder key, whether a feature is a column): dictionary_learning, SAELens/JumpReLU.
-DECODER_KEYS = (("decoder.weight", True), ("W_dec", False))
+GEMMA_SCOPE_FILE = "params.npz"
+GEMMA_SCOPE_2_FILE = "params.safetensors"
+GEMMA_SCOPE_2_CONFIG = "config.json"
+LLAMA_SCOPE_FILE = "checkpoints/final.safetensors"
+LLAMA_SCOPE_CONFIG = "hyperparams.json"
+QWEN_SCOPE_FILE = re.compile(r"layer(\d+)\.sae\.pt")
+GOODFIRE_LAYER = re.compile(r"-SAE-l(\d+)|model\.layers\.(\d+)")
+GEMMA_SCOPE_SITE = re.compile(r"gemma-scope-\d+b-(?:pt|it)-(res|mlp|att|transcoders)\b")
+GEMMA_SCOPE_LAYER = re.compile(r"(?:^|/)layer_(\d+)/")
+GEMMA_SCOPE_2_FOLDER = re.compile(r"(?:^|/)(\w+)/layer_(\d+)_width_")
+RESIDUAL_HOOKS = "blocks.L.hook_resid_post, blocks.L.hook_resid_pre or model.layers.L"
 
 
-class _Decoder:
-    """Shared bookkeeping: which axis is the feature axis, range checks, the description."""
+@dataclass(frozen=True)
+class Layout:
+    """Where one suite keeps its weights. ``columns``: a feature is a column of the decoder
+    (``[d_model, d_sae]``), else a row (``[d_sae, d_model]``); its encoder is the other way
+    round. The encoder, bias and threshold keys are recorded for a later on-demand encoder."""
 
-    def __init__(self, layer: int, shape: tuple[int, ...], columns: bool, description: str, where: str):
+    suite: str
+    decoder: str
+    columns: bool
+    encoder: str | None = None
+    encoder_bias: str | None = None
+    decoder_bias: str | None = None
+    threshold: str | None = None
+
+
+DICTIONARY_LEARNING = Layout("dictionary_learning", "decoder.weight", True, "encoder.weight", "encoder.bias", "b_dec")
+JUMPRELU = Layout("JumpReLU", "W_dec", False, "W_enc", "b_enc", "b_dec", "threshold")  # SAELens, JumpReluAutoEncoder
+SAELENS = dataclasses.replace(JUMPRELU, suite="SAELens")
+GEMMA_SCOPE = dataclasses.replace(JUMPRELU, suite="Gemma Scope")
+GEMMA_SCOPE_2 = Layout("Gemma Scope 2", "w_dec", False, "w_enc", "b_enc", "b_dec", "threshold")
+LLAMA_SCOPE = Layout("Llama Scope", "decoder.weight", True, "encoder.weight", "encoder.bias", "decoder.bias")
+QWEN_SCOPE = Layout("Qwen-Scope", "W_dec", True, "W_enc", "b_enc", "b_dec")
+GOODFIRE = Layout(
+    "Goodfire", "decoder_linear.weight", True, "encoder_linear.weight", "encoder_linear.bias", "decoder_linear.bias"
+)
+# A .pt/.pth or SAELens-style .safetensors is read by whichever decoder key it holds.
+TORCH_LAYOUTS = (DICTIONARY_LEARNING, JUMPRELU, GOODFIRE)
+SAFETENSORS_LAYOUTS = (SAELENS, DICTIONARY_LEARNING)
+
+
+class DecoderSource:
+    """A feature source over the decoder of one SAE file, read a row/column at a time."""
+
+    def __init__(self, arrays, layout: Layout, layer: int, description: str):
+        where = f"{arrays.path}[{layout.decoder!r}]"
+        key = _find_key(arrays, layout.decoder)
+        if key is None:
+            found = _shown(arrays.keys())
+            raise ValueError(f"{arrays.path}: no {layout.decoder!r} ({layout.suite} decoder); found {found}")
+        shape = arrays.shape(key)
         if len(shape) != 2:
             raise ValueError(f"{where}: the decoder has shape {list(shape)}; expected 2-D")
+        if not arrays.floating(key):
+            raise ValueError(f"{where}: the decoder is not a floating-point array")
+        self.arrays = arrays
+        self.key = key
+        self.layout = layout
         self.layer = layer
-        self.columns = columns
-        self.num_features = int(shape[1] if columns else shape[0])
-        self.dimension = int(shape[0] if columns else shape[1])
+        self.columns = layout.columns
+        self.num_features = int(shape[1] if layout.columns else shape[0])
+        self.d_model = int(shape[0] if layout.columns else shape[1])
         self.description = description
+        bias = layout.decoder_bias and _find_key(arrays, layout.decoder_bias)
+        if bias and arrays.shape(bias) != (self.d_model,):
+            expected = "[d_model, d_sae]" if layout.columns else "[d_sae, d_model]"
+            raise ValueError(
+                f"{where}: the decoder is {list(shape)} but {bias!r} is {list(arrays.shape(bias))}: "
+                f"expected a {layout.suite} decoder as {expected}"
+            )
 
-    def _check(self, feature_id: int) -> None:
+    def feature(self, feature_id: int) -> np.ndarray:
         if not 0 <= feature_id < self.num_features:
             raise KeyError(
                 f"feature {feature_id} is out of range: {self.description} has features 0-{self.num_features - 1}"
             )
-
-
-class TorchDecoderSource(_Decoder):
-    """A feature source over a ``.pt`` state dict, memory-mapped."""
-
-    def __init__(self, path: Path, layer: int, description: str):
-        try:
-            state = safe_torch_load(path, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            logger.warning("%s: saved in torch's legacy format, which cannot be memory-mapped; loading it whole", path)
-            state = safe_torch_load(path)
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected an SAE state dict, got {type(state).__name__}")
-        key, columns = _decoder_key(state.keys(), path)
-        decoder = state[key]
-        if not isinstance(decoder, torch.Tensor) or not decoder.is_floating_point():
-            raise ValueError(f"{path}: {key} is not a floating-point tensor")
-        super().__init__(layer, tuple(decoder.shape), columns, description, f"{path}[{key!r}]")
-        self._decoder = decoder  # memory-mapped; the rest of the state dict is dropped
-
-    def feature(self, feature_id: int) -> np.ndarray:
-        self._check(feature_id)
-        row = self._decoder[:, feature_id] if self.columns else self._decoder[feature_id]
-        out = torch.empty(self.dimension, dtype=torch.float32)
-        out.copy_(row)
-        return out.numpy()
-
-
-class SafetensorsDecoderSource(_Decoder):
-    """A feature source over a ``.safetensors`` decoder; each feature is one slice read."""
-
-    def __init__(self, path: Path, layer: int, description: str):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as file:
-            key, columns = _decoder_key(file.keys(), path)
-            shape = tuple(file.get_slice(key).get_shape())
-        super().__init__(layer, shape, columns, description, f"{path}[{key!r}]")
-        self.path = path
-        self.key = key
-
-    def feature(self, feature_id: int) -> np.ndarray:
-        from safetensors import safe_open
-
-        self._check(feature_id)
-        with safe_open(str(self.path), framework="pt") as file:
-            part = file.get_slice(self.key)
-            row = part[:, feature_id : feature_id + 1] if self.columns else part[feature_id : feature_id + 1]
-        return row.reshape(-1).to(torch.float32).numpy().copy()
+        read = self.arrays.column if self.columns else self.arrays.row
+        return read(self.key, feature_id)
 
 
 def load_sae(text: str) -> FeatureSource:
     """The feature source an SAE source string names (downloading hub files first)."""
     source = parse_source(text, OPTIONS)
     layer = int_option(source, "layer")
-    if source.hub is None and not source.local_path().exists():
-        raise FileNotFoundError(f"SAE source not found: {source.local_path()}")
+    hub_folder = False
+    if source.hub is None:
+        path = source.local_path()
+        if not path.exists():
+            raise FileNotFoundError(f"SAE source not found: {path}")
+        if path.is_dir():  # read as the file it holds, so the layer rules see that file's path
+            source = dataclasses.replace(source, location=str(_folder_weights(path, source.text)))
+    elif _suite(source) is None:
+        # A hub folder: SAELens layout, as its sae_weights.safetensors (no listing is fetched to
+        # look for anything else; SAELens folders are named like blocks.11.hook_resid_post).
+        source = dataclasses.replace(source, hub=source.hub.child(SAELENS_WEIGHTS))
+        hub_folder = True
+    suite = _suite(source)
+    if suite is None:
+        raise _not_an_sae(source.text)
+    if suite == "torch":
+        arrays = TorchArrays(source.local_path())
+        layout = _pick_layout(arrays, TORCH_LAYOUTS)
+        rule = _goodfire_layer if layout is GOODFIRE else _ae_layer
+        return DecoderSource(arrays, layout, _layer(layer, rule, source), source.text)
+    if suite == "saelens":
+        arrays = SafetensorsArrays(_fetch(source, hub_folder))
+        layout = _pick_layout(arrays, SAFETENSORS_LAYOUTS)
+        return DecoderSource(arrays, layout, _layer(layer, _saelens_layer, source), source.text)
+    layout, reader, rule = SUITES[suite]
+    found = _layer(layer, rule, source)  # before the weights: configs are small, and may refuse
+    decoder = DecoderSource(reader(source.local_path()), layout, found, source.text)
+    if isinstance(decoder.arrays, NpzArrays) and decoder.arrays.compressed(decoder.key):
+        logger.warning(
+            "%s: %s is compressed in the archive, so each feature read decompresses it up to that feature "
+            "(up to all %d rows); re-save it with np.savez to read features in place",
+            source.text, decoder.key, decoder.num_features,
+        )
+    return decoder
+
+
+def _suite(source: Source) -> str | None:
+    """Which layout a file is, by its name (None: not an SAE file name)."""
+    name = source.name
+    if QWEN_SCOPE_FILE.fullmatch(name):
+        return "qwen_scope"
     if source.suffix in (".pt", ".pth"):
-        return TorchDecoderSource(source.local_path(), _ae_layer(source, layer), source.text)
+        return "torch"  # dictionary_learning, Goodfire or a W_dec state dict: by the keys in it
+    if source.suffix == ".npz":
+        return "gemma_scope"
+    if name == GEMMA_SCOPE_2_FILE:
+        return "gemma_scope_2"
+    if ("/" + _location(source)).endswith("/" + LLAMA_SCOPE_FILE):
+        return "llama_scope"
     if source.suffix == ".safetensors":
-        weights = source.local_path()
-        config = None
-        if layer is None:
-            config = source.hub.sibling(SAELENS_CONFIG).download_if_present() if source.hub else weights.parent / SAELENS_CONFIG
-        return SafetensorsDecoderSource(weights, _saelens_layer(config, layer, source), source.text)
-    # Anything else is a folder (SAELens folders are named like blocks.11.hook_resid_post).
-    if source.hub:  # a hub folder: SAELens layout (no listing is fetched to look for anything else)
-        weights = source.hub.child(SAELENS_WEIGHTS).download()
-        config = source.hub.child(SAELENS_CONFIG).download_if_present() if layer is None else None
-        return SafetensorsDecoderSource(weights, _saelens_layer(config, layer, source), source.text)
-    folder = source.local_path()
-    if folder.is_dir() and (folder / SAELENS_WEIGHTS).is_file():
-        config = folder / SAELENS_CONFIG if layer is None else None
-        return SafetensorsDecoderSource(folder / SAELENS_WEIGHTS, _saelens_layer(config, layer, source), source.text)
-    if folder.is_dir() and (folder / AE_FILE).is_file():
-        return TorchDecoderSource(folder / AE_FILE, _ae_layer(source, layer), source.text)
-    raise ValueError(
-        f"{source.text}: not an SAE decoder; supported: a dictionary_learning .pt (e.g. ae.pt), a SAELens "
-        f"{SAELENS_WEIGHTS} (with {SAELENS_CONFIG} next to it) or a folder holding either"
+        return "saelens"
+    return None
+
+
+def _not_an_sae(text: str) -> ValueError:
+    return ValueError(
+        f"{text}: not an SAE decoder; supported: a dictionary_learning .pt (e.g. ae.pt), a SAELens "
+        f"{SAELENS_WEIGHTS} (with {SAELENS_CONFIG} next to it), Gemma Scope {GEMMA_SCOPE_FILE}, Gemma Scope 2 "
+        f"{GEMMA_SCOPE_2_FILE} (with {GEMMA_SCOPE_2_CONFIG}), Llama Scope {LLAMA_SCOPE_FILE} (with "
+        f"{LLAMA_SCOPE_CONFIG} in the folder above), Qwen-Scope layer<L>.sae.pt, a Goodfire .pth/.pt, or a "
+        "folder holding one of them"
     )
 
 
-def _decoder_key(keys, path: Path) -> tuple[str, bool]:
-    keys = list(keys)
-    for key, columns in DECODER_KEYS:
-        if key in keys:
-            return key, columns
-    shown = ", ".join(sorted(keys)[:10])
-    raise ValueError(
-        f"{path}: no SAE decoder: expected 'decoder.weight' [d_model, d_sae] or 'W_dec' [d_sae, d_model]; found {shown}"
+def _folder_weights(folder: Path, text: str) -> Path:
+    """The weights file a local folder holds, by the files in it; refused when it holds the
+    files of more than one layout."""
+    candidates = [SAELENS_WEIGHTS, AE_FILE, GEMMA_SCOPE_FILE, GEMMA_SCOPE_2_FILE]
+    found = [folder / name for name in candidates if (folder / name).is_file()]
+    if (folder / LLAMA_SCOPE_FILE).is_file() and (folder / LLAMA_SCOPE_CONFIG).is_file():
+        found.append(folder / LLAMA_SCOPE_FILE)
+    if len(found) > 1:
+        names = ", ".join(str(path.relative_to(folder)) for path in found)
+        raise ValueError(f"{text}: the folder holds the weights of more than one SAE layout ({names}): name the file")
+    if not found:
+        raise _not_an_sae(text)
+    return found[0]
+
+
+def _fetch(source: Source, hub_folder: bool) -> Path:
+    """The weights file; for a hub folder, a missing one says which files to name instead."""
+    from huggingface_hub import errors
+
+    try:
+        return source.local_path()
+    except errors.EntryNotFoundError as exc:
+        if not hub_folder or isinstance(exc, errors.LocalEntryNotFoundError):
+            raise
+        raise ValueError(
+            f"{source.text}: no {SAELENS_WEIGHTS} in that folder; a hub folder is read as SAELens, so name the "
+            f"weights file of other suites ({GEMMA_SCOPE_FILE}, {GEMMA_SCOPE_2_FILE}, {LLAMA_SCOPE_FILE}, "
+            "layer<L>.sae.pt, the .pth)"
+        ) from None
+
+
+def _find_key(arrays, key: str) -> str | None:
+    """``key`` as the file spells it: exactly, else the one key equal ignoring case."""
+    keys = arrays.keys()
+    if key in keys:
+        return key
+    folded = [k for k in keys if k.lower() == key.lower()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def _pick_layout(arrays, layouts: tuple[Layout, ...]) -> Layout:
+    keys = arrays.keys()
+    for layout in layouts:
+        if layout.decoder in keys:
+            return layout
+    expected = ", ".join(
+        f"{layout.decoder!r} {'[d_model, d_sae]' if layout.columns else '[d_sae, d_model]'}" for layout in layouts
     )
+    raise ValueError(f"{arrays.path}: no SAE decoder: expected one of {expected}; found {_shown(keys)}")
 
 
-def _ae_layer(source: Source, layer: int | None) -> int:
-    if layer is not None:
-        return layer
-    match = AE_LAYER.search(source.location)
+def _shown(keys) -> str:
+    return ", ".join(sorted(keys)[:10]) or "nothing"
+
+
+def _location(source: Source) -> str:
+    """The path the layer rules read: the hub path with its repo, or the local path."""
+    if source.hub:
+        return f"{source.hub.repo_id}/{source.hub.filename}"
+    return Path(source.location).expanduser().as_posix()
+
+
+def _beside(source: Source, name: str) -> Path | None:
+    """A file next to the weights (``name`` may start with ``../``); None when there is none."""
+    if source.hub:
+        filename = posixpath.normpath(posixpath.join(posixpath.dirname(source.hub.filename), name))
+        return dataclasses.replace(source.hub, filename=filename).download_if_present()
+    path = Path(os.path.normpath(Path(source.location).expanduser().parent / name))
+    return path if path.is_file() else None
+
+
+# ---- layers: #layer= wins, and then nothing is read to find one ------------------------------------
+def _layer(given: int | None, rule, source: Source) -> int:
+    return given if given is not None else rule(source)
+
+
+def _path_layer(source: Source, pattern: re.Pattern, named: str) -> int:
+    match = pattern.search(_location(source))
     if match is None:
-        raise ValueError(f"{source.text}: cannot tell the layer (no resid_post_layer_N in the path): add #layer=N")
-    return int(match[1])
+        raise ValueError(f"{source.text}: cannot tell the layer (no {named} in the path): add #layer=N")
+    return int(next(group for group in match.groups() if group is not None))
 
 
-def _saelens_layer(config_path: Path | None, layer: int | None, source: Source) -> int:
-    if layer is not None:
-        return layer
-    if config_path is None or not config_path.is_file():
+def _ae_layer(source: Source) -> int:
+    return _path_layer(source, AE_LAYER, "resid_post_layer_N")
+
+
+def _goodfire_layer(source: Source) -> int:
+    return _path_layer(source, GOODFIRE_LAYER, "-SAE-lN or model.layers.N")
+
+
+def _qwen_scope_layer(source: Source) -> int:
+    return int(QWEN_SCOPE_FILE.fullmatch(source.name)[1])
+
+
+def _gemma_scope_layer(source: Source) -> int:
+    where = _location(source)
+    site = GEMMA_SCOPE_SITE.search(where)
+    kinds = {"mlp": "an MLP-output", "att": "an attention-output", "transcoders": "a transcoder"}
+    kind = kinds.get(site[1]) if site else None
+    if kind is None and re.search(r"(?:^|/)embedding/", where):
+        kind = "an embedding"
+    if kind:
+        raise ValueError(f"{source.text}: {kind} SAE, not the residual stream at a layer's output; {_anyway()}")
+    return _path_layer(source, GEMMA_SCOPE_LAYER, "layer_N folder")
+
+
+def _gemma_scope_2_layer(source: Source) -> int:
+    config = _beside(source, GEMMA_SCOPE_2_CONFIG)
+    if config is not None:
+        return _config_hook_layer(source, config, "hf_hook_point_in", "hf_hook_point_out")
+    match = GEMMA_SCOPE_2_FOLDER.search(_location(source))
+    if match is None:
+        raise ValueError(
+            f"{source.text}: no {GEMMA_SCOPE_2_CONFIG} next to it and no site/layer_N_width_ folder: add #layer=N"
+        )
+    if match[1] not in ("resid_post", "resid_post_all"):
+        raise ValueError(f"{source.text}: a {match[1]} SAE, not the residual stream at a layer's output; {_anyway()}")
+    return int(match[2])
+
+
+def _llama_scope_layer(source: Source) -> int:
+    config = _beside(source, "../" + LLAMA_SCOPE_CONFIG)
+    if config is None:
+        raise ValueError(
+            f"{source.text}: no {LLAMA_SCOPE_CONFIG} in the folder above to take the layer from: add #layer=N"
+        )
+    return _config_hook_layer(source, config, "hook_point_in", "hook_point_out")
+
+
+def _config_hook_layer(source: Source, config_path: Path, hook_in: str, hook_out: str) -> int:
+    """The layer of a config's input hook; one that writes elsewhere than it reads is a transcoder."""
+    config = json.loads(config_path.read_text())
+    hook, out = config.get(hook_in), config.get(hook_out)
+    if hook is None:
+        raise ValueError(f"{source.text}: {config_path.name} names no {hook_in}: add #layer=N")
+    if out is not None and out != hook:
+        raise ValueError(f"{source.text}: reads {hook!r} and writes {out!r} (a transcoder), not an SAE; {_anyway()}")
+    return _hook_to_layer(hook, source)
+
+
+def _saelens_layer(source: Source) -> int:
+    config_path = _beside(source, SAELENS_CONFIG)
+    if config_path is None:
         raise ValueError(f"{source.text}: no {SAELENS_CONFIG} next to the weights to take the layer from: add #layer=N")
     config = json.loads(config_path.read_text())
     meta = config.get("meta") or config.get("metadata") or {}
     hook = config.get("hook_name") or meta.get("hook_name")
     if hook:
-        parsed = hook_layer(hook)
-        if parsed is None:
-            raise ValueError(
-                f"{source.text}: hook {hook!r} is not the residual stream at a decoder layer's output "
-                "(blocks.L.hook_resid_post, blocks.L.hook_resid_pre or model.layers.L), where steering "
-                "applies; add #layer=N to use it at layer N anyway"
-            )
-        return parsed
+        return _hook_to_layer(hook, source)
     number = config.get("hook_layer", meta.get("hook_layer"))
     if number is None:
         raise ValueError(f"{source.text}: {SAELENS_CONFIG} names no hook_name or hook_layer: add #layer=N")
     return int(number)
+
+
+def _hook_to_layer(hook: str, source: Source) -> int:
+    parsed = hook_layer(hook)
+    if parsed is None:
+        raise ValueError(
+            f"{source.text}: hook {hook!r} is not the residual stream at a decoder layer's output "
+            f"({RESIDUAL_HOOKS}), where steering applies; {_anyway()}"
+        )
+    return parsed
+
+
+def _anyway() -> str:
+    return "add #layer=N to use it at layer N anyway"
+
+
+# The suites found by file name alone: layout, reader, layer rule.
+SUITES = {
+    "qwen_scope": (QWEN_SCOPE, TorchArrays, _qwen_scope_layer),
+    "gemma_scope": (GEMMA_SCOPE, NpzArrays, _gemma_scope_layer),
+    "gemma_scope_2": (GEMMA_SCOPE_2, SafetensorsArrays, _gemma_scope_2_layer),
+    "llama_scope": (LLAMA_SCOPE, SafetensorsArrays, _llama_scope_layer),
+}
 
 
 def hook_layer(hook: str) -> int | None:
@@ -207,5 +457,5 @@ def hook_layer(hook: str) -> int | None:
     if match:
         layer = int(match[1]) - (match[2] == "pre")
         return layer if layer >= 0 else None  # blocks.0.hook_resid_pre is the embeddings
-    match = re.fullmatch(r"(?:model\.)?layers\.(\d+)", hook)
+    match = re.fullmatch(r"(?:model\.)?layers\.(\d+)(?:\.output)?", hook)
     return int(match[1]) if match else None
