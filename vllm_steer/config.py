@@ -60,10 +60,15 @@ class SteeringConfig(BaseModel):
             max_request_ops=self.max_request_ops,
         )
 
-    def load_registry(self):
+    def load_registry(self, hf_config: Any = None):
+        """The registry of the configured files; given the model's config, a vector or SAE
+        of another hidden size or beyond the model's layers is refused at start."""
         from vllm_steer.vectors import load_registry
 
-        return load_registry(self.vector_files, self.sae)
+        if hf_config is None:
+            return load_registry(self.vector_files, self.sae)
+        text = text_config(hf_config)
+        return load_registry(self.vector_files, self.sae, text.hidden_size, text.num_hidden_layers)
 
     def steerable_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.layers is None:

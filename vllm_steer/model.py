@@ -118,7 +118,7 @@ class SteeredModel:
         }
         self.steering = SteeringRuntime(
             shape=shape,
-            registry=settings.load_registry(),
+            registry=settings.load_registry(hf_config),
             layers=local_layers,
             num_slots=scheduler.max_num_seqs + 1,
             max_tokens=scheduler.max_num_batched_tokens,

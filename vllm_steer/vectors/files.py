@@ -74,9 +74,13 @@ def load_vector_file(path: str | Path, registry: VectorRegistry, *, name: str | 
     file_format.read(local, registry, name=name, source=source.text)
 
 
-def load_registry(vector_files: Iterable[str] = (), sae: Iterable[str] = ()) -> VectorRegistry:
+def load_registry(
+    vector_files: Iterable[str] = (), sae: Iterable[str] = (), hidden_size: int | None = None, num_layers: int | None = None
+) -> VectorRegistry:
     """A registry holding the configured vector files, with the configured SAE decoders as
-    on-demand feature sources. Every process builds the same one from the same settings."""
+    on-demand feature sources. Every process builds the same one from the same settings.
+    Given the model's ``hidden_size`` and ``num_layers``, a vector or SAE made for another
+    model is refused here, at start, rather than at its first request."""
     registry = VectorRegistry()
     for path in vector_files:
         load_vector_file(path, registry)
@@ -87,7 +91,24 @@ def load_registry(vector_files: Iterable[str] = (), sae: Iterable[str] = ()) -> 
             raise ValueError(f"two SAE decoders for layer {source.layer}: {by_layer[source.layer]} and {text}")
         by_layer[source.layer] = text
         registry.add_feature_source(source)
+    if hidden_size is not None:
+        _check_model_fit(registry, hidden_size, num_layers)
     return registry
+
+
+def _check_model_fit(registry: VectorRegistry, hidden_size: int, num_layers: int | None) -> None:
+    for name in registry.names():
+        where = f"vector {name!r} from {registry.info(name).source}"
+        for layer, array in registry.arrays_of(name).items():
+            if array.size != hidden_size:
+                raise ValueError(f"{where} has {array.size} values; this model's hidden size is {hidden_size}")
+            if num_layers is not None and layer != ANY_LAYER and not 0 <= layer < num_layers:
+                raise ValueError(f"{where} is for layer {layer}; this model has layers 0-{num_layers - 1}")
+    for source in registry.feature_sources():
+        if source.d_model != hidden_size:
+            raise ValueError(f"SAE {source.description} has d_model {source.d_model}; this model's hidden size is {hidden_size}")
+        if num_layers is not None and not 0 <= source.layer < num_layers:
+            raise ValueError(f"SAE {source.description} is for layer {source.layer}; this model has layers 0-{num_layers - 1}")
 
 
 def export_vectors(

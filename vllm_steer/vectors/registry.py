@@ -65,6 +65,7 @@ class FeatureSource(Protocol):
 
     layer: int
     num_features: int
+    d_model: int  # the hidden size it was trained on
     description: str
 
     def feature(self, feature_id: int) -> np.ndarray:
