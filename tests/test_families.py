@@ -2,7 +2,9 @@
 ``model.layers[L]``), isolation in a mixed batch and in the prefix cache, and unsteered output
 bit-identical to stock vLLM. Llama itself is covered by the rest of the suite (test_engine,
 test_prefix_cache, ...). Each family gets one engine, shared by its tests, on the session's
-model runner.
+model runner. Family engines run eagerly and in the test process (vLLM's
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``): they start in seconds rather than a minute, and the
+steering layer under torch.compile is covered by the Llama suite.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CACHE, ENGINE_ARGS
+from conftest import CACHE, ENGINE_ARGS, scoped_environ
 from helpers import Generation, assert_same_tokens_close_logprobs, reference, run
 
 FAMILIES = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe", "mixtral"]
 LAYERS = 3  # first, middle and last
+FAMILY_ENGINE = {**ENGINE_ARGS, "max_num_seqs": 16, "enforce_eager": True}
+
+
+def start(factory, path):
+    with scoped_environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        return factory(path)
 STORY = "Tell me a story about the Eiffel Tower, the ocean and dogs in the park. " * 16
 
 
@@ -42,7 +50,8 @@ def family(request, runner):
     name = request.param
     path = build_tiny_model(CACHE / f"tiny-{name}", name, num_layers=LAYERS)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # Eager attention: transformers' default (SDPA) skips Gemma 2's attention softcapping.
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     prompts = [tokenizer.encode(text, add_special_tokens=False) for text in ("Who are you?", "Give me three business ideas about the ocean.", STORY)]
     with torch.no_grad():
         states = hf_model(torch.tensor([prompts[1]]), output_hidden_states=True).hidden_states
@@ -54,7 +63,7 @@ def family(request, runner):
     directions = {f"random{i}": unit(generator.standard_normal(hf_model.config.hidden_size)) for i in range(3)}
     directions["mean_last"] = unit(states[LAYERS][0].mean(0).numpy())
     norms = [float(states[layer + 1][0].norm(dim=-1).mean()) for layer in range(LAYERS)]
-    llm = SteeredLLM(path, **{**ENGINE_ARGS, "max_num_seqs": 16})
+    llm = start(lambda model: SteeredLLM(model, **FAMILY_ENGINE), path)
     yield Family(name, path, llm, hf_model, prompts, directions, norms)
     llm.shutdown()
 
@@ -94,7 +103,10 @@ def test_parity_with_the_familys_own_transformers_model(case, family, batch, gen
     expected = reference(family.hf_model, family.llm, family.prompts[1], spec, gen_len)
     assert_same_tokens_close_logprobs(got, expected)
     if case != "unsteered":
-        assert got.token_ids != batch["unsteered"][1].token_ids, "this steering should change the output"
+        # Random Gemma checkpoints tend to repeat one token: then the logprobs tell.
+        plain = batch["unsteered"][1]
+        changed = got.token_ids != plain.token_ids or max(abs(a - b) for a, b in zip(got.logprobs, plain.logprobs)) > 1e-2
+        assert changed, "this steering should change the output"
 
 
 def test_steered_and_unsteered_never_share_kv_blocks(family, gen_len):
@@ -111,21 +123,23 @@ def test_steered_and_unsteered_never_share_kv_blocks(family, gen_len):
     assert again.token_ids == clean.token_ids and again.logprobs == clean.logprobs
 
 
-def test_unsteered_output_is_bit_identical_to_stock_vllm(family, gen_len, runner):
+def test_unsteered_output_is_bit_identical_to_stock_vllm(family, gen_len):
     """The steered class with nothing steered computes exactly what vLLM's own class does
     (the same batch on both, so both run the same kernels on the same shapes)."""
-    if runner == "v2":
-        pytest.skip("checked on V1: a second engine per family costs minutes through V2's interpreter")
     from vllm import LLM
 
     from helpers import generations, greedy
 
     prompts = family.prompts[:2] * 2
     steered = run(family.llm, prompts, [None] * len(prompts), gen_len)
-    stock = LLM(model=str(family.path), **{**ENGINE_ARGS, "max_num_seqs": 16})
+    stock = start(lambda model: LLM(model=str(model), **FAMILY_ENGINE), family.path)
     try:
         plain = generations(stock.generate([{"prompt_token_ids": p} for p in prompts], greedy(gen_len), use_tqdm=False))
     finally:
         stock.llm_engine.engine_core.shutdown()
     for mine, theirs in zip(steered, plain):
         assert mine.token_ids == theirs.token_ids and mine.logprobs == theirs.logprobs
+
+
+def test_the_family_engine_runs_on_the_sessions_model_runner(family, batch, runner):
+    assert [stats["runner"] for stats in family.llm.steering_stats()] == [runner]
