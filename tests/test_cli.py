@@ -45,3 +45,27 @@ def test_read_prompts_lines_or_json(tmp_path):
         listed.write_text(bad)
         with pytest.raises(SystemExit, match="expected prompts"):
             cli.read_prompts(listed)
+
+
+def test_serve_picks_the_models_family_and_merges_the_users_hf_overrides(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}))
+    seen = {}
+    monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
+    monkeypatch.setenv("VLLM_PLUGINS", "vllm_steer")
+    cli.main(["serve", "--model", str(tmp_path), "--hf-overrides", '{"rope_theta": 5.0, "steering": {"max_request_ops": 8}}',
+              "--revision", "main", "--port", "8001"])
+    argv = seen["argv"]
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert argv.count("--hf-overrides") == 1 and argv[argv.index("--revision") + 1] == "main" and "--port" in argv
+    assert overrides["architectures"] == ["SteeredGemma2ForCausalLM"] and overrides["rope_theta"] == 5.0
+    assert overrides["steering"]["max_request_ops"] == 8
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_a_model_of_an_unsupported_family_gets_one_line_naming_it(command, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--model", str(tmp_path), "--prompt", "hi", "--steering", "{}"] if command == "generate" else [command, "--model", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vllm-steer {command}: this model (model_type 'gpt2'") and "Gemma2ForCausalLM" in err

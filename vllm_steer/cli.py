@@ -221,7 +221,13 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         print(f"commands: {', '.join(COMMANDS)}")
         sys.exit(2)
-    COMMANDS[argv[0]](argv[1:])
+    from vllm_steer.families import UnsupportedModel
+
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except UnsupportedModel as error:  # a user's choice of model, not a bug: no traceback
+        print(f"vllm-steer {argv[0]}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
