@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import torch
+
+
 def parameters(function) -> list[str]:
     return list(inspect.signature(function).parameters)
 
@@ -80,11 +83,25 @@ def test_model_runner_v2_touchpoints():
 
 
 def test_worker_and_model_touchpoints():
-    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+    import importlib
+
+    from vllm.model_executor.models.utils import PPMissingLayer
     from vllm.v1.worker.worker_base import WorkerBase
 
-    assert "layer_type" in parameters(LlamaForCausalLM.__init__)
-    assert parameters(LlamaDecoderLayer.forward)[1:4] == ["positions", "hidden_states", "residual"]
+    from vllm_steer.families import FAMILIES
+    from vllm_steer.touchpoints import is_missing_layer
+
+    assert is_missing_layer(PPMissingLayer()) and not is_missing_layer(torch.nn.Linear(1, 1))
+    for family in FAMILIES.values():
+        module, name = family.vllm_class.split(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as error:  # gemma3_mm needs torchvision (see test_family_selection)
+            assert error.name == "torchvision"
+            continue
+        # SteeredModel calls vLLM's constructor by keyword, as vLLM's own loader does.
+        assert parameters(cls.__init__)[1:3] == ["vllm_config", "prefix"], family.architecture
+        assert name == family.architecture
     assert getattr(WorkerBase, "steering_rpc", None) in (None, __import__("vllm_steer.runners").runners.steering_rpc)
     from vllm.v1.worker.gpu import model_states
 
