@@ -111,17 +111,17 @@ def test_default_scenarios_vary_one_factor_around_the_base():
 # ---- memory ------------------------------------------------------------------------------------
 def test_table_bytes_formula():
     tables = common.steering_table_bytes(hidden=2048, steerable_layers=16, max_num_seqs=32, max_directions=4,
-                                         dtype_bytes=4, max_num_batched_tokens=2048)
+                                         max_num_batched_tokens=2048)
     assert tables["per_layer"] == 33 * 2048 * 5 * 4 + 4 * 33 * 4
     assert tables["shared"] == 2048 * 8 + 2 * 33 * 8
     assert tables["total"] == 16 * tables["per_layer"] + tables["shared"]
-    assert common.steering_table_bytes(2048, 16, 32, 0, 2, 2048)["per_layer"] == 33 * 2048 * 2
+    assert common.steering_table_bytes(2048, 16, 32, 0, 2048)["per_layer"] == 33 * 2048 * 4
 
 
 @pytest.mark.parametrize("max_directions", [0, 4])
 def test_table_bytes_formula_matches_what_the_model_allocates(max_directions):
     """The same buffers a steered model attaches (attach_steering, SteeringRuntime)."""
-    from vllm_steer.model import SteeringLayer
+    from vllm_steer.layer import SteeringLayer
     from vllm_steer.resolve import ModelShape
     from vllm_steer.slots import SteeringRuntime
     from vllm_steer.vectors.registry import VectorRegistry
@@ -135,8 +135,7 @@ def test_table_bytes_formula_matches_what_the_model_allocates(max_directions):
     allocated = sum(b.numel() * b.element_size() for layer in layers.values()
                     for name, b in layer.named_buffers() if name.startswith("steer_"))
     allocated += sum(t.numel() * t.element_size() for t in (runtime.token_slot, runtime.phase_lo, runtime.phase_hi))
-    formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions,
-                                           dtype_bytes=torch.get_default_dtype().itemsize, max_num_batched_tokens=128)
+    formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions, max_num_batched_tokens=128)
     assert allocated == formula["total"]
 
 
@@ -187,7 +186,7 @@ def constructed_report() -> dict:
         "stock": {"batches": [{"batch": b, **common.summarize([p for p in passes([42.0 if b == 8 else 11.0], [1.0]) if p["kind"] == U])}
                               for b in (1, 8)], "peak_rss_bytes": 2 << 30},
         "notebook": {"one_at_a_time": {"output_tok_s": 2.0, "requests": 1}, "batched": {"output_tok_s": 4.0, "batch": 8}},
-        "memory": {"steering_tables": common.steering_table_bytes(256, 4, 8, 4, 4, 2048),
+        "memory": {"steering_tables": common.steering_table_bytes(256, 4, 8, 4, 2048),
                    "peak_rss_steered_engine": 3 << 30, "peak_rss_stock_engine": 2 << 30},
         "server": {"requests": 16, "concurrency": 8, "max_tokens": 16,
                    **common.summarize([{"kind": k, "output_throughput": v, "p50_ttft_ms": t}
@@ -336,7 +335,7 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
         # The workers saw the steering: distinct configs per step, averaged over the pass.
         assert 0 < steered["mean_distinct_configs_per_step"] <= result["scenario"]["distinct"]
     assert entry["memory"]["steering_tables"] == common.steering_table_bytes(
-        256, 4, 3, 4, 4, engine["max_num_batched_tokens"])
+        256, 4, 3, 4, engine["max_num_batched_tokens"])
     assert entry["memory"]["peak_rss_steered_engine"] > 0
     assert entry["notebook"]["batched"]["output_tokens"] == 9 and entry["notebook"]["one_at_a_time"]["output_tokens"] == 3
     assert set(entry["speedup"]["vs_one_at_a_time"]) == {"1", "3"}

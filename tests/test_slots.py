@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_steer.model import SteeringLayer
+from vllm_steer.layer import SteeringLayer
 from vllm_steer.reference import layer_ops, phase_mask, steer_stream
 from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
 from vllm_steer.runners import V2SlotWriter, release_v1, write_v1

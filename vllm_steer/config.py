@@ -47,8 +47,8 @@ class SteeringConfig(BaseModel):
     def from_hf_config(cls, hf_config: Any) -> SteeringConfig:
         return cls.model_validate(getattr(hf_config, "steering", None) or {})
 
-    def model_shape(self, hf_config: Any):
-        """What validation needs to know about the served model."""
+    def model_shape(self, hf_config: Any, dtype: str = "float32"):
+        """What validation needs to know about the served model (``dtype``: the one served)."""
         from vllm_steer.resolve import ModelShape
 
         text = text_config(hf_config)
@@ -58,6 +58,7 @@ class SteeringConfig(BaseModel):
             steerable_layers=self.steerable_layers(text.num_hidden_layers),
             max_directions=self.max_directions,
             max_request_ops=self.max_request_ops,
+            dtype=dtype,
         )
 
     def load_registry(self, hf_config: Any = None):

@@ -68,9 +68,9 @@ class SteeringFrontend:
     """The front end's view of the served model: its shape, and a registry mirroring the
     workers' (plus, with ``registry_dir``, the run-time changes every front end shares)."""
 
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, dtype: str = "float32"):
         self.settings = SteeringConfig.from_hf_config(hf_config)
-        self.shape = self.settings.model_shape(hf_config)
+        self.shape = self.settings.model_shape(hf_config, dtype)
         self.registry = self.settings.load_registry(hf_config)
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
         self._seal_key = secrets.token_bytes(32)
@@ -174,7 +174,7 @@ def frontend_of(input_processor: Any) -> SteeringFrontend | None:
             if frontend is None:
                 hf_config = touchpoints.served_hf_config(input_processor)
                 steerable = is_steered(getattr(hf_config, "architectures", None))
-                frontend = SteeringFrontend(hf_config) if steerable else False
+                frontend = SteeringFrontend(hf_config, touchpoints.served_dtype(input_processor)) if steerable else False
                 input_processor._vllm_steer = frontend
     return frontend or None
 

@@ -1,93 +1,20 @@
-"""Steerable decoder layers and steered models, for any vLLM decoder family whose layers
-return ``(hidden, residual)`` with the residual stream ``hidden + residual`` (vLLM's fused
-add+norm convention; ``families.py`` lists the families this holds for, and builds their
-``Steered<Architecture>`` classes from ``SteeredModel``).
-
-Each steerable layer owns persistent tables with one row per slot (row 0 stays zero: no
-steering) and reads the shared per-token ``token_slot`` index the step writer fills. The
-math has no data-dependent branch, so it runs unchanged eagerly, under torch.compile and
-inside CUDA graphs, and costs the same however many distinct configs share a batch.
+"""Steered models: ``SteeredModel`` is mixed into a vLLM ``...ForCausalLM`` class of any
+family whose decoder layers return ``(hidden, residual)`` with the residual stream
+``hidden + residual`` (vLLM's fused add+norm convention; ``families.py`` lists the families
+this holds for and builds their ``Steered<Architecture>`` classes). After vLLM builds the
+model, its steerable layers become ``layer.SteeringLayer`` subclasses with slot tables.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import torch
 from torch import nn
 
 from vllm_steer import touchpoints
 from vllm_steer.config import SteeringConfig
+from vllm_steer.layer import make_steerable
 from vllm_steer.slots import SteeringRuntime
-
-
-class SteeringLayer:
-    """Mixed in before a vLLM decoder layer class: its output stream may be steered per
-    token, and recorded (capture)."""
-
-    max_directions: int | None = None  # None: not steerable (set by attach_steering)
-    captures = False  # set by attach_capture
-
-    def attach_steering(self, token_slot: torch.Tensor, num_slots: int, max_directions: int, hidden: int) -> None:
-        # Non-persistent: the weight loader skips them. Allocated once, written in place.
-        self.register_buffer("token_slot", token_slot, persistent=False)
-        self.register_buffer("steer_add", torch.zeros(num_slots, hidden), persistent=False)
-        self.register_buffer("steer_dirs", torch.zeros(max_directions, num_slots, hidden), persistent=False)
-        self.register_buffer("steer_target", torch.zeros(max_directions, num_slots, 1), persistent=False)
-        self.max_directions = max_directions
-
-    def attach_capture(self, token_slot: torch.Tensor, token_weight: torch.Tensor, num_slots: int, hidden: int) -> None:
-        self.register_buffer("capture_slot", token_slot, persistent=False)
-        self.register_buffer("capture_weight", token_weight, persistent=False)
-        self.register_buffer("capture_sum", torch.zeros(num_slots, hidden, dtype=torch.float32), persistent=False)
-        self.captures = True
-
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states, residual = super().forward(*args, **kwargs)
-        if self.max_directions is not None:
-            residual = self.steer(hidden_states, residual)
-        if self.captures:
-            self.capture(hidden_states + residual)
-        return hidden_states, residual
-
-    def capture(self, stream: torch.Tensor) -> None:
-        """Add each token's stream, weighted, into its request's capture row."""
-        count = stream.shape[0]
-        weighted = stream.float() * self.capture_weight[:count].unsqueeze(-1)
-        self.capture_sum.index_add_(0, self.capture_slot[:count], weighted)
-
-    def steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The stream after this layer is ``hidden + residual``; return the new residual.
-
-        Adds first, then each clamp/ablate direction projects the current stream in order:
-        ``x <- x + (target - <x, d>) d``. Rows of slot 0 and unused directions are zero, so
-        the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
-        """
-        slot = self.token_slot[: hidden.shape[0]]
-        delta = self.steer_add[slot]
-        if self.max_directions:
-            stream = hidden + residual
-            for k in range(self.max_directions):
-                direction = self.steer_dirs[k][slot]
-                along = ((stream + delta) * direction).sum(dim=-1, keepdim=True)
-                delta = delta + (self.steer_target[k][slot] - along) * direction
-        # A new tensor: the next layer's fused add+norm may write its inputs in place.
-        return residual + delta
-
-
-@functools.cache
-def steerable_class(layer_class: type[nn.Module]) -> type[nn.Module]:
-    return type(f"Steerable{layer_class.__name__}", (SteeringLayer, layer_class), {"__module__": __name__})
-
-
-def make_steerable(layer: nn.Module) -> nn.Module:
-    """Turn a built vLLM decoder layer into its steerable subclass, in place. Swapping the
-    class (rather than wrapping the module) keeps every parameter name, so vLLM's weight
-    loader, quantization and compilation see the layer they expect."""
-    if not isinstance(layer, SteeringLayer):
-        layer.__class__ = steerable_class(type(layer))
-    return layer
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -108,7 +35,7 @@ class SteeredModel:
         self.family.check_model_type(getattr(hf_config, "model_type", None))
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = SteeringConfig.from_hf_config(hf_config)
-        shape = settings.model_shape(hf_config)
+        shape = settings.model_shape(hf_config, str(vllm_config.model_config.dtype).removeprefix("torch."))
         scheduler = vllm_config.scheduler_config
         # Pipeline parallel: layers of other ranks are placeholders and get no tables.
         local_layers = {

@@ -32,6 +32,11 @@ class ModelShape:
     steerable_layers: tuple[int, ...]
     max_directions: int
     max_request_ops: int = 256  # (vector, layer) operations in one spec
+    dtype: str = "float32"  # the served model's: what the steered stream must fit
+
+    @property
+    def dtype_max(self) -> float:
+        return float(torch.finfo(getattr(torch, self.dtype)).max)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
             check_layer(layer, shape, layer_field)
             array = inline[digest] if digest in inline else registry.array(digest)
             _check_vector(array, needs_direction, shape, vector_field)
-            _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), f"{where}.scale")
+            _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), shape, f"{where}.scale")
             ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
 
     mode: Mode = "clamp" if spec.use_clamp else "add"
@@ -131,7 +136,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         if registry.is_on_demand(digest):
             inline[digest] = registry.array(digest)
         effective = strength * layer if spec.use_reduced_strengths else strength
-        _check_magnitude(spec.scale * effective, 1.0, where)
+        _check_magnitude(spec.scale * effective, 1.0, shape, where)
         ops.append(Op(layer, mode, digest, spec.scale * effective, True))
 
     _check_op_count(len(ops), shape)
@@ -148,7 +153,9 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     if not ops:
         return None
     used = {op.digest for op in ops}
-    return ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
+    resolved = ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
+    _check_summed_adds(resolved, resolved.arrays(registry), shape)
+    return resolved
 
 
 def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str):
@@ -206,10 +213,24 @@ def _check_vector(array: np.ndarray, needs_direction: bool, shape: ModelShape, w
         raise SteeringError("vector is all zeros, so it has no direction to clamp, ablate or normalize", where)
 
 
-def _check_magnitude(coeff: float, largest: float, where: str) -> None:
-    """The steering must stay a finite float32: a scale that overflows would turn the stream into inf/NaN."""
-    if not abs(coeff) * largest < FLOAT32_MAX:
-        raise SteeringError(f"scale {coeff:.4g} is too large: the steering would overflow float32", where)
+def _check_magnitude(coeff: float, largest: float, shape: ModelShape, where: str) -> None:
+    """The steering must stay finite in the model's dtype (float16 ends at 65504): a scale that
+    overflows would turn the stream into inf/NaN."""
+    if not abs(coeff) * largest < min(shape.dtype_max, FLOAT32_MAX):
+        raise SteeringError(f"scale {coeff:.4g} is too large: the steering would overflow {shape.dtype}", where)
+
+
+def _check_summed_adds(resolved: ResolvedSteering, arrays: dict[str, np.ndarray], shape: ModelShape) -> None:
+    """A layer's adds are summed into one row: that sum must fit the model's dtype too."""
+    largest: Counter[int] = Counter()
+    for op in resolved.ops:
+        if op.mode == "add":
+            array = arrays[op.digest]
+            norm = float(np.linalg.norm(array.astype(np.float64))) if op.normalize else 1.0
+            largest[op.layer] += abs(op.coeff) * float(np.abs(array).max()) / (norm or 1.0)
+    for layer, bound in sorted(largest.items()):
+        if not bound < shape.dtype_max:
+            raise SteeringError(f"the adds at layer {layer} together reach {bound:.4g}: the steering would overflow {shape.dtype}", "steering.scale")
 
 
 def _listing(items: list[str], limit: int = 10) -> str:

@@ -84,6 +84,11 @@ def served_hf_config(input_processor: Any) -> Any:
     return input_processor.model_config.hf_config
 
 
+def served_dtype(input_processor: Any) -> str:
+    """The dtype the engine runs the model in ("bfloat16", ...), not the checkpoint's."""
+    return str(input_processor.model_config.dtype).removeprefix("torch.")
+
+
 def prometheus_registry():
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 

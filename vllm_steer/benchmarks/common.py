@@ -214,16 +214,16 @@ def spread(passes: Sequence[dict[str, Any]], kind: str, metric: str = "output_to
 
 # ---- memory ----------------------------------------------------------------------------------
 def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, max_directions: int,
-                         dtype_bytes: int, max_num_batched_tokens: int) -> dict[str, int]:
-    """What a steered model allocates for steering (vllm_steer/model.py, slots.py).
+                         max_num_batched_tokens: int) -> dict[str, int]:
+    """What a steered model allocates for steering (vllm_steer/layer.py, slots.py).
 
     Per steerable layer, ``max_num_seqs + 1`` slot rows (row 0: no steering) of one summed
-    add and ``max_directions`` directions of ``hidden`` values, plus one target per direction;
-    shared by all layers: ``token_slot`` (int64 per batched token) and each slot's phase
-    bounds (two int64)."""
+    add and ``max_directions`` directions of ``hidden`` float32 values (float32 whatever the
+    model's dtype), plus one target per direction; shared by all layers: ``token_slot``
+    (int64 per batched token) and each slot's phase bounds (two int64)."""
     slots = max_num_seqs + 1
-    rows = slots * hidden * (1 + max_directions) * dtype_bytes
-    targets = max_directions * slots * dtype_bytes
+    rows = slots * hidden * (1 + max_directions) * 4
+    targets = max_directions * slots * 4
     per_layer = rows + targets
     shared = max_num_batched_tokens * 8 + 2 * slots * 8
     return {

@@ -62,10 +62,9 @@ class Engine:
         return self.llm.llm_engine.vllm_config.scheduler_config
 
     def table_bytes(self) -> dict[str, int]:
-        dtype = str(self.llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
         return common.steering_table_bytes(
             self.config.hidden_size, self.config.num_hidden_layers, self.scheduler.max_num_seqs,
-            self.max_directions, common.DTYPE_BYTES[dtype], self.scheduler.max_num_batched_tokens,
+            self.max_directions, self.scheduler.max_num_batched_tokens,
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):

@@ -1,0 +1,97 @@
+"""The steering layer: branch-free tensor math over persistent slot tables, mixed into a
+decoder layer of any family whose layers return ``(hidden, residual)`` with the residual
+stream ``hidden + residual``. Torch only (no vLLM import), so the math can be exercised on a
+machine that has torch but not vLLM (``vllm_steer.benchmarks.gpu_check``).
+
+Each steerable layer owns persistent tables with one row per slot (row 0 stays zero: no
+steering) and reads the shared per-token ``token_slot`` index the step writer fills. The
+math has no data-dependent branch, so it runs unchanged eagerly, under torch.compile and
+inside CUDA graphs, and costs the same however many distinct configs share a batch.
+
+Tables and math are float32 whatever the model's dtype, and the result is cast once: in
+bfloat16, unit directions, targets and the projection ``<h, d>`` would lose most of their
+digits (a clamp would land ~0.3% off its target).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SteeringLayer:
+    """Mixed in before a vLLM decoder layer class: its output stream may be steered per
+    token, and recorded (capture)."""
+
+    max_directions: int | None = None  # None: not steerable (set by attach_steering)
+    captures = False  # set by attach_capture
+
+    def attach_steering(self, token_slot: torch.Tensor, num_slots: int, max_directions: int, hidden: int) -> None:
+        # Non-persistent: the weight loader skips them. Allocated once, written in place.
+        self.register_buffer("token_slot", token_slot, persistent=False)
+        # float32 whatever the model's dtype (see the module docstring).
+        table = functools.partial(torch.zeros, dtype=torch.float32)
+        self.register_buffer("steer_add", table(num_slots, hidden), persistent=False)
+        self.register_buffer("steer_dirs", table(max_directions, num_slots, hidden), persistent=False)
+        self.register_buffer("steer_target", table(max_directions, num_slots, 1), persistent=False)
+        self.max_directions = max_directions
+
+    def attach_capture(self, token_slot: torch.Tensor, token_weight: torch.Tensor, num_slots: int, hidden: int) -> None:
+        self.register_buffer("capture_slot", token_slot, persistent=False)
+        self.register_buffer("capture_weight", token_weight, persistent=False)
+        self.register_buffer("capture_sum", torch.zeros(num_slots, hidden, dtype=torch.float32), persistent=False)
+        self.captures = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, residual = super().forward(*args, **kwargs)
+        if self.max_directions is not None:
+            residual = self.steer(hidden_states, residual)
+        if self.captures:
+            self.capture(hidden_states + residual)
+        return hidden_states, residual
+
+    def capture(self, stream: torch.Tensor) -> None:
+        """Add each token's stream, weighted, into its request's capture row. Tokens of
+        weight 0 add an exact 0 (``where``, not a product: a padded row may hold inf or NaN,
+        and NaN * 0 is NaN)."""
+        count = stream.shape[0]
+        weight = self.capture_weight[:count].unsqueeze(-1)
+        weighted = torch.where(weight != 0, stream.float() * weight, 0.0)
+        self.capture_sum.index_add_(0, self.capture_slot[:count], weighted)
+
+    def steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The stream after this layer is ``hidden + residual``; return the new residual.
+
+        Adds first, then each clamp/ablate direction projects the current stream in order:
+        ``x <- x + (target - <x, d>) d``. Rows of slot 0 and unused directions are zero, so
+        the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
+        """
+        slot = self.token_slot[: hidden.shape[0]]
+        delta = self.steer_add[slot]
+        if self.max_directions:
+            stream = hidden.float() + residual.float()
+            for k in range(self.max_directions):
+                direction = self.steer_dirs[k][slot]
+                along = ((stream + delta) * direction).sum(dim=-1, keepdim=True)
+                delta = delta + (self.steer_target[k][slot] - along) * direction
+        # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
+        # changes no bit), into a new tensor: the next layer's fused add+norm may write its
+        # inputs in place.
+        return (residual.float() + delta).to(residual.dtype)
+
+
+@functools.cache
+def steerable_class(layer_class: type[nn.Module]) -> type[nn.Module]:
+    return type(f"Steerable{layer_class.__name__}", (SteeringLayer, layer_class), {"__module__": __name__})
+
+
+def make_steerable(layer: nn.Module) -> nn.Module:
+    """Turn a built vLLM decoder layer into its steerable subclass, in place. Swapping the
+    class (rather than wrapping the module) keeps every parameter name, so vLLM's weight
+    loader, quantization and compilation see the layer they expect."""
+    if not isinstance(layer, SteeringLayer):
+        layer.__class__ = steerable_class(type(layer))
+    return layer
