@@ -88,3 +88,25 @@ def test_vectors_and_saes_of_another_size_or_layer_are_refused_at_start(tmp_path
     with pytest.raises(ValueError, match=r"is for layer 7; this model has layers 0-3"):
         load_registry(sae=[str(sae)], hidden_size=64, num_layers=4)
     assert np.isfinite(load_registry(sae=[str(sae)]).feature_sources()[0].feature(0)).all()
+
+
+def test_the_steered_model_refuses_another_family_and_micro_batching_before_building():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from vllm_steer.model import SteeredModel
+
+    class Steered(SteeredModel, nn.Module):
+        family = FAMILIES["LlamaForCausalLM"]
+
+    def config(model_type: str, ubatching: bool):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type=model_type)),
+            parallel_config=SimpleNamespace(use_ubatching=ubatching),
+        )
+
+    with pytest.raises(UnsupportedModel, match="model_type is 'gemma2': its steered architecture is SteeredGemma2ForCausalLM"):
+        Steered(vllm_config=config("gemma2", False))
+    with pytest.raises(ValueError, match=r"micro-batching \(--enable-dbo / --ubatch-size > 1\)"):
+        Steered(vllm_config=config("llama", True))

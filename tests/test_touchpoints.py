@@ -92,6 +92,9 @@ def test_worker_and_model_touchpoints():
     from vllm_steer.touchpoints import is_missing_layer
 
     assert is_missing_layer(PPMissingLayer()) and not is_missing_layer(torch.nn.Linear(1, 1))
+    from vllm.config import ParallelConfig
+
+    assert isinstance(ParallelConfig.use_ubatching, property)
     for family in FAMILIES.values():
         module, name = family.vllm_class.split(":")
         try:

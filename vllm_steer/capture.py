@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vllm_steer.spec import CaptureSpec
+from vllm_steer.staging import HostCopy
 
 logger = logging.getLogger("vllm_steer")
 
@@ -37,17 +38,20 @@ class CaptureTables:
         for layer in layers.values():
             layer.attach_capture(self.token_slot, self.token_weight, num_slots, hidden)
         self._spec_of: dict[int, CaptureSpec] = {}
-        self._results: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
+        self._results: OrderedDict[str, dict[int, HostCopy]] = OrderedDict()
 
     def start(self, slot: int, spec: CaptureSpec, prompt_len: int) -> None:
         self._results.pop(spec.key, None)  # a resumed request starts over
+        for layer in self.layers.values():  # whatever a failed release left behind
+            layer.capture_sum[slot] = 0
         lo = prompt_len - 1 if spec.reduce == "last" else 0
         self.lo[slot], self.hi[slot] = lo, prompt_len
         self.scale[slot] = 1.0 / (prompt_len - lo)
         self._spec_of[slot] = spec
 
     def finish(self, slot: int) -> None:
-        """Keep the slot's rows under its key, then clear the slot."""
+        """Keep the slot's rows under its key (copied to the host without waiting for the
+        device: this runs in the step path), then clear the slot."""
         spec = self._spec_of.pop(slot, None)
         if spec is None:
             return
@@ -59,8 +63,8 @@ class CaptureTables:
             layer.capture_sum[slot] = 0
         self.scale[slot] = 0
 
-    def _read(self, slot: int, spec: CaptureSpec) -> dict[int, np.ndarray]:
-        return {i: self.layers[i].capture_sum[slot].cpu().numpy().copy() for i in spec.layers if i in self.layers}
+    def _read(self, slot: int, spec: CaptureSpec) -> dict[int, HostCopy]:
+        return {i: HostCopy(self.layers[i].capture_sum[slot]) for i in spec.layers if i in self.layers}
 
     def collect(self, keys: list[str]) -> dict[str, dict[int, bytes]]:
         """Results by key (float32 bytes per local layer), from finished or still-held slots."""
@@ -73,7 +77,7 @@ class CaptureTables:
                 rows = self._read(live[key], self._spec_of[live[key]])
             else:
                 continue
-            found[key] = {layer: row.astype("<f4").tobytes() for layer, row in rows.items()}
+            found[key] = {layer: row.numpy().astype("<f4").tobytes() for layer, row in rows.items()}
         return found
 
     @property
@@ -84,6 +88,7 @@ class CaptureTables:
         """Per token: its request's slot and capture weight (0 outside the captured positions)."""
         inside = (positions >= self.lo[slots]) & (positions < self.hi[slots])
         self.token_slot[:num_tokens] = slots
+        self.token_slot[num_tokens:num_padded] = 0
         self.token_weight[:num_tokens] = torch.where(inside, self.scale[slots], 0.0)
         self.token_weight[num_tokens:num_padded] = 0
 

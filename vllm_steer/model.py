@@ -33,6 +33,9 @@ class SteeredModel:
         hf_config = vllm_config.model_config.hf_config
         # hf_overrides replaced the architecture name, never model_type: the checkpoint's own.
         self.family.check_model_type(getattr(hf_config, "model_type", None))
+        if touchpoints.uses_microbatches(vllm_config):
+            # Each micro-batch is a slice of the step's tokens, but token_slot always starts at 0.
+            raise ValueError("steering does not support micro-batching (--enable-dbo / --ubatch-size > 1): turn it off")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = SteeringConfig.from_hf_config(hf_config)
         shape = settings.model_shape(hf_config, str(vllm_config.model_config.dtype).removeprefix("torch."))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vllm_steer import touchpoints
+from vllm_steer.staging import to_device
 
 logger = logging.getLogger("vllm_steer")
 
@@ -52,8 +53,8 @@ def write_v1(runtime, runner: Any, positions: torch.Tensor) -> None:
             slots.append(slot)
         device = runtime.token_slot.device
         runtime.fill_token_slot(
-            torch.tensor(slots, dtype=torch.int64, device=device),
-            torch.from_numpy(tokens.astype("int64")).to(device),
+            to_device(torch.tensor(slots, dtype=torch.int64), device),
+            to_device(torch.from_numpy(tokens.astype("int64")), device),
             positions,
             int(tokens.sum()),
             positions.shape[-1],

@@ -21,6 +21,7 @@ from vllm_steer.capture import CaptureTables
 from vllm_steer.control import WORKER_OPS
 from vllm_steer.resolve import ModelShape, ResolvedSteering, unit
 from vllm_steer.spec import CaptureSpec
+from vllm_steer.staging import to_device
 from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
@@ -48,6 +49,19 @@ def build_rows(resolved: ResolvedSteering, vectors: dict[str, np.ndarray], hidde
         else:
             layer.directions.append((direction, op.coeff if op.mode == "clamp" else 0.0))
     return dict(rows)
+
+
+def stack_rows(layers: list[LayerRows], max_directions: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each layer's full slot rows, stacked, unused directions zero: (adds [L, H],
+    directions [L, K, H], targets [L, K, 1]), so one copy per table kind moves them all."""
+    adds = torch.stack([layer.add for layer in layers])
+    directions = torch.zeros(len(layers), max_directions, hidden)
+    targets = torch.zeros(len(layers), max_directions, 1)
+    for n, layer in enumerate(layers):
+        for k, (direction, target) in enumerate(layer.directions):
+            directions[n, k] = direction
+            targets[n, k] = target
+    return adds, directions, targets
 
 
 def phase_bounds(apply_to: str, prompt_len: int) -> tuple[int, int]:
@@ -129,12 +143,15 @@ class SteeringRuntime:
     def _fill(self, slot: int, rows: dict[int, LayerRows], resolved: ResolvedSteering | None, capture: CaptureSpec | None, prompt_len: int) -> None:
         local = tuple(layer for layer in rows if layer in self.layers)
         self._layers_of[slot] = local
-        for index in local:
-            table, layer_rows = self.layers[index], rows[index]
-            table.steer_add[slot] = layer_rows.add
-            for k, (direction, target) in enumerate(layer_rows.directions):
-                table.steer_dirs[k, slot] = direction
-                table.steer_target[k, slot] = target
+        if local:
+            # Staged once, copied without blocking, then scattered on the device.
+            stacked = stack_rows([rows[index] for index in local], self.shape.max_directions, self.shape.hidden_size)
+            adds, directions, targets = (to_device(t, self.token_slot.device) for t in stacked)
+            for n, index in enumerate(local):
+                table = self.layers[index]
+                table.steer_add[slot].copy_(adds[n])
+                table.steer_dirs[:, slot].copy_(directions[n])
+                table.steer_target[:, slot].copy_(targets[n])
         lo, hi = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
         self.phase_lo[slot] = lo
         self.phase_hi[slot] = hi

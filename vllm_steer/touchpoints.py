@@ -14,7 +14,8 @@ Front end (every process that accepts requests)
 - ``VLLMValidationError``: raised for a bad spec, answered as HTTP 400 by vLLM.
 
 Workers
-- ``PPMissingLayer``: a pipeline-parallel rank's placeholder for another rank's layer.
+- ``PPMissingLayer``: a pipeline-parallel rank's placeholder for another rank's layer;
+  ``ParallelConfig.use_ubatching`` (refused: micro-batches slice the step's tokens).
 - ``GPUModelRunner._update_states`` (Model Runner V1): wrapped to release the slots of
   finished and preempted requests (``SchedulerOutput.finished_req_ids`` and
   ``preempted_req_ids``) before V1 rebuilds its batch. (Running requests that are merely not
@@ -96,6 +97,11 @@ def prometheus_registry():
 
 
 # ---- workers: the model ----------------------------------------------------------------------
+def uses_microbatches(vllm_config: Any) -> bool:
+    """Dual-batch overlap / micro-batching: the model sees slices of a step's tokens."""
+    return bool(vllm_config.parallel_config.use_ubatching)
+
+
 def is_missing_layer(layer: Any) -> bool:
     """A pipeline-parallel placeholder for a layer another rank holds."""
     from vllm.model_executor.models.utils import PPMissingLayer
