@@ -1,0 +1,119 @@
+"""The fused Triton kernel (vllm_steer/kernels.py) against the layer's eager math
+(SteeringLayer.steer), on CPU through Triton's interpreter.
+
+The interpreter is chosen when a kernel is decorated, from ``TRITON_INTERPRET`` (and it
+rewrites kernels through their module's globals), so the kernel runs in one subprocess with
+the variable set; inputs and outputs travel as a torch.save file and the comparisons run
+here, one test per case.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vllm_steer.benchmarks.gpu_check import one_rounding_gap, random_tables, steer_eager
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+SLOTS = 5
+# Slot 0 (no steering) and slot 4 (admitted, all-zero rows) mixed with steered slots 1-3;
+# token_slot is longer than the batch, as the shared buffer is.
+TOKEN_SLOTS = [0, 1, 2, 3, 0, 2, 1, 4, 1]
+UNSTEERED = torch.tensor([slot in (0, SLOTS - 1) for slot in TOKEN_SLOTS])
+# (directions, hidden, max_block, dtype). Hidden 72 fits one 128-wide block (the row stays in
+# registers) and is no multiple of 32 (with max_block 32 the row is swept in 3 blocks, the
+# last one masked). The swept path is slow in the interpreter: float32 there, plus one half.
+CASES = [(k, 72, 16384, dtype) for k in (0, 1, 4) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+CASES += [(k, 72, 32, torch.float32) for k in (0, 1, 4)] + [(4, 72, 32, torch.bfloat16)]
+
+
+def case_id(case) -> str:
+    k, hidden, block, dtype = case
+    return f"K{k}-H{hidden}-block{block}-{str(dtype).removeprefix('torch.')}"
+
+
+def make_args(case, seed: int) -> list[torch.Tensor]:
+    """(hidden, residual, token_slot, steer_add, steer_dirs, steer_target) of one case."""
+    directions, hidden, _, dtype = case
+    add, dirs, target = random_tables(SLOTS, directions, hidden, "cpu", seed=seed)
+    add[SLOTS - 1], dirs[:, SLOTS - 1], target[:, SLOTS - 1] = 0, 0, 0
+    token_slot = torch.tensor(TOKEN_SLOTS + [3, 3, 3])
+    generator = torch.Generator().manual_seed(seed + 1000)
+    streams = [(4 * torch.randn(len(TOKEN_SLOTS), hidden, generator=generator)).to(dtype) for _ in range(2)]
+    return [*streams, token_slot, add, dirs, target]
+
+
+# Runs with TRITON_INTERPRET=1: every case, then the op under torch.compile (Dynamo traces
+# it whole; aot_eager keeps the test fast, Inductor is exercised by the GPU check).
+KERNEL_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from vllm_steer.kernels import steer_op, steer_triton, triton_available
+
+    assert triton_available()
+    cases = torch.load(sys.argv[1])
+    outputs = [steer_triton(*args, max_block=block) for args, block in cases]
+    steer_op()  # registered outside the compiled region, as the layer would
+    args, block = cases[-1]
+    compiled = torch.compile(lambda *args: steer_triton(*args, max_block=block) * 1, backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled_outputs = [compiled(args[0][:n], args[1][:n], *args[2:]) for n in (len(args[0]), 3)]
+    torch.save({"outputs": outputs, "compiled": compiled_outputs}, sys.argv[2])
+""")
+
+
+@pytest.fixture(scope="module")
+def kernel_run(tmp_path_factory):
+    """Every case through the kernel in one interpreted subprocess."""
+    folder = tmp_path_factory.mktemp("kernels")
+    inputs = [make_args(case, seed) for seed, case in enumerate(CASES)]
+    torch.save([(args, case[2]) for args, case in zip(inputs, CASES)], folder / "in.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", KERNEL_SCRIPT, str(folder / "in.pt"), str(folder / "out.pt")],
+        env={**ENV, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return inputs, torch.load(folder / "out.pt")
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[case_id(case) for case in CASES])
+def test_kernel_matches_layer_math(kernel_run, index):
+    inputs, results = kernel_run
+    args, out, (_, _, _, dtype) = inputs[index], results["outputs"][index], CASES[index]
+    residual = args[1]
+    expected = steer_eager(*args)
+    assert out.dtype == dtype and out.shape == expected.shape
+    # Slot 0 and all-zero rows hand the residual back bit for bit, in every dtype.
+    assert torch.equal(out[UNSTEERED], residual[UNSTEERED])
+    if dtype == torch.float32:
+        # Equal up to the order of the additions inside the dot products.
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * expected.abs().max())
+    else:
+        # Within one rounding of the output dtype (Triton's interpreter truncates where the
+        # GPU and torch round to nearest).
+        assert one_rounding_gap(out, expected) <= 1
+    assert not torch.equal(out[~UNSTEERED], residual[~UNSTEERED])  # steering did something
+
+
+def test_compiled_op_matches_eager_kernel(kernel_run):
+    """The op traces whole under torch.compile (fullgraph, dynamic token count)."""
+    _, results = kernel_run
+    full = results["outputs"][-1]
+    first, fewer = results["compiled"]
+    assert torch.equal(first, full)
+    assert torch.equal(fewer, full[:3])
+
+
+def test_import_needs_no_triton():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import vllm_steer.kernels as k\n"
+        "assert not k.triton_available()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,194 @@
+"""A fused Triton kernel for the steering layer math (``SteeringLayer.steer``), one launch
+per layer and step.
+
+The eager math launches about ``5 + 8K`` small kernels (gathers, casts, products, sums),
+most reading and writing ``[n, H]`` float32 intermediates; this kernel reads each input row
+once and writes the new residual once. Semantics are exactly ``SteeringLayer.steer``'s,
+in the same float32 operation order (only the order of the additions inside each dot
+product differs):
+
+    delta = add[slot]
+    for k in range(K):
+        delta += (target[k, slot] - <hidden + residual + delta, dirs[k, slot]>) * dirs[k, slot]
+    new_residual = (residual + delta).to(residual.dtype)
+
+One program per token row. A row is read in blocks of ``BLOCK`` columns (any hidden size,
+masked): when the row fits in one block (hidden <= 16384 by default) it stays in registers
+across the K projections; a wider row keeps its running ``delta`` in a float32 scratch row
+and is swept K + 1 times. Nothing depends on data on the host (no sync, fixed grid), so the
+kernel runs eagerly, under torch.compile (as the custom op ``vllm_steer::steer``) and inside
+CUDA graphs.
+
+Triton is imported on first use, never at import: this module imports without Triton, and
+a test can turn Triton's CPU interpreter on (``TRITON_INTERPRET=1``, read when a kernel is
+decorated) before the kernel is defined.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+# Widest row kept in registers by one program (float32: 64 KiB over up to 16 warps).
+MAX_BLOCK = 16384
+
+
+def triton_available() -> bool:
+    """Whether ``steer_triton`` can run here: Triton is installed and there is a GPU, or
+    Triton's interpreter is on (CPU tensors)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor, max_block: int = MAX_BLOCK) -> torch.Tensor:
+    """The new residual for ``hidden + residual`` steered by ``tables``: ``token_slot, steer_add,
+    steer_dirs, steer_target`` in the layout of ``SteeringLayer.attach_steering`` (int64
+    ``token_slot`` at least ``n`` long; float32, contiguous ``steer_add [S, H]``,
+    ``steer_dirs [K, S, H]``, ``steer_target [K, S, 1]``). ``hidden`` and ``residual`` may
+    have any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
+    lower it to exercise the swept path)."""
+    return steer_op()(hidden, residual, *tables, max_block)
+
+
+_STEER_OP = None
+
+
+def steer_op():
+    """The custom op ``vllm_steer::steer``, registered on the first call. Make that first
+    call outside any compiled region (e.g. when the tables are attached): Dynamo cannot
+    trace the registration, only the registered op."""
+    global _STEER_OP
+    if _STEER_OP is None:
+        _STEER_OP = _register()
+    return _STEER_OP
+
+
+def _register():
+    import triton
+
+    kernel = _steer_kernel()
+
+    # An opaque custom op (not ``triton_op``): Dynamo and Inductor only need its output
+    # shape, and it also traces under Triton's interpreter, whose kernels cannot run on the
+    # fake tensors ``triton_op`` traces its body with.
+    @torch.library.custom_op("vllm_steer::steer", mutates_args=())
+    def steer(
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        token_slot: torch.Tensor,
+        steer_add: torch.Tensor,
+        steer_dirs: torch.Tensor,
+        steer_target: torch.Tensor,
+        max_block: int,
+    ) -> torch.Tensor:
+        count, width = residual.shape
+        directions, slots = steer_dirs.shape[0], steer_add.shape[0]
+        block = min(triton.next_power_of_2(width), triton.next_power_of_2(max_block))
+        blocks = triton.cdiv(width, block)
+        out = residual.new_empty((count, width))
+        # Only a swept row (wider than one block) with directions needs the scratch delta.
+        scratch = residual.new_empty((count if blocks > 1 and directions else 0, width), dtype=torch.float32)
+        if count:
+            kernel[(count,)](
+                hidden, residual, out, token_slot, steer_add, steer_dirs, steer_target, scratch,
+                hidden.stride(0), residual.stride(0), slots, width,
+                K=directions, BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
+            )
+        return out
+
+    @steer.register_fake
+    def _(hidden, residual, token_slot, steer_add, steer_dirs, steer_target, max_block):
+        return residual.new_empty(residual.shape)
+
+    return steer
+
+
+def _num_warps(block: int) -> int:
+    # Enough threads that a register-resident row is a few dozen floats per thread.
+    return 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+@functools.cache
+def _steer_kernel():
+    # Module globals, defined here (not at import): Triton resolves the names a kernel calls
+    # through the module's globals (its interpreter knows no closures), and decorating at
+    # first use is what lets a test turn the interpreter on first.
+    global tl, load_f32, sweep
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def load_f32(row_ptr, cols, width):
+        return tl.load(row_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def sweep(h_row, r_row, add_row, scratch_row, out_row, prev_dir, coeff, next_dir, width,
+              FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+        """One pass over a row too wide for registers: finish the previous projection
+        (delta += coeff * prev_dir, or delta = add on the first pass), then either write the
+        new residual (last pass) or keep delta and return <stream + delta, next_dir>."""
+        along = 0.0
+        for b in range(BLOCKS):
+            cols = b * BLOCK + tl.arange(0, BLOCK)
+            if FIRST:
+                delta = load_f32(add_row, cols, width)
+            else:
+                delta = load_f32(scratch_row, cols, width) + coeff * load_f32(prev_dir, cols, width)
+            residual = load_f32(r_row, cols, width)
+            if LAST:
+                tl.store(out_row + cols, (residual + delta).to(out_row.dtype.element_ty), mask=cols < width)
+            else:
+                tl.store(scratch_row + cols, delta, mask=cols < width)
+                stream = load_f32(h_row, cols, width) + residual
+                along += tl.sum((stream + delta) * load_f32(next_dir, cols, width), axis=0)
+        return along
+
+    @triton.jit
+    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_slot_ptr, add_ptr, dirs_ptr, target_ptr,
+                     scratch_ptr, hidden_stride, residual_stride, slots, width,
+                     K: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        slot = tl.load(token_slot_ptr + row)
+        h_row = hidden_ptr + row * hidden_stride
+        r_row = residual_ptr + row * residual_stride
+        out_row = out_ptr + row * width
+        add_row = add_ptr + slot * width
+        # dirs[k, slot] and target[k, slot]; k advances by whole tables (pointer steps, so no
+        # int32 offset overflows at 64 directions x 1025 slots x 16384).
+        dir_row = dirs_ptr + slot * width
+        target = target_ptr + slot
+        dir_step = slots * width
+        if BLOCKS == 1:
+            # The whole row in registers: read once, project K times, write once.
+            cols = tl.arange(0, BLOCK)
+            residual = load_f32(r_row, cols, width)
+            delta = load_f32(add_row, cols, width)
+            if K > 0:
+                stream = load_f32(h_row, cols, width) + residual
+                for _ in range(K):
+                    direction = load_f32(dir_row, cols, width)
+                    along = tl.sum((stream + delta) * direction, axis=0)
+                    delta = delta + (tl.load(target) - along) * direction
+                    dir_row += dir_step
+                    target += slots
+            tl.store(out_row + cols, (residual + delta).to(out_ptr.dtype.element_ty), mask=cols < width)
+        else:
+            scratch_row = scratch_ptr + row * width
+            if K == 0:
+                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
+                      True, True, BLOCK, BLOCKS)
+            else:
+                along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
+                              True, False, BLOCK, BLOCKS)
+                for _ in range(1, K):
+                    coeff = tl.load(target) - along
+                    along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
+                                  dir_row + dir_step, width, False, False, BLOCK, BLOCKS)
+                    dir_row += dir_step
+                    target += slots
+                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, tl.load(target) - along, dir_row,
+                      width, False, True, BLOCK, BLOCKS)
+
+    return steer_kernel
