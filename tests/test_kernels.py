@@ -117,3 +117,27 @@ def test_import_needs_no_triton():
     )
     done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_engine_with_the_triton_kernel_matches_the_notebooks_method(runner, tiny_model, feature_file, hf_model, prompt_ids, gen_len):
+    """``steering.kernel: "triton"`` end to end (Triton runs on this CPU only through its
+    interpreter, which the V2 test hook turns on)."""
+    from conftest import ENGINE_ARGS, scoped_environ
+    from helpers import assert_same_tokens_close_logprobs, reference, run
+    from vllm_steer import SteeredLLM
+
+    if runner != "v2":
+        pytest.skip("Triton runs on a CPU only through its interpreter, which the V2 test hook turns on")
+    with scoped_environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        llm = SteeredLLM(tiny_model, vectors=[feature_file], hf_overrides={"steering": {"kernel": "triton"}},
+                         **{**ENGINE_ARGS, "enforce_eager": True})
+    try:
+        vector = [((i * 37) % 11 - 5) / 5.0 for i in range(256)]
+        specs = [None, {"vectors": [{"vector": vector, "layers": [0, 2], "scale": 6.0},
+                                    {"vector": vector[::-1], "layers": [2], "mode": "clamp", "scale": -4.0}]}]
+        got = run(llm, [prompt_ids[0]] * 2, specs, gen_len)
+        for spec, generation in zip(specs, got):
+            assert_same_tokens_close_logprobs(generation, reference(hf_model, llm, prompt_ids[0], spec, gen_len))
+        assert got[0].token_ids != got[1].token_ids
+    finally:
+        llm.shutdown()

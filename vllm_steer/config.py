@@ -11,7 +11,7 @@ model comes from its own config (families.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +39,9 @@ class SteeringConfig(BaseModel):
     # Server limits: named vectors in the registry, and bytes in one request body.
     max_registry_vectors: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=16 << 20, ge=1024)
+    # The layer math: torch ops, or the fused Triton kernel (kernels.py; needs Triton and a
+    # GPU, or Triton's CPU interpreter). The GPU check (benchmarks/gpu_check.py) compares them.
+    kernel: Literal["torch", "triton"] = "torch"
     # Layers that can be steered (None: all). Each costs (1 + max_directions) rows of
     # hidden_size floats per running request slot.
     layers: tuple[int, ...] | None = None

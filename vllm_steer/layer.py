@@ -28,8 +28,9 @@ class SteeringLayer:
 
     max_directions: int | None = None  # None: not steerable (set by attach_steering)
     captures = False  # set by attach_capture
+    kernel = "torch"  # or "triton": the fused kernel of kernels.py
 
-    def attach_steering(self, token_slot: torch.Tensor, num_slots: int, max_directions: int, hidden: int) -> None:
+    def attach_steering(self, token_slot: torch.Tensor, num_slots: int, max_directions: int, hidden: int, kernel: str = "torch") -> None:
         # Non-persistent: the weight loader skips them. Allocated once, written in place.
         self.register_buffer("token_slot", token_slot, persistent=False)
         # float32 whatever the model's dtype (see the module docstring).
@@ -38,6 +39,11 @@ class SteeringLayer:
         self.register_buffer("steer_dirs", table(max_directions, num_slots, hidden), persistent=False)
         self.register_buffer("steer_target", table(max_directions, num_slots, 1), persistent=False)
         self.max_directions = max_directions
+        self.kernel = kernel
+        if kernel == "triton":
+            from vllm_steer.kernels import steer_op
+
+            steer_op()  # registered here, outside any compiled region
 
     def attach_capture(self, token_slot: torch.Tensor, token_weight: torch.Tensor, num_slots: int, hidden: int) -> None:
         self.register_buffer("capture_slot", token_slot, persistent=False)
@@ -69,6 +75,10 @@ class SteeringLayer:
         ``x <- x + (target - <x, d>) d``. Rows of slot 0 and unused directions are zero, so
         the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
         """
+        if self.kernel == "triton":
+            from vllm_steer.kernels import steer_triton
+
+            return steer_triton(hidden, residual, self.token_slot, self.steer_add, self.steer_dirs, self.steer_target)
         slot = self.token_slot[: hidden.shape[0]]
         delta = self.steer_add[slot]
         if self.max_directions:

@@ -38,6 +38,11 @@ class SteeredModel:
             raise ValueError("steering does not support micro-batching (--enable-dbo / --ubatch-size > 1): turn it off")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = SteeringConfig.from_hf_config(hf_config)
+        if settings.kernel == "triton":
+            from vllm_steer.kernels import triton_available
+
+            if not triton_available():
+                raise ValueError("steering.kernel 'triton' needs Triton and a GPU (or Triton's CPU interpreter, TRITON_INTERPRET=1)")
         shape = settings.model_shape(hf_config, str(vllm_config.model_config.dtype).removeprefix("torch."))
         scheduler = vllm_config.scheduler_config
         # Pipeline parallel: layers of other ranks are placeholders and get no tables.
@@ -53,6 +58,7 @@ class SteeredModel:
             num_slots=scheduler.max_num_seqs + 1,
             max_tokens=scheduler.max_num_batched_tokens,
             capture=settings.capture,
+            kernel=settings.kernel,
         )
 
         from vllm_steer import runners

@@ -80,6 +80,7 @@ class SteeringRuntime:
         num_slots: int,
         max_tokens: int,
         capture: bool = False,
+        kernel: str = "torch",
     ):
         self.shape = shape
         self.registry = registry
@@ -90,7 +91,7 @@ class SteeringRuntime:
         self.phase_lo = torch.zeros(num_slots, dtype=torch.int64)
         self.phase_hi = torch.full((num_slots,), NEVER, dtype=torch.int64)
         for layer in layers.values():
-            layer.attach_steering(self.token_slot, num_slots, shape.max_directions, shape.hidden_size)
+            layer.attach_steering(self.token_slot, num_slots, shape.max_directions, shape.hidden_size, kernel)
         self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}

@@ -81,6 +81,7 @@ class Tables:
     def __init__(self, token_slot, steer_add, steer_dirs, steer_target):
         self.token_slot, self.steer_add, self.steer_dirs, self.steer_target = token_slot, steer_add, steer_dirs, steer_target
         self.max_directions = steer_dirs.shape[0]
+        self.kernel = "torch"  # the torch ops: the kernel is timed on its own
 
 
 def steer_eager(hidden, residual, token_slot, steer_add, steer_dirs, steer_target):
