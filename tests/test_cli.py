@@ -8,9 +8,17 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, scoped_environ
 
 from vllm_steer import cli
+
+
+@pytest.fixture(autouse=True)
+def keep_the_environment():
+    """Commands set process defaults (VLLM_CPU_KVCACHE_SPACE=4, VLLM_PLUGINS): they must not
+    leak into the engines later tests start (a 4 GiB KV cache each runs the machine out of memory)."""
+    with scoped_environ({}):
+        yield
 
 
 def test_no_command_prints_usage_and_exits_2(capsys):
@@ -51,7 +59,6 @@ def test_serve_picks_the_models_family_and_merges_the_users_hf_overrides(tmp_pat
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}))
     seen = {}
     monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
-    monkeypatch.setenv("VLLM_PLUGINS", "vllm_steer")
     cli.main(["serve", "--model", str(tmp_path), "--hf-overrides", '{"rope_theta": 5.0, "steering": {"max_request_ops": 8}}',
               "--revision", "main", "--port", "8001"])
     argv = seen["argv"]
