@@ -1,7 +1,7 @@
 """Tiny random-weight decoder models with their own tokenizer, built locally (no hub, no network).
 
 ``build_tiny_model(path, family)`` writes a float32 checkpoint of one of the families we steer
-(``FAMILIES``: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 text, Phi3, Qwen3-MoE, Mixtral),
+(``RECIPES``: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 text, Phi3, Qwen3-MoE, Mixtral),
 each with the family's own quirks switched on (Qwen2's attention biases, Qwen3's q/k norms,
 Gemma2's softcapping, Gemma's sliding-window layers, experts for the MoE families), and the
 same locally trained BPE tokenizer. ``build_tiny_llama`` is the Llama one. Weights are
@@ -66,7 +66,7 @@ def build_tokenizer(vocab_size: int):
 # model copies its input: the residual stream keeps the input token's embedding direction and
 # the tied head scores that token by its squared norm, so greedy decoding repeats one token
 # whatever the prompt. Random per-channel norm scales break that alignment.
-FAMILIES: dict[str, dict] = {
+RECIPES: dict[str, dict] = {
     "llama": dict(config="LlamaConfig", model="LlamaForCausalLM", tie_word_embeddings=False),
     # Mistral 7B v0.2+ / Nemo: no sliding window (MistralConfig's default is 4096).
     "mistral": dict(config="MistralConfig", model="MistralForCausalLM", sliding_window=None),
@@ -109,14 +109,14 @@ def build_tiny_model(
     vocab_size: int = 512,
     seed: int = 0,
 ) -> Path:
-    """Write a float32 checkpoint of ``family`` (a key of ``FAMILIES``) and the tokenizer to
+    """Write a float32 checkpoint of ``family`` (a key of ``RECIPES``) and the tokenizer to
     ``path``, skipped if the same family and settings are already there."""
     import torch
     import transformers
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
-    spec = dict(FAMILIES[family])
+    if family not in RECIPES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(RECIPES)}")
+    spec = dict(RECIPES[family])
     config_cls = getattr(transformers, spec.pop("config"))
     model_cls = getattr(transformers, spec.pop("model"))
     pattern = spec.pop("layer_pattern", None)
@@ -128,7 +128,7 @@ def build_tiny_model(
     settings = dict(
         family=family, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size, seed=seed,
-        recipe=FAMILIES[family],  # so an edited table entry rebuilds
+        recipe=RECIPES[family],  # so an edited table entry rebuilds
     )
     settings = json.loads(json.dumps(settings))  # as the stamp reads back (tuples as lists)
     stamp = path / "vllm_steer_tiny.json"
