@@ -9,6 +9,7 @@ each op on its own (no pre-summed rows), so it does not share the engine's table
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -56,6 +57,25 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
+@contextmanager
+def edit_layer_outputs(model, edits: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, decoder layer ``L``'s output stream ``h`` becomes
+    ``edits[L](h, position_ids)`` (a forward hook, as the notebook did); removed even on error."""
+    handles = []
+    for layer, edit in edits.items():
+
+        def hook(module, args, kwargs, output, edit=edit):
+            hidden = edit(output[0] if isinstance(output, tuple) else output, kwargs["position_ids"])
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handles.append(decoder_layers(model)[layer].register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def phase_mask(positions: torch.Tensor, apply_to: str, prompt_len: int, dtype: torch.dtype) -> torch.Tensor:
     lo, hi = phase_bounds(apply_to, prompt_len)
     return ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(dtype)
@@ -73,22 +93,16 @@ class ReferenceSteerer:
         if steering is None:
             yield
             return
-        handles = []
+        edits = {}
         for layer in sorted({op.layer for op in steering.ops}):
             prepared = layer_ops(steering, layer, self.vectors, self.model.dtype)
 
-            def hook(module, args, kwargs, output, prepared=prepared):
-                hidden = output[0] if isinstance(output, tuple) else output
-                inside = phase_mask(kwargs["position_ids"], steering.apply_to, prompt_len, hidden.dtype)
-                hidden = steer_stream(hidden, prepared, inside)
-                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            def edit(hidden, positions, prepared=prepared):
+                return steer_stream(hidden, prepared, phase_mask(positions, steering.apply_to, prompt_len, hidden.dtype))
 
-            handles.append(decoder_layers(self.model)[layer].register_forward_hook(hook, with_kwargs=True))
-        try:
+            edits[layer] = edit
+        with edit_layer_outputs(self.model, edits):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @torch.inference_mode()
     def generate(

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vllm_steer.benchmarks import common
-from vllm_steer.reference import ReferenceOutput, layer_ops
+from vllm_steer.reference import ReferenceOutput, edit_layer_outputs, layer_ops
 from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve
 from vllm_steer.slots import NEVER, phase_bounds
 from vllm_steer.vectors.registry import VectorRegistry
@@ -77,26 +77,21 @@ def batch_hooks(model, steerings: Sequence[ResolvedSteering | None], vectors: di
     lo = torch.tensor([b[0] for b in bounds], device=device).unsqueeze(-1)
     hi = torch.tensor([b[1] for b in bounds], device=device).unsqueeze(-1)
     layers = sorted({op.layer for s in steerings if s is not None for op in s.ops})
-    handles = []
+    edits = {}
     for layer in layers:
         tables = tuple(t.to(device) for t in layer_tables(steerings, layer, vectors, hidden, dtype))
 
-        def hook(module, args, kwargs, output, tables=tables):
-            hidden_states = output[0] if isinstance(output, tuple) else output
-            positions = kwargs["position_ids"]
+        def edit(hidden_states, positions, tables=tables):
             inside = ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(hidden_states.dtype)
             add, direction, target = tables
             for k in range(add.shape[0]):
                 along = (hidden_states * direction[k]).sum(-1, keepdim=True)
                 hidden_states = hidden_states + inside * (add[k] + (target[k] - along) * direction[k])
-            return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+            return hidden_states
 
-        handles.append(model.model.layers[layer].register_forward_hook(hook, with_kwargs=True))
-    try:
+        edits[layer] = edit
+    with edit_layer_outputs(model, edits):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()
