@@ -10,6 +10,8 @@ does the same from a checkout).
     vllm-steer sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
         --features '[[11, 74457, 0.128]]' --words eiffel,tower,paris
     vllm-steer bench --quick              # steered vs unsteered throughput (see vllm_steer/benchmarks/run.py)
+    vllm-steer model smollm2              # fetch + convert SmolLM2-135M-Instruct once, print its folder
+                                          # (--model smollm2 / --model demo work in every command)
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 
 
 def _steering_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="hub id or local path (default: the bundled demo model)")
+    parser.add_argument("--model", default=None,
+                        help="hub id, local path, or a named model: demo, smollm2 (default: the bundled demo model)")
     parser.add_argument("--vectors", action="append", default=None, metavar="FILE",
                         help="vector file loaded at start: .pt, .safetensors, .gguf, or hf://...; repeatable")
     parser.add_argument("--sae", action="append", default=[], metavar="SOURCE",
@@ -36,11 +39,15 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
 
 def _model_and_vectors(args) -> tuple[str, list[str]]:
     """The user's model and vectors, or the bundled demo model and its topic vectors
-    (committed under vllm_steer/demo/; ``--vectors`` replaces the demo vectors)."""
+    (committed under vllm_steer/demo/; ``--vectors`` replaces the demo vectors). A named
+    model (``vllm_steer.models``) becomes its local folder; ``--model demo`` is the default."""
+    from vllm_steer.models import resolve_model
     from vllm_steer.vectors import absolute_source
 
+    if args.model == "demo":  # the same as no --model (its vectors, its short context, its name)
+        args.model = None
     if args.model is not None:
-        return args.model, [absolute_source(v) for v in args.vectors or []]
+        return resolve_model(args.model), [absolute_source(v) for v in args.vectors or []]
     from vllm_steer.demo import demo_model_path, demo_vectors_path
 
     return str(demo_model_path()), [absolute_source(v) for v in args.vectors or [demo_vectors_path()]]
@@ -92,9 +99,12 @@ def serve(argv: list[str]) -> None:
         max_body_bytes=args.max_body_bytes,
     )
     extra = _cpu_defaults(passthrough)
+    from vllm_steer.models import is_alias
+
     if args.model is None:  # the demo: a short context, and a name clients can type
         extra += [] if any(a.startswith("--max-model-len") for a in passthrough) else ["--max-model-len", "1024"]
-        extra += [] if any(a.startswith("--served-model-name") for a in passthrough) else ["--served-model-name", "demo"]
+    if (args.model is None or is_alias(args.model)) and not any(a.startswith("--served-model-name") for a in passthrough):
+        extra += ["--served-model-name", args.model or "demo"]
     _allow_endpoint_plugin()
     from vllm_steer.touchpoints import run_vllm_serve
 
@@ -212,7 +222,14 @@ def bench(argv: list[str]) -> None:
     run.main(argv, program="vllm-steer bench")
 
 
-COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench}
+def model(argv: list[str]) -> None:
+    """``vllm-steer model NAME``: fetch and convert a named model once, print its folder."""
+    from vllm_steer import models
+
+    models.main(argv)
+
+
+COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench, "model": model}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,12 +239,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"commands: {', '.join(COMMANDS)}")
         sys.exit(2)
     from vllm_steer.families import UnsupportedModel
+    from vllm_steer.models import ModelUnavailable
 
     try:
         COMMANDS[argv[0]](argv[1:])
     except UnsupportedModel as error:  # a user's choice of model, not a bug: no traceback
         print(f"vllm-steer {argv[0]}: {error}", file=sys.stderr)
         sys.exit(2)
+    except ModelUnavailable as error:  # a named model that could not be fetched (no index reachable)
+        print(f"vllm-steer {argv[0]}: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
