@@ -110,17 +110,21 @@ def test_default_scenarios_vary_one_factor_around_the_base():
 
 # ---- memory ------------------------------------------------------------------------------------
 def test_table_bytes_formula():
-    tables = common.steering_table_bytes(hidden=2048, steerable_layers=16, max_num_seqs=32, max_directions=4,
-                                         max_num_batched_tokens=2048)
-    assert tables["per_layer"] == 33 * 2048 * 5 * 4 + 4 * 33 * 4
-    assert tables["shared"] == 2048 * 8 + 2 * 33 * 8
-    assert tables["total"] == 16 * tables["per_layer"] + tables["shared"]
-    assert common.steering_table_bytes(2048, 16, 32, 0, 2048)["per_layer"] == 33 * 2048 * 4
+    row = 4 * (5 * 2048 + 4 + 1)  # add + 4 directions, 4 targets, the count
+    unbounded = common.steering_table_bytes(hidden=2048, steerable_layers=16, max_num_seqs=32, max_directions=4,
+                                            max_num_batched_tokens=2048)
+    assert unbounded["rows"] == 1 + 32 * 16 and unbounded["pool"] == unbounded["rows"] * row
+    assert unbounded["index"] == 2048 * 8 * 17 + 33 * 8 * 18
+    assert unbounded["total"] == unbounded["pool"] + unbounded["index"]
+    bounded = common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=100)
+    assert bounded["rows"] == 100 and bounded["pool"] == 100 * row
+    assert common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=10**6)["rows"] == 1 + 32 * 16
 
 
 @pytest.mark.parametrize("max_directions", [0, 4])
-def test_table_bytes_formula_matches_what_the_model_allocates(max_directions):
-    """The same buffers a steered model attaches (attach_steering, SteeringRuntime)."""
+@pytest.mark.parametrize("table_rows", [None, 7])
+def test_table_bytes_formula_matches_what_the_model_allocates(max_directions, table_rows):
+    """The same buffers a steered model allocates (SteeringRuntime, its row pool)."""
     from vllm_steer.layer import SteeringLayer
     from vllm_steer.resolve import ModelShape
     from vllm_steer.slots import SteeringRuntime
@@ -130,12 +134,13 @@ def test_table_bytes_formula_matches_what_the_model_allocates(max_directions):
         attach_steering = SteeringLayer.attach_steering
 
     layers = {i: Layer() for i in (0, 2, 3)}
-    shape = ModelShape(num_layers=4, hidden_size=64, steerable_layers=(0, 2, 3), max_directions=max_directions)
+    shape = ModelShape(num_layers=4, hidden_size=64, steerable_layers=(0, 2, 3), max_directions=max_directions, table_rows=table_rows)
     runtime = SteeringRuntime(shape, VectorRegistry(), layers, num_slots=9, max_tokens=128)
-    allocated = sum(b.numel() * b.element_size() for layer in layers.values()
-                    for name, b in layer.named_buffers() if name.startswith("steer_"))
-    allocated += sum(t.numel() * t.element_size() for t in (runtime.token_slot, runtime.phase_lo, runtime.phase_hi))
-    formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions, max_num_batched_tokens=128)
+    buffers = {id(b): b for layer in layers.values() for name, b in layer.named_buffers()}  # the pool is shared
+    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.phase_lo, runtime.phase_hi)})
+    allocated = sum(b.numel() * b.element_size() for b in buffers.values())
+    formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions, max_num_batched_tokens=128,
+                                          table_rows=table_rows)
     assert allocated == formula["total"]
 
 
@@ -227,7 +232,7 @@ def test_markdown_rendering():
     assert "| 8 | 42.0 | 40.5 | 39.5 | 0.940 |" in text  # stock vs steerable
     assert "19.8x" in text and "9.9x" in text  # speedups over the notebook
     assert "| output_throughput | 100.0 | 95.0 | 0.950 |" in text
-    assert "MiB per steerable layer" in text and "+1024 MiB" in text
+    assert "a pool of 33 rows" in text and "+1024 MiB" in text
     assert "meets >= 0.95" in text and "within 0.02" in text and "(the target is at batch 32: >= 10x)" in text
     at_32 = {"speedup_vs_notebook_batch": 32, "speedup_vs_notebook": 9.5, "speedup_vs_notebook_ok": False}
     assert run._target_sentences(at_32) == ["batch 32 vs the notebook one chat at a time 9.5x (misses: >= 10x)"]

@@ -21,11 +21,11 @@ from vllm_steer.benchmarks.gpu_check import one_rounding_gap, random_tables, ste
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-SLOTS = 5
-# Slot 0 (no steering) and slot 4 (admitted, all-zero rows) mixed with steered slots 1-3;
-# token_slot is longer than the batch, as the shared buffer is.
-TOKEN_SLOTS = [0, 1, 2, 3, 0, 2, 1, 4, 1]
-UNSTEERED = torch.tensor([slot in (0, SLOTS - 1) for slot in TOKEN_SLOTS])
+ROWS = 5
+# Row 0 (no steering) and row 4 (all zeros) mixed with steered rows 1-3, of which row 2 uses
+# only its first direction; token_row is longer than the batch, as the shared buffer is.
+TOKEN_ROWS = [0, 1, 2, 3, 0, 2, 1, 4, 1]
+UNSTEERED = torch.tensor([row in (0, ROWS - 1) for row in TOKEN_ROWS])
 # (directions, hidden, max_block, dtype). Hidden 72 fits one 128-wide block (the row stays in
 # registers) and is no multiple of 32 (with max_block 32 the row is swept in 3 blocks, the
 # last one masked). The swept path is slow in the interpreter: float32 there, plus one half.
@@ -39,14 +39,16 @@ def case_id(case) -> str:
 
 
 def make_args(case, seed: int) -> list[torch.Tensor]:
-    """(hidden, residual, token_slot, steer_add, steer_dirs, steer_target) of one case."""
+    """(hidden, residual, token_row, add, dirs, target, count) of one case."""
     directions, hidden, _, dtype = case
-    add, dirs, target = random_tables(SLOTS, directions, hidden, "cpu", seed=seed)
-    add[SLOTS - 1], dirs[:, SLOTS - 1], target[:, SLOTS - 1] = 0, 0, 0
-    token_slot = torch.tensor(TOKEN_SLOTS + [3, 3, 3])
+    add, dirs, target, count = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
+    add[ROWS - 1], dirs[ROWS - 1], target[ROWS - 1], count[ROWS - 1] = 0, 0, 0, 0
+    if directions > 1:  # the pool zeroes the directions a row does not use
+        dirs[2, 1:], target[2, 1:], count[2] = 0, 0, 1
+    token_row = torch.tensor(TOKEN_ROWS + [3, 3, 3])
     generator = torch.Generator().manual_seed(seed + 1000)
-    streams = [(4 * torch.randn(len(TOKEN_SLOTS), hidden, generator=generator)).to(dtype) for _ in range(2)]
-    return [*streams, token_slot, add, dirs, target]
+    streams = [(4 * torch.randn(len(TOKEN_ROWS), hidden, generator=generator)).to(dtype) for _ in range(2)]
+    return [*streams, token_row, add, dirs, target, count]
 
 
 # Runs with TRITON_INTERPRET=1: every case, then the op under torch.compile (Dynamo traces
@@ -88,7 +90,7 @@ def test_kernel_matches_layer_math(kernel_run, index):
     residual = args[1]
     expected = steer_eager(*args)
     assert out.dtype == dtype and out.shape == expected.shape
-    # Slot 0 and all-zero rows hand the residual back bit for bit, in every dtype.
+    # Row 0 and all-zero rows hand the residual back bit for bit, in every dtype.
     assert torch.equal(out[UNSTEERED], residual[UNSTEERED])
     if dtype == torch.float32:
         # Equal up to the order of the additions inside the dot products.

@@ -14,6 +14,7 @@ from torch import nn
 from conftest import ENGINE_ARGS, scoped_environ
 from vllm_steer.layer import SteeringLayer
 from vllm_steer.resolve import ModelShape, resolve
+from vllm_steer.rows import LayerRow, RowPool
 from vllm_steer.spec import SteeringError
 from vllm_steer.vectors import VectorRegistry
 
@@ -26,14 +27,11 @@ class Layer(nn.Module):
 
 
 def steered_layer(directions: list[tuple[torch.Tensor, float]], add: torch.Tensor | None = None) -> Layer:
-    """One layer, slot 1 steered with ``add`` then each (unit direction, target); every token reads slot 1."""
+    """One layer, row 1 steered with ``add`` then each (unit direction, target); every token reads row 1."""
     layer = Layer()
-    layer.attach_steering(torch.ones(TOKENS, dtype=torch.int64), num_slots=2, max_directions=len(directions), hidden=HIDDEN)
-    if add is not None:
-        layer.steer_add[1] = add
-    for k, (direction, target) in enumerate(directions):
-        layer.steer_dirs[k, 1] = direction
-        layer.steer_target[k, 1] = target
+    pool = RowPool(2, HIDDEN, len(directions))
+    pool.acquire(["row"], {"row": LayerRow(torch.zeros(HIDDEN) if add is None else add, directions)})
+    layer.attach_steering(torch.ones(TOKENS, dtype=torch.int64), pool)
     return layer
 
 
@@ -71,7 +69,7 @@ def test_unsteered_tokens_keep_every_bfloat16_bit():
     hidden = torch.randn(TOKENS, HIDDEN, generator=generator).to(torch.bfloat16)
     residual = (torch.randn(TOKENS, HIDDEN, generator=generator) * 100).to(torch.bfloat16)
     layer = steered_layer([(unit(generator), 3.0)], unit(generator))
-    layer.token_slot.zero_()  # every token reads slot 0
+    layer.token_row.zero_()  # every token reads row 0
     assert torch.equal(layer.steer(hidden, residual), residual)
 
 

@@ -72,3 +72,47 @@ def test_preempted_steered_requests_resume_with_their_steering(cramped, tokenize
     for spec, got in zip(specs, together):
         assert_same_tokens_close_logprobs(got, run(cramped, [story], [spec], length)[0], tolerance=1e-5)
     assert slots_in_use(cramped) == [0]
+
+
+# ---- the steering row budget (rows.py, scheduler.py) --------------------------------------------
+ROW_BYTES = 4 * (5 * 256 + 4 + 1)  # hidden 256, max_directions 4
+
+
+@pytest.fixture(scope="module")
+def budgeted(engines):
+    """Rows for three distinct steerings: the rest wait (in-process and eager: starts in seconds)."""
+    return engines(table_budget_mib=4 * ROW_BYTES / 2**20, enforce_eager=True, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+
+
+def test_requests_beyond_the_row_budget_wait_and_then_run_steered(budgeted, prompt_ids, hf_model, gen_len):
+    generator = np.random.default_rng(5)
+
+    def distinct():
+        return {"vectors": [{"vector": generator.standard_normal(256).tolist(), "layers": [1], "scale": 3.0}]}
+
+    first = distinct()
+    # Rows: a, b, c fill the pool; a's twin shares a's row; d and e must wait; unsteered never waits.
+    specs = {"a": first, "b": distinct(), "c": distinct(), "a-twin": first, "d": distinct(), "e": distinct(), "plain": None}
+    engine = budgeted.llm.llm_engine
+    for index, (name, spec) in enumerate(specs.items()):
+        params = greedy(gen_len, extra_args=None if spec is None else {"steering": spec})
+        engine.add_request(name, {"prompt_token_ids": prompt_ids[index % 4]}, params)
+    finished = {output.request_id: output for output in engine.step() if output.finished}
+    (stats,) = budgeted.steering_stats()
+    assert stats["slots_in_use"] == 4 and stats["table_rows"]["in_use"] == 3  # a, b, c, a-twin
+    while engine.has_unfinished_requests():
+        finished.update((output.request_id, output) for output in engine.step() if output.finished)
+    for index, (name, spec) in enumerate(specs.items()):
+        (got,) = generations([finished[name]])
+        assert_same_tokens_close_logprobs(got, reference(hf_model, budgeted, prompt_ids[index % 4], spec, gen_len))
+    (stats,) = budgeted.steering_stats()
+    assert stats["unapplied_requests"] == 0 and stats["table_rows"]["peak"] == stats["table_rows"]["capacity"] == 3
+
+
+def test_a_request_needing_more_rows_than_the_budget_is_refused(budgeted, prompt_ids):
+    from vllm_steer.spec import SteeringError
+
+    generator = np.random.default_rng(6)
+    spec = {"vectors": [{"vector": generator.standard_normal(256).tolist(), "layers": [layer], "scale": 1.0} for layer in range(4)]}
+    with pytest.raises(SteeringError, match="needs 4 table rows.*budget holds 3"):
+        run(budgeted, [prompt_ids[0]], [spec], 2)

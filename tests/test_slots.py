@@ -92,22 +92,55 @@ def test_mixed_batch_matches_reference_and_leaves_unsteered_bits(runtime):
     torch.testing.assert_close(clamped @ b_hat, torch.full((3,), 2.0), atol=1e-5, rtol=0)
 
 
-def test_release_zeroes_rows_and_slots_are_reused(runtime):
+def test_identical_steering_shares_rows_and_release_returns_them(runtime):
     for i in range(SLOTS - 1):  # every slot but the zero one: no cap below max_num_seqs
         assert runtime.admit(f"r{i}", params(SPEC_A), prompt_len=1) == i + 1
     assert runtime.slots_in_use == SLOTS - 1
+    # SPEC_A steers layers 0 and 1 differently: two rows, whatever the number of requests.
+    assert runtime.pool.in_use == 2
+    assert runtime.row_of_slot[:, 1:].unique(dim=1).shape[1] == 1
     runtime.release("r1")
-    for layer in runtime.layers.values():
-        assert not layer.steer_add[2].any() and not layer.steer_dirs[:, 2].any() and not layer.steer_target[:, 2].any()
+    assert not runtime.row_of_slot[:, 2].any() and runtime.pool.in_use == 2
     assert runtime.admit("late", params(SPEC_B), prompt_len=1) == 2
-    assert runtime.layers[0].steer_add[2].abs().sum() == 0  # SPEC_B does not touch layer 0
+    assert runtime.pool.in_use == 3
+    assert runtime.row_of_slot[0, 2] == 0  # SPEC_B does not touch layer 0
     for i in (0, 2, 3):
         runtime.release(f"r{i}")
+    assert runtime.pool.in_use == 1
     runtime.release("late")
     runtime.release("never-admitted")
-    assert runtime.slots_in_use == 0
-    for layer in runtime.layers.values():
-        assert not layer.steer_add.any() and not layer.steer_dirs.any()
+    assert runtime.slots_in_use == 0 and runtime.pool.in_use == 0
+    assert not runtime.row_of_slot.any()
+
+
+def test_layers_steered_alike_share_one_row(runtime):
+    slot = runtime.admit("r", params({"vectors": [{"name": "a", "layers": [0, 2], "scale": 3.0}]}), prompt_len=1)
+    assert runtime.pool.in_use == 1
+    assert runtime.row_of_slot[0, slot] == runtime.row_of_slot[2, slot] != 0 and runtime.row_of_slot[1, slot] == 0
+
+
+def test_a_request_sharing_held_rows_needs_no_vector(runtime):
+    """Admission builds rows only for content the pool lacks: a second request with the
+    same steering is admitted even after its vector left the worker's registry."""
+    first = runtime.admit("first", params(SPEC_A), prompt_len=1)
+    runtime.registry.remove("a")
+    second = runtime.admit("second", params(SPEC_A), prompt_len=1)
+    assert second != 0 and torch.equal(runtime.row_of_slot[:, first], runtime.row_of_slot[:, second])
+    assert runtime.stats()["unapplied_requests"] == 0
+
+
+def test_a_full_pool_admits_nothing_partially():
+    layers = {index: Layer() for index in range(LAYERS)}
+    shape = ModelShape(**{**SHAPE.__dict__, "table_rows": 3})  # rows 1 and 2 usable
+    runtime = SteeringRuntime(shape, make_registry(), layers, num_slots=SLOTS, max_tokens=32)
+    assert runtime.pool.capacity == 2
+    assert runtime.admit("a", params(SPEC_A), 1) != 0  # two rows
+    assert runtime.admit("b", params(SPEC_B), 1) == 0  # one more row: no room
+    assert runtime.pool.in_use == 2 and runtime.slots_in_use == 1
+    assert runtime.stats()["unapplied_requests"] == 1
+    assert runtime.stats()["table_rows"] == {"in_use": 2, "peak": 2, "capacity": 2}
+    runtime.release("a")
+    assert runtime.admit("b", params(SPEC_B), 1) != 0
 
 
 def test_exhausted_or_unresolvable_specs_degrade_to_unsteered_and_are_counted(runtime, caplog):
@@ -130,17 +163,22 @@ def test_a_failure_while_filling_a_slot_frees_it(runtime, monkeypatch):
     monkeypatch.setattr(runtime.capture, "start", broken_start)
     assert runtime.admit("r", params(SPEC_A, capture={"key": "k", "layers": [1]}), 2) == 0
     assert runtime.slots_in_use == 0 and runtime.stats()["unapplied_requests"] == 1
-    for layer in runtime.layers.values():
-        assert not layer.steer_add.any() and not layer.steer_dirs.any()
+    assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any()
 
 
 def test_phase_masks_and_padding(runtime):
     prompt_only = runtime.admit("p", params({**SPEC_A, "apply_to": "prompt"}), prompt_len=2)
     generated_only = runtime.admit("g", params({**SPEC_A, "apply_to": "generated"}), prompt_len=2)
     runtime.token_slot.fill_(99)
+    runtime.token_row.fill_(99)
     positions = torch.tensor([1, 2, 1, 2, 7, 7])
     runtime.fill_token_slot(torch.tensor([prompt_only, generated_only]), torch.tensor([2, 2]), positions, 4, 6)
     assert runtime.token_slot[:7].tolist() == [prompt_only, 0, 0, generated_only, 0, 0, 99]
+    # Each layer's rows follow the slots (both requests share SPEC_A's rows); padding reads row 0.
+    rows = runtime.row_of_slot[:, prompt_only]
+    assert rows[0] != 0 and rows[1] != 0 and rows[2] == 0
+    expected = torch.stack([rows, 0 * rows, 0 * rows, rows, 0 * rows, 0 * rows, torch.full_like(rows, 99)], dim=1)
+    assert torch.equal(runtime.token_row[:, :7], expected)
 
 
 class FakeV1Runner:
@@ -201,7 +239,7 @@ def test_v1_request_not_scheduled_this_step_keeps_its_slot_and_capture(runtime):
     runner.schedule([("long", 3)])  # first prefill chunk
     write_v1(runtime, runner, torch.tensor([0, 1, 2]))
     slot = runtime.slot_of("long")
-    rows = runtime.layers[1].steer_add[slot].clone()
+    rows = runtime.row_of_slot[:, slot].clone()
     runtime.layers[1].capture_sum[slot] += 1.0  # what the first chunk's forward accumulated
     release_v1(runtime, scheduler_output())
     runner.schedule([("other", 4)])  # "long" is running but not scheduled this step
@@ -210,7 +248,7 @@ def test_v1_request_not_scheduled_this_step_keeps_its_slot_and_capture(runtime):
     runner.schedule([("long", 3), ("other", 1)])  # second chunk
     write_v1(runtime, runner, torch.tensor([3, 4, 5, 4]))
     assert runtime.slot_of("long") == slot
-    assert torch.equal(runtime.layers[1].steer_add[slot], rows)
+    assert torch.equal(runtime.row_of_slot[:, slot], rows)
     assert runtime.token_slot[:3].tolist() == [slot] * 3
     assert torch.equal(runtime.layers[1].capture_sum[slot], torch.ones(HIDDEN))  # not restarted
     release_v1(runtime, scheduler_output(finished=["long", "other"]))

@@ -51,6 +51,30 @@ def test_front_end_touchpoints():
     assigned_in_init(InputProcessor, "model_config")
 
 
+def test_engine_core_touchpoints():
+    from vllm.config import SchedulerConfig
+    from vllm.platforms import current_platform
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    from vllm_steer.scheduler import SteeringScheduler, scheduler_class
+
+    assert parameters(SchedulerConfig.get_scheduler_cls) == ["self"]
+    assert parameters(Scheduler._handle_blocked_waiting_request) == ["self", "request"]
+    assert parameters(Scheduler.__init__)[1] == "vllm_config"
+    assert "self._handle_blocked_waiting_request(request)" in inspect.getsource(Scheduler.schedule)
+    assigned_in_init(Scheduler, "running", "vllm_config")
+    assigned_in_init(Request, "sampling_params")
+    assert not hasattr(Request, "__slots__")  # the scheduler caches a request's rows on it
+    assert issubclass(AsyncScheduler, Scheduler)
+    # The mixin's hooks come first in the method order of what vLLM builds.
+    built = scheduler_class(AsyncScheduler)
+    assert built._handle_blocked_waiting_request is SteeringScheduler._handle_blocked_waiting_request
+    assert built.schedule is SteeringScheduler.schedule
+    assert current_platform.get_device_total_memory() > 0
+
+
 def test_model_runner_v1_touchpoints():
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch

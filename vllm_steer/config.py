@@ -42,16 +42,22 @@ class SteeringConfig(BaseModel):
     # The layer math: torch ops, or the fused Triton kernel (kernels.py; needs Triton and a
     # GPU, or Triton's CPU interpreter). The GPU check (benchmarks/gpu_check.py) compares them.
     kernel: Literal["torch", "triton"] = "torch"
-    # Layers that can be steered (None: all). Each costs (1 + max_directions) rows of
-    # hidden_size floats per running request slot.
+    # Layers that can be steered (None: all).
     layers: tuple[int, ...] | None = None
+    # Device memory for the steering rows, in MiB (None: min(256 MiB, 1% of the device's
+    # memory)). A row is one layer's steering of one distinct config, (1 + max_directions)
+    # x hidden_size float32 values; identical configs share rows (rows.py). Requests whose
+    # rows do not fit wait until rows free up (scheduler.py).
+    table_budget_mib: float | None = Field(default=None, gt=0)
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> SteeringConfig:
         return cls.model_validate(getattr(hf_config, "steering", None) or {})
 
-    def model_shape(self, hf_config: Any, dtype: str = "float32"):
-        """What validation needs to know about the served model (``dtype``: the one served)."""
+    def model_shape(self, hf_config: Any, dtype: str = "float32", device_bytes: int | None = None):
+        """What validation needs to know about the served model (``dtype``: the one served;
+        ``device_bytes``: the device's memory, for the default row budget; without it and
+        without ``table_budget_mib`` the pool is not bounded)."""
         from vllm_steer.resolve import ModelShape
 
         text = text_config(hf_config)
@@ -62,7 +68,20 @@ class SteeringConfig(BaseModel):
             max_directions=self.max_directions,
             max_request_ops=self.max_request_ops,
             dtype=dtype,
+            table_rows=self.table_rows(text.hidden_size, device_bytes),
         )
+
+    def table_rows(self, hidden: int, device_bytes: int | None) -> int | None:
+        """Rows of the steering row pool (row 0 included) the budget holds."""
+        from vllm_steer.rows import budget_rows, default_budget
+
+        if self.table_budget_mib is not None:
+            budget = int(self.table_budget_mib * (1 << 20))
+        elif device_bytes is not None:
+            budget = default_budget(device_bytes)
+        else:
+            return None
+        return budget_rows(budget, hidden, self.max_directions)
 
     def load_registry(self, hf_config: Any = None):
         """The registry of the configured files; given the model's config, a vector or SAE

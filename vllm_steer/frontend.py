@@ -70,7 +70,7 @@ class SteeringFrontend:
 
     def __init__(self, hf_config: Any, dtype: str = "float32"):
         self.settings = SteeringConfig.from_hf_config(hf_config)
-        self.shape = self.settings.model_shape(hf_config, dtype)
+        self.shape = self.settings.model_shape(hf_config, dtype, touchpoints.device_memory())
         self.registry = self.settings.load_registry(hf_config)
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
         self._seal_key = secrets.token_bytes(32)

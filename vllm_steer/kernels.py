@@ -7,12 +7,13 @@ once and writes the new residual once. Semantics are exactly ``SteeringLayer.ste
 in the same float32 operation order (only the order of the additions inside each dot
 product differs):
 
-    delta = add[slot]
-    for k in range(K):
-        delta += (target[k, slot] - <hidden + residual + delta, dirs[k, slot]>) * dirs[k, slot]
+    delta = add[row]
+    for k in range(count[row]):    # the eager math runs all K; unused directions are zero
+        delta += (target[row, k] - <hidden + residual + delta, dirs[row, k]>) * dirs[row, k]
     new_residual = (residual + delta).to(residual.dtype)
 
-One program per token row. A row is read in blocks of ``BLOCK`` columns (any hidden size,
+A token pays only for the directions its row uses: an unsteered token (row 0) is one read of
+its residual and one write. One program per token. A row is read in blocks of ``BLOCK`` columns (any hidden size,
 masked): when the row fits in one block (hidden <= 16384 by default) it stays in registers
 across the K projections; a wider row keeps its running ``delta`` in a float32 scratch row
 and is swept K + 1 times. Nothing depends on data on the host (no sync, fixed grid), so the
@@ -43,10 +44,10 @@ def triton_available() -> bool:
 
 
 def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor, max_block: int = MAX_BLOCK) -> torch.Tensor:
-    """The new residual for ``hidden + residual`` steered by ``tables``: ``token_slot, steer_add,
-    steer_dirs, steer_target`` in the layout of ``SteeringLayer.attach_steering`` (int64
-    ``token_slot`` at least ``n`` long; float32, contiguous ``steer_add [S, H]``,
-    ``steer_dirs [K, S, H]``, ``steer_target [K, S, 1]``). ``hidden`` and ``residual`` may
+    """The new residual for ``hidden + residual`` steered by ``tables``: ``token_row, add, dirs,
+    target, count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long;
+    contiguous float32 ``add [R, H]``, ``dirs [R, K, H]``, ``target [R, K]``, int32
+    ``count [R]``). ``hidden`` and ``residual`` may
     have any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
     lower it to exercise the swept path)."""
     return steer_op()(hidden, residual, *tables, max_block)
@@ -77,29 +78,30 @@ def _register():
     def steer(
         hidden: torch.Tensor,
         residual: torch.Tensor,
-        token_slot: torch.Tensor,
-        steer_add: torch.Tensor,
-        steer_dirs: torch.Tensor,
-        steer_target: torch.Tensor,
+        token_row: torch.Tensor,
+        add: torch.Tensor,
+        dirs: torch.Tensor,
+        target: torch.Tensor,
+        count: torch.Tensor,
         max_block: int,
     ) -> torch.Tensor:
-        count, width = residual.shape
-        directions, slots = steer_dirs.shape[0], steer_add.shape[0]
+        tokens, width = residual.shape
+        directions = dirs.shape[1]
         block = min(triton.next_power_of_2(width), triton.next_power_of_2(max_block))
         blocks = triton.cdiv(width, block)
-        out = residual.new_empty((count, width))
+        out = residual.new_empty((tokens, width))
         # Only a swept row (wider than one block) with directions needs the scratch delta.
-        scratch = residual.new_empty((count if blocks > 1 and directions else 0, width), dtype=torch.float32)
-        if count:
-            kernel[(count,)](
-                hidden, residual, out, token_slot, steer_add, steer_dirs, steer_target, scratch,
-                hidden.stride(0), residual.stride(0), slots, width,
+        scratch = residual.new_empty((tokens if blocks > 1 and directions else 0, width), dtype=torch.float32)
+        if tokens:
+            kernel[(tokens,)](
+                hidden, residual, out, token_row, add, dirs, target, count, scratch,
+                hidden.stride(0), residual.stride(0), width,
                 K=directions, BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
             )
         return out
 
     @steer.register_fake
-    def _(hidden, residual, token_slot, steer_add, steer_dirs, steer_target, max_block):
+    def _(hidden, residual, token_row, add, dirs, target, count, max_block):
         return residual.new_empty(residual.shape)
 
     return steer
@@ -146,48 +148,47 @@ def _steer_kernel():
         return along
 
     @triton.jit
-    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_slot_ptr, add_ptr, dirs_ptr, target_ptr,
-                     scratch_ptr, hidden_stride, residual_stride, slots, width,
+    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr, target_ptr, count_ptr,
+                     scratch_ptr, hidden_stride, residual_stride, width,
                      K: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        slot = tl.load(token_slot_ptr + row)
-        h_row = hidden_ptr + row * hidden_stride
-        r_row = residual_ptr + row * residual_stride
-        out_row = out_ptr + row * width
-        add_row = add_ptr + slot * width
-        # dirs[k, slot] and target[k, slot]; k advances by whole tables (pointer steps, so no
-        # int32 offset overflows at 64 directions x 1025 slots x 16384).
-        dir_row = dirs_ptr + slot * width
-        target = target_ptr + slot
-        dir_step = slots * width
+        token = tl.program_id(0).to(tl.int64)
+        row = tl.load(token_row_ptr + token)
+        h_row = hidden_ptr + token * hidden_stride
+        r_row = residual_ptr + token * residual_stride
+        out_row = out_ptr + token * width
+        add_row = add_ptr + row * width
+        # dirs[row, k] and target[row, k]: k advances by one direction row / one target.
+        dir_row = dirs_ptr + row * K * width
+        target = target_ptr + row * K
+        used = tl.load(count_ptr + row)  # directions this row uses (0 when K is 0)
         if BLOCKS == 1:
-            # The whole row in registers: read once, project K times, write once.
+            # The whole row in registers: read once, project once per used direction, write once.
             cols = tl.arange(0, BLOCK)
             residual = load_f32(r_row, cols, width)
             delta = load_f32(add_row, cols, width)
             if K > 0:
                 stream = load_f32(h_row, cols, width) + residual
-                for _ in range(K):
+                for _ in range(used):
                     direction = load_f32(dir_row, cols, width)
                     along = tl.sum((stream + delta) * direction, axis=0)
                     delta = delta + (tl.load(target) - along) * direction
-                    dir_row += dir_step
-                    target += slots
+                    dir_row += width
+                    target += 1
             tl.store(out_row + cols, (residual + delta).to(out_ptr.dtype.element_ty), mask=cols < width)
         else:
-            scratch_row = scratch_ptr + row * width
-            if K == 0:
+            scratch_row = scratch_ptr + token * width
+            if used == 0:
                 sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
                       True, True, BLOCK, BLOCKS)
             else:
                 along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
                               True, False, BLOCK, BLOCKS)
-                for _ in range(1, K):
+                for _ in range(1, used):
                     coeff = tl.load(target) - along
                     along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
-                                  dir_row + dir_step, width, False, False, BLOCK, BLOCKS)
-                    dir_row += dir_step
-                    target += slots
+                                  dir_row + width, width, False, False, BLOCK, BLOCKS)
+                    dir_row += width
+                    target += 1
                 sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, tl.load(target) - along, dir_row,
                       width, False, True, BLOCK, BLOCKS)
 

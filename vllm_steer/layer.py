@@ -3,8 +3,8 @@ decoder layer of any family whose layers return ``(hidden, residual)`` with the 
 stream ``hidden + residual``. Torch only (no vLLM import), so the math can be exercised on a
 machine that has torch but not vLLM (``vllm_steer.benchmarks.gpu_check``).
 
-Each steerable layer owns persistent tables with one row per slot (row 0 stays zero: no
-steering) and reads the shared per-token ``token_slot`` index the step writer fills. The
+Every steerable layer reads the same persistent row pool (rows.py; row 0 stays zero: no
+steering) through its own per-token row index ``token_row``, which the step writer fills. The
 math has no data-dependent branch, so it runs unchanged eagerly, under torch.compile and
 inside CUDA graphs, and costs the same however many distinct configs share a batch.
 
@@ -30,15 +30,17 @@ class SteeringLayer:
     captures = False  # set by attach_capture
     kernel = "torch"  # or "triton": the fused kernel of kernels.py
 
-    def attach_steering(self, token_slot: torch.Tensor, num_slots: int, max_directions: int, hidden: int, kernel: str = "torch") -> None:
-        # Non-persistent: the weight loader skips them. Allocated once, written in place.
-        self.register_buffer("token_slot", token_slot, persistent=False)
-        # float32 whatever the model's dtype (see the module docstring).
-        table = functools.partial(torch.zeros, dtype=torch.float32)
-        self.register_buffer("steer_add", table(num_slots, hidden), persistent=False)
-        self.register_buffer("steer_dirs", table(max_directions, num_slots, hidden), persistent=False)
-        self.register_buffer("steer_target", table(max_directions, num_slots, 1), persistent=False)
-        self.max_directions = max_directions
+    def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch") -> None:
+        """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]``, ``dirs [R, K, H]``,
+        ``target [R, K]``, int32 ``count [R]``) at the rows ``token_row`` names per token."""
+        # Non-persistent: the weight loader skips them. Allocated once, written in place,
+        # shared with the runtime (token_row) and with every other steerable layer (pool).
+        self.register_buffer("token_row", token_row, persistent=False)
+        self.register_buffer("steer_add", pool.add, persistent=False)
+        self.register_buffer("steer_dirs", pool.dirs, persistent=False)
+        self.register_buffer("steer_target", pool.target, persistent=False)
+        self.register_buffer("steer_count", pool.count, persistent=False)
+        self.max_directions = pool.dirs.shape[1]
         self.kernel = kernel
         if kernel == "triton":
             from vllm_steer.kernels import steer_op
@@ -72,21 +74,23 @@ class SteeringLayer:
         """The stream after this layer is ``hidden + residual``; return the new residual.
 
         Adds first, then each clamp/ablate direction projects the current stream in order:
-        ``x <- x + (target - <x, d>) d``. Rows of slot 0 and unused directions are zero, so
+        ``x <- x + (target - <x, d>) d``. Row 0 and unused directions are zero, so
         the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
         """
         if self.kernel == "triton":
             from vllm_steer.kernels import steer_triton
 
-            return steer_triton(hidden, residual, self.token_slot, self.steer_add, self.steer_dirs, self.steer_target)
-        slot = self.token_slot[: hidden.shape[0]]
-        delta = self.steer_add[slot]
+            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_target, self.steer_count)
+        row = self.token_row[: hidden.shape[0]]
+        delta = self.steer_add[row]
         if self.max_directions:
             stream = hidden.float() + residual.float()
             for k in range(self.max_directions):
-                direction = self.steer_dirs[k][slot]
+                # One [n, H] gather per direction (a gather of all K at once would hold
+                # K times the prefill's stream in float32).
+                direction = self.steer_dirs[row, k]
                 along = ((stream + delta) * direction).sum(dim=-1, keepdim=True)
-                delta = delta + (self.steer_target[k][slot] - along) * direction
+                delta = delta + (self.steer_target[row, k].unsqueeze(-1) - along) * direction
         # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
         # changes no bit), into a new tensor: the next layer's fused add+norm may write its
         # inputs in place.

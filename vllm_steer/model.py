@@ -43,7 +43,7 @@ class SteeredModel:
 
             if not triton_available():
                 raise ValueError("steering.kernel 'triton' needs Triton and a GPU (or Triton's CPU interpreter, TRITON_INTERPRET=1)")
-        shape = settings.model_shape(hf_config, str(vllm_config.model_config.dtype).removeprefix("torch."))
+        shape = settings.model_shape(hf_config, str(vllm_config.model_config.dtype).removeprefix("torch."), touchpoints.device_memory())
         scheduler = vllm_config.scheduler_config
         # Pipeline parallel: layers of other ranks are placeholders and get no tables.
         local_layers = {

@@ -54,12 +54,14 @@ class SteeredLLM:
         max_directions: int = 4,
         steerable_layers: Sequence[int] | None = None,
         capture: bool = False,
+        table_budget_mib: float | None = None,
         cfg: dict[str, Any] | None = None,
         **llm_kwargs: Any,
     ):
         """``model``: hub id or local path (a hub id uses ``HF_TOKEN`` as huggingface-hub
         reads it). ``vectors``: files for the registry; ``sae``: SAE decoders whose features
-        the ``features`` form may name. ``llm_kwargs`` go to ``vllm.LLM``."""
+        the ``features`` form may name; ``table_budget_mib``: device memory for steering rows
+        (config.py). ``llm_kwargs`` go to ``vllm.LLM``."""
         from vllm import LLM
 
         user_overrides = llm_kwargs.pop("hf_overrides", None)
@@ -71,6 +73,7 @@ class SteeredLLM:
             max_directions=max_directions,
             layers=None if steerable_layers is None else tuple(steerable_layers),
             capture=capture,
+            table_budget_mib=table_budget_mib,
         )
         self.llm = LLM(model=str(model), hf_overrides=overrides, **llm_kwargs)
         self.cfg = {**NOTEBOOK_CFG, **(cfg or {})}

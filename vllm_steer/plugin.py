@@ -1,7 +1,8 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls ``register`` in every process.
 
-It registers the steered architecture of every family (lazily, by name) and installs the front-end hook
-that resolves and salts steered requests. Worker-side hooks are installed by the model
+It registers the steered architecture of every family (lazily, by name), installs the front-end hook
+that resolves and salts steered requests, and gives the engine core's scheduler the row
+budget (a request whose steering rows do not fit waits). Worker-side hooks are installed by the model
 itself when it is built. Idempotent: vLLM may call it more than once per process.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_steer import frontend, touchpoints
+    from vllm_steer import frontend, scheduler, touchpoints
     from vllm_steer.families import FAMILIES
 
     for family in FAMILIES.values():
         touchpoints.register_architecture(family.steered, f"vllm_steer.families:{family.steered}")
     touchpoints.wrap_assign_request_id(frontend.on_new_request)
+    touchpoints.wrap_scheduler_cls(scheduler.scheduler_class)

@@ -33,6 +33,7 @@ class ModelShape:
     max_directions: int
     max_request_ops: int = 256  # (vector, layer) operations in one spec
     dtype: str = "float32"  # the served model's: what the steered stream must fit
+    table_rows: int | None = None  # rows of the steering row pool, row 0 included (rows.py)
 
     @property
     def dtype_max(self) -> float:
@@ -69,6 +70,16 @@ class ResolvedSteering:
     def fingerprint(self) -> str:
         """Identifies the steering by content: equal fingerprints steer identically."""
         return hashlib.sha256(self.canonical.encode()).hexdigest()[:32]
+
+    @cached_property
+    def row_keys(self) -> dict[int, str]:
+        """layer -> the content of its steering row (that layer's ops, in order; not the
+        layer number): requests, and layers, with equal keys share one row of the pool
+        (rows.py). The scheduler counts rows with these keys too, so both agree."""
+        by_layer: dict[int, list] = {}
+        for op in self.ops:
+            by_layer.setdefault(op.layer, []).append([op.mode, op.digest, op.coeff, op.normalize])
+        return {layer: hashlib.sha256(json.dumps(ops).encode()).hexdigest()[:32] for layer, ops in by_layer.items()}
 
     def cache_namespace(self, prompt_len: int) -> str:
         """What a request's KV blocks depend on. A phase-limited spec steers positions by
@@ -155,6 +166,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     used = {op.digest for op in ops}
     resolved = ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
     _check_summed_adds(resolved, resolved.arrays(registry), shape)
+    _check_rows(resolved, shape)
     return resolved
 
 
@@ -231,6 +243,16 @@ def _check_summed_adds(resolved: ResolvedSteering, arrays: dict[str, np.ndarray]
     for layer, bound in sorted(largest.items()):
         if not bound < shape.dtype_max:
             raise SteeringError(f"the adds at layer {layer} together reach {bound:.4g}: the steering would overflow {shape.dtype}", "steering.scale")
+
+
+def _check_rows(resolved: ResolvedSteering, shape: ModelShape) -> None:
+    """A request whose own rows exceed the whole pool would wait for capacity forever."""
+    needed = len(set(resolved.row_keys.values()))
+    if shape.table_rows is not None and needed > shape.table_rows - 1:
+        raise SteeringError(
+            f"this steering needs {needed} table rows (one per layer it steers); this server's steering table "
+            f"budget holds {shape.table_rows - 1} (hf_overrides steering.table_budget_mib)"
+        )
 
 
 def _listing(items: list[str], limit: int = 10) -> str:

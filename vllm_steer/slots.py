@@ -1,17 +1,17 @@
-"""Worker side: admit a request into a slot, write its rows, and fill ``token_slot``.
+"""Worker side: admit a request into a slot, give it its rows, and fill each step's
+token -> row index.
 
-A slot is a row index into every steerable layer's tables. Slot 0 is all zeros (no
-steering); slots 1..max_num_seqs are handed to steered requests on admission and zeroed
-on release. The rows are computed once per admission from the request's resolved spec, so
-the per-step work is only "which slot does each token read", done with tensor ops.
+A slot is a running request's entry: its phase bounds and, per steerable layer, the row of
+the shared pool (rows.py) that holds its steering there (``row_of_slot[layer, slot]``).
+Slot 0 reads row 0 (zeros) everywhere: no steering. Rows are built once per distinct
+content, on admission; each step only maps tokens to slots to rows, with tensor ops.
 """
 
 from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,8 @@ import torch
 
 from vllm_steer.capture import CaptureTables
 from vllm_steer.control import WORKER_OPS
-from vllm_steer.resolve import ModelShape, ResolvedSteering, unit
+from vllm_steer.resolve import ModelShape, ResolvedSteering
+from vllm_steer.rows import RowPool, build_row
 from vllm_steer.spec import CaptureSpec
 from vllm_steer.staging import to_device
 from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
@@ -31,46 +32,13 @@ NEVER = torch.iinfo(torch.int64).max
 STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-@dataclass
-class LayerRows:
-    add: torch.Tensor  # [hidden]: every add of this layer, pre-summed
-    directions: list[tuple[torch.Tensor, float]]  # (unit direction, target), in order
-
-
-def build_rows(resolved: ResolvedSteering, vectors: dict[str, np.ndarray], hidden: int) -> dict[int, LayerRows]:
-    """Per layer: the summed add row and the ordered clamp/ablate directions (float32)."""
-    rows: dict[int, LayerRows] = defaultdict(lambda: LayerRows(torch.zeros(hidden), []))
-    for op in resolved.ops:
-        vector = torch.from_numpy(vectors[op.digest].copy())
-        direction = unit(vector) if op.normalize else vector
-        layer = rows[op.layer]
-        if op.mode == "add":
-            layer.add += op.coeff * direction
-        else:
-            layer.directions.append((direction, op.coeff if op.mode == "clamp" else 0.0))
-    return dict(rows)
-
-
-def stack_rows(layers: list[LayerRows], max_directions: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each layer's full slot rows, stacked, unused directions zero: (adds [L, H],
-    directions [L, K, H], targets [L, K, 1]), so one copy per table kind moves them all."""
-    adds = torch.stack([layer.add for layer in layers])
-    directions = torch.zeros(len(layers), max_directions, hidden)
-    targets = torch.zeros(len(layers), max_directions, 1)
-    for n, layer in enumerate(layers):
-        for k, (direction, target) in enumerate(layer.directions):
-            directions[n, k] = direction
-            targets[n, k] = target
-    return adds, directions, targets
-
-
 def phase_bounds(apply_to: str, prompt_len: int) -> tuple[int, int]:
     """Positions [lo, hi) a slot steers: prompt tokens, generated tokens, or all."""
     return {"all": (0, NEVER), "prompt": (0, prompt_len), "generated": (prompt_len, NEVER)}[apply_to]
 
 
 class SteeringRuntime:
-    """Owns the slot tables of one model replica (one worker)."""
+    """Owns the slots and the row pool of one model replica (one worker)."""
 
     def __init__(
         self,
@@ -86,16 +54,24 @@ class SteeringRuntime:
         self.registry = registry
         self.layers = layers
         self.num_slots = num_slots
-        # Shared by every steerable layer: which slot each token of the flattened batch reads.
+        self.layer_order = tuple(sorted(layers))
+        # Never more rows than every slot steering every local layer differently can use.
+        worst_case = 1 + (num_slots - 1) * len(layers)
+        self.pool = RowPool(min(shape.table_rows or worst_case, worst_case), shape.hidden_size, shape.max_directions)
+        # Which slot each token of the flattened batch belongs to (0 outside its phase), and
+        # per local layer the pool row each token reads (token_row[n] is layer_order[n]'s).
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
+        self.token_row = torch.zeros(len(layers), max_tokens, dtype=torch.int64)
+        self.row_of_slot = torch.zeros(len(layers), num_slots, dtype=torch.int64)
         self.phase_lo = torch.zeros(num_slots, dtype=torch.int64)
         self.phase_hi = torch.full((num_slots,), NEVER, dtype=torch.int64)
-        for layer in layers.values():
-            layer.attach_steering(self.token_slot, num_slots, shape.max_directions, shape.hidden_size, kernel)
+        for n, index in enumerate(self.layer_order):
+            layers[index].attach_steering(self.token_row[n], self.pool, kernel)
         self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}
-        self._layers_of: dict[int, tuple[int, ...]] = {}
+        self._keys_of: dict[int, tuple[str, ...]] = {}  # the pool rows each slot holds
+        self._peak_rows = 0
         self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
         # Requests that asked for steering or capture and run without it (see admit).
         self.unapplied = 0
@@ -129,30 +105,29 @@ class SteeringRuntime:
         capture = CaptureSpec.model_validate_json(extra["steering_capture"]) if "steering_capture" in extra else None
         if capture is not None and self.capture is None:
             raise ValueError("capture is off on this engine (hf_overrides steering.capture)")
-        rows = build_rows(resolved, resolved.arrays(self.registry), self.shape.hidden_size) if resolved else {}
         if not self._free:
             raise RuntimeError(f"all {self.num_slots - 1} steering slots are in use")
         slot = self._free.pop()
         try:
-            self._fill(slot, rows, resolved, capture, prompt_len)
+            self._fill(slot, resolved, capture, prompt_len)
         except BaseException:
             self._clear(slot)
             self._free.append(slot)
             raise
         return slot
 
-    def _fill(self, slot: int, rows: dict[int, LayerRows], resolved: ResolvedSteering | None, capture: CaptureSpec | None, prompt_len: int) -> None:
-        local = tuple(layer for layer in rows if layer in self.layers)
-        self._layers_of[slot] = local
-        if local:
-            # Staged once, copied without blocking, then scattered on the device.
-            stacked = stack_rows([rows[index] for index in local], self.shape.max_directions, self.shape.hidden_size)
-            adds, directions, targets = (to_device(t, self.token_slot.device) for t in stacked)
-            for n, index in enumerate(local):
-                table = self.layers[index]
-                table.steer_add[slot].copy_(adds[n])
-                table.steer_dirs[:, slot].copy_(directions[n])
-                table.steer_target[:, slot].copy_(targets[n])
+    def _fill(self, slot: int, resolved: ResolvedSteering | None, capture: CaptureSpec | None, prompt_len: int) -> None:
+        keys = {layer: key for layer, key in resolved.row_keys.items() if layer in self.layers} if resolved else {}
+        if keys:
+            # Rows are built only for content the pool does not hold yet.
+            missing = {key: layer for layer, key in keys.items() if not self.pool.held(key)}
+            vectors = resolved.arrays(self.registry) if missing else {}
+            built = {key: build_row(resolved, layer, vectors, self.shape.hidden_size) for key, layer in missing.items()}
+            row_of = self.pool.acquire(keys.values(), built)
+            self._keys_of[slot] = tuple(keys.values())
+            self._peak_rows = max(self._peak_rows, self.pool.in_use)
+            column = torch.tensor([row_of[keys[index]] if index in keys else 0 for index in self.layer_order], dtype=torch.int64)
+            self.row_of_slot[:, slot] = to_device(column, self.row_of_slot.device)
         lo, hi = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
         self.phase_lo[slot] = lo
         self.phase_hi[slot] = hi
@@ -174,17 +149,16 @@ class SteeringRuntime:
             self._free.append(slot)
 
     def _clear(self, slot: int) -> None:
-        """Zero a slot's rows and forget its bookkeeping."""
+        """Return a slot's rows to the pool and forget its bookkeeping."""
         config = self._config_of.pop(slot, None)
         if config is not None:
             self._live_configs[config] -= 1
             if not self._live_configs[config]:
                 del self._live_configs[config]
-        for index in self._layers_of.pop(slot, ()):
-            table = self.layers[index]
-            table.steer_add[slot] = 0
-            table.steer_dirs[:, slot] = 0
-            table.steer_target[:, slot] = 0
+        keys = self._keys_of.pop(slot, None)
+        if keys:
+            self.pool.release(keys)
+            self.row_of_slot[:, slot] = 0
 
     def slot_of(self, req_id: str) -> int | None:
         return self._slot_of.get(req_id)
@@ -205,8 +179,8 @@ class SteeringRuntime:
         num_tokens: int,
         num_padded: int,
     ) -> None:
-        """token_slot[:num_tokens] = each token's request slot, 0 outside the slot's phase;
-        the padded tail reads slot 0."""
+        """token_slot[:num_tokens] = each token's request slot, 0 outside the slot's phase,
+        and token_row = each layer's row of that slot; the padded tail reads slot and row 0."""
         distinct = len(self._live_configs)
         self._step_counts[bisect_left(STEP_BUCKETS, distinct)] += 1
         self._step_sum += distinct
@@ -219,12 +193,15 @@ class SteeringRuntime:
         inside = (pos >= self.phase_lo[slots]) & (pos < self.phase_hi[slots])
         self.token_slot[:num_tokens] = torch.where(inside, slots, torch.zeros_like(slots))
         self.token_slot[num_tokens:num_padded] = 0
+        self.token_row[:, :num_tokens] = self.row_of_slot[:, self.token_slot[:num_tokens]]
+        self.token_row[:, num_tokens:num_padded] = 0
         if self.capture is not None:
             self.capture.fill(slots, pos, num_tokens, num_padded)
 
     def clear_step(self, num_tokens: int | None = None) -> None:
         """Every token reads slot 0 and nothing is captured (dummy runs, writer failures)."""
         self.token_slot[:num_tokens].zero_()
+        self.token_row[:, :num_tokens].zero_()
         if self.capture is not None:
             self.capture.clear(num_tokens)
 
@@ -251,5 +228,6 @@ class SteeringRuntime:
             "vectors": len(self.registry),
             "arrays": self.registry.content_size(),
             "unapplied_requests": self.unapplied,
+            "table_rows": {"in_use": self.pool.in_use, "peak": self._peak_rows, "capacity": self.pool.capacity},
             "step_distinct_configs": {"counts": list(self._step_counts), "sum": self._step_sum},
         }

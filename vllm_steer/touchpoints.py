@@ -7,11 +7,18 @@ of ``families.py`` (vLLM's ``...ForCausalLM`` classes by module path, their ``mo
 or ``get_language_model().model.layers``, and layers returning ``(hidden, residual)``),
 which the same test imports and the family tests run.
 
+Engine core
+- ``SchedulerConfig.get_scheduler_cls``: wrapped so vLLM's scheduler class gets the row
+  budget mixin (``scheduler.py``); ``Scheduler._handle_blocked_waiting_request``, ``schedule``
+  and ``running``; ``Request.sampling_params.extra_args``.
+
 Front end (every process that accepts requests)
 - ``InputProcessor.assign_request_id``: the one call every entry path makes once per
   request; wrapped to resolve and salt steering (``frontend.prepare_request``).
 - ``ModelRegistry.register_model``: the steered architecture, by name.
 - ``VLLMValidationError``: raised for a bad spec, answered as HTTP 400 by vLLM.
+- ``current_platform.get_device_total_memory``: the default steering row budget (front end,
+  scheduler and workers compute the same pool size from it).
 
 Workers
 - ``PPMissingLayer``: a pipeline-parallel rank's placeholder for another rank's layer;
@@ -58,6 +65,13 @@ def _mark(function: Callable) -> Callable:
 
 
 # ---- front end -------------------------------------------------------------------------------
+def device_memory() -> int:
+    """Bytes of memory of this platform's device (NVML on CUDA: no CUDA context is made)."""
+    from vllm.platforms import current_platform
+
+    return int(current_platform.get_device_total_memory())
+
+
 def register_architecture(name: str, target: str) -> None:
     from vllm import ModelRegistry
 
@@ -79,6 +93,23 @@ def wrap_assign_request_id(prepare: Callable[[Any, Any], None]) -> None:
         return assign(request)
 
     InputProcessor.assign_request_id = _mark(assign_request_id)
+
+
+def wrap_scheduler_cls(with_steering: Callable[[type], type]) -> None:
+    """The engine core's scheduler class becomes ``with_steering(the class vLLM would use)``,
+    when that class is vLLM's ``Scheduler`` or a subclass (it has the waiting-request hook)."""
+    from vllm.config import SchedulerConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = SchedulerConfig.get_scheduler_cls
+    if _installed(original):
+        return
+
+    def get_scheduler_cls(self):
+        base = original(self)
+        return with_steering(base) if isinstance(base, type) and issubclass(base, Scheduler) else base
+
+    SchedulerConfig.get_scheduler_cls = _mark(get_scheduler_cls)
 
 
 def served_hf_config(input_processor: Any) -> Any:

@@ -214,26 +214,23 @@ def spread(passes: Sequence[dict[str, Any]], kind: str, metric: str = "output_to
 
 # ---- memory ----------------------------------------------------------------------------------
 def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, max_directions: int,
-                         max_num_batched_tokens: int) -> dict[str, int]:
-    """What a steered model allocates for steering (vllm_steer/layer.py, slots.py).
+                         max_num_batched_tokens: int, table_rows: int | None = None) -> dict[str, int]:
+    """What a steered model allocates for steering (vllm_steer/rows.py, slots.py).
 
-    Per steerable layer, ``max_num_seqs + 1`` slot rows (row 0: no steering) of one summed
-    add and ``max_directions`` directions of ``hidden`` float32 values (float32 whatever the
-    model's dtype), plus one target per direction; shared by all layers: ``token_slot``
-    (int64 per batched token) and each slot's phase bounds (two int64)."""
+    The row pool: ``table_rows`` rows (the budget's, ``SteeringConfig.table_rows``), never
+    more than every request steering every layer differently needs (``1 + max_num_seqs x
+    layers``); a row is one summed add and ``max_directions`` directions of ``hidden``
+    float32 values, the targets and a direction count. The index buffers: ``token_slot`` and
+    each layer's ``token_row`` (int64 per batched token), each layer's ``row_of_slot`` and
+    each slot's phase bounds (int64 per slot)."""
+    from vllm_steer.rows import row_bytes
+
     slots = max_num_seqs + 1
-    rows = slots * hidden * (1 + max_directions) * 4
-    targets = max_directions * slots * 4
-    per_layer = rows + targets
-    shared = max_num_batched_tokens * 8 + 2 * slots * 8
-    return {
-        "per_layer": per_layer,
-        "per_layer_rows": rows,
-        "per_layer_targets": targets,
-        "layers": steerable_layers,
-        "shared": shared,
-        "total": per_layer * steerable_layers + shared,
-    }
+    worst_case = 1 + max_num_seqs * steerable_layers
+    rows = worst_case if table_rows is None else min(table_rows, worst_case)
+    pool = rows * row_bytes(hidden, max_directions)
+    index = max_num_batched_tokens * 8 * (1 + steerable_layers) + slots * 8 * (steerable_layers + 2)
+    return {"rows": rows, "worst_case_rows": worst_case, "pool": pool, "index": index, "total": pool + index}
 
 
 def _tree(pid: int):

@@ -4,15 +4,16 @@ No machine here runs vLLM's GPU build, so this check takes the torch-only half o
 (layer math, slot tables and their writers, the Triton kernel) to a GPU and measures what
 decides whether steering is cheap there:
 
-(a) sync: admission, the per-step ``token_slot`` write (fed device tensors, as Model Runner
+(a) sync: admission, the per-step ``token_slot``/``token_row`` write (fed device tensors, as Model Runner
     V2 does), the layer math and release, each under ``torch.cuda.set_sync_debug_mode
     ("error")``: an operation that makes the host wait for the GPU fails with torch's message.
 (b) timing: the layer math per decode step (eager ``SteeringLayer.steer``, the same under
     torch.compile, the fused Triton kernel) for Llama 3.1 8B and 70B widths, as a ratio to
     that decoder layer's own matmuls timed in the same run. Each is timed inside a CUDA
     graph (as vLLM replays decode steps), so the ratio is device time, not launch overhead.
-(c) memory: the slot tables at vLLM's GPU defaults, from the formula the benchmarks use,
-    checked against the buffers a small runtime really allocates.
+(c) memory: the steering row pool and index buffers at vLLM's GPU defaults and the default
+    budget, from the formula the benchmarks use, checked against the buffers a small runtime
+    really allocates.
 (d) kernel: the Triton kernel's path for rows wider than one block, bit-identical unsteered
     rows, and the op under torch.compile (Inductor) and in a CUDA graph, on this device.
 
@@ -43,6 +44,7 @@ from vllm_steer.benchmarks.common import RESULTS, markdown_table, package_versio
 from vllm_steer.kernels import steer_op, steer_triton, triton_available
 from vllm_steer.layer import SteeringLayer
 from vllm_steer.resolve import ModelShape, resolve
+from vllm_steer.rows import MAX_DEFAULT_BUDGET, budget_rows
 from vllm_steer.slots import SteeringRuntime
 from vllm_steer.spec import encode_b64
 from vllm_steer.vectors.registry import VectorRegistry
@@ -55,7 +57,7 @@ MODELS = {
 TINY_MODELS = {"tiny": (64, 16, 128, 2)}
 TOKENS, TINY_TOKENS = (1, 64, 256, 512), (1, 4)
 DIRECTIONS = (0, 1, 4)
-TIMING_SLOTS = 257  # max_num_seqs 256 + the zero slot
+TIMING_ROWS = 257  # 256 distinct rows + the zero row
 # vLLM 0.32's GPU defaults (engine/arg_utils.py, offline LLM class): (max_num_seqs,
 # max_num_batched_tokens) on H100/H200-class GPUs and on smaller ones.
 GPU_DEFAULTS = ((1024, 16384), (256, 8192))
@@ -78,26 +80,28 @@ class Tables:
     compiled function serves every table size (tables are graph inputs, as vLLM's compiled
     model sees its buffers). A plain class: Dynamo traces its construction."""
 
-    def __init__(self, token_slot, steer_add, steer_dirs, steer_target):
-        self.token_slot, self.steer_add, self.steer_dirs, self.steer_target = token_slot, steer_add, steer_dirs, steer_target
-        self.max_directions = steer_dirs.shape[0]
+    def __init__(self, token_row, steer_add, steer_dirs, steer_target, steer_count):
+        self.token_row, self.steer_add, self.steer_dirs, self.steer_target = token_row, steer_add, steer_dirs, steer_target
+        self.steer_count = steer_count
+        self.max_directions = steer_dirs.shape[1]
         self.kernel = "torch"  # the torch ops: the kernel is timed on its own
 
 
-def steer_eager(hidden, residual, token_slot, steer_add, steer_dirs, steer_target):
+def steer_eager(hidden, residual, token_row, steer_add, steer_dirs, steer_target, steer_count):
     """``SteeringLayer.steer`` on these tables."""
-    return SteeringLayer.steer(Tables(token_slot, steer_add, steer_dirs, steer_target), hidden, residual)
+    return SteeringLayer.steer(Tables(token_row, steer_add, steer_dirs, steer_target, steer_count), hidden, residual)
 
 
-def random_tables(slots: int, directions: int, hidden: int, device, seed: int = 0) -> list[torch.Tensor]:
-    """(steer_add, steer_dirs, steer_target) as admission writes them: float32, unit
-    directions, row 0 zero."""
+def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0) -> list[torch.Tensor]:
+    """(add, dirs, target, count) as the row pool holds them: float32, unit directions, every
+    direction used, row 0 zero."""
     generator = torch.Generator().manual_seed(seed)
-    add = torch.randn(slots, hidden, generator=generator)
-    dirs = F.normalize(torch.randn(directions, slots, hidden, generator=generator), dim=-1)
-    target = 4 * torch.randn(directions, slots, 1, generator=generator)
-    add[0], dirs[:, 0], target[:, 0] = 0, 0, 0
-    return [table.to(device) for table in (add, dirs, target)]
+    add = torch.randn(rows, hidden, generator=generator)
+    dirs = F.normalize(torch.randn(rows, directions, hidden, generator=generator), dim=-1)
+    target = 4 * torch.randn(rows, directions, generator=generator)
+    count = torch.full((rows,), directions, dtype=torch.int32)
+    add[0], dirs[0], target[0], count[0] = 0, 0, 0, 0
+    return [table.to(device) for table in (add, dirs, target, count)]
 
 
 def one_rounding_gap(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -191,13 +195,13 @@ def timing(device: torch.device, models: dict, tokens_list, calls: int, repeats:
         step_of = layer_matmuls(hidden, kv, intermediate, device, dtype)
         baseline = {tokens: seconds_per_call(step_of(tokens), device, calls, repeats) for tokens in tokens_list}
         for directions in DIRECTIONS:
-            tables = random_tables(TIMING_SLOTS, directions, hidden, device, seed=directions)
+            tables = random_tables(TIMING_ROWS, directions, hidden, device, seed=directions)
             for tokens in tokens_list:
-                # Every token its own request's slot (the most gather traffic): 1..256.
-                token_slot = (torch.arange(tokens, device=device) % (TIMING_SLOTS - 1) + 1)
+                # Every token its own row (the most gather traffic): 1..256.
+                token_row = (torch.arange(tokens, device=device) % (TIMING_ROWS - 1) + 1)
                 hidden_states = torch.randn(tokens, hidden, device=device, dtype=dtype)
                 residual = torch.randn(tokens, hidden, device=device, dtype=dtype)
-                args = (hidden_states, residual, token_slot, *tables)
+                args = (hidden_states, residual, token_row, *tables)
                 expected = steer_eager(*args)
                 matmul_s, matmul_how = baseline[tokens]
                 for variant, fn in variants.items():
@@ -279,13 +283,13 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     def layer_math(kernel):
         def run():
             for layer in layers.values():
-                tables = (layer.token_slot, layer.steer_add, layer.steer_dirs, layer.steer_target)
+                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_target, layer.steer_count)
                 new_residual = kernel(hidden, residual, *tables)
                 layer.capture(hidden + new_residual)
         return run
 
     ops = [("admit 4 requests (add + clamp + ablate on 4 layers, inline vectors; one with capture)", admit),
-           ("fill_token_slot from device tensors (Model Runner V2)", fill),
+           ("fill_token_slot (slots and rows) from device tensors (Model Runner V2)", fill),
            ("layer math, eager (SteeringLayer.steer + capture)", layer_math(steer_eager))]
     if triton_available():
         steer_op()
@@ -320,20 +324,24 @@ def memory() -> dict[str, Any]:
     """The formula against a real allocation (small), then the formula at vLLM's defaults."""
     hidden, layers, seqs, tokens = 64, 3, 7, 32
     shape = ModelShape(num_layers=layers, hidden_size=hidden, steerable_layers=tuple(range(layers)),
-                       max_directions=TABLE_DIRECTIONS)
+                       max_directions=TABLE_DIRECTIONS, table_rows=9)
     stubs = {index: StubLayer() for index in range(layers)}
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
-    buffers = [runtime.token_slot, runtime.phase_lo, runtime.phase_hi]
-    buffers += [getattr(layer, name) for layer in stubs.values() for name in ("steer_add", "steer_dirs", "steer_target")]
+    pool = runtime.pool
+    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase_lo, runtime.phase_hi,
+               pool.add, pool.dirs, pool.target, pool.count]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
-    formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens)["total"]
+    formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []
     for name, (width, _, _, num_layers) in MODELS.items():
+        table_rows = budget_rows(MAX_DEFAULT_BUDGET, width, TABLE_DIRECTIONS)
         for max_num_seqs, max_tokens in GPU_DEFAULTS:
-            sizes = steering_table_bytes(width, num_layers, max_num_seqs, TABLE_DIRECTIONS, max_tokens)
+            sizes = steering_table_bytes(width, num_layers, max_num_seqs, TABLE_DIRECTIONS, max_tokens, table_rows)
+            unbounded = steering_table_bytes(width, num_layers, max_num_seqs, TABLE_DIRECTIONS, max_tokens)
             rows.append({"model": name, "hidden": width, "layers": num_layers, "max_num_seqs": max_num_seqs,
                          "max_num_batched_tokens": max_tokens, "max_directions": TABLE_DIRECTIONS,
-                         "per_layer_mib": sizes["per_layer"] / 2**20, "total_gib": sizes["total"] / 2**30})
+                         "pool_rows": sizes["rows"], "total_mib": sizes["total"] / 2**20,
+                         "unbounded_gib": unbounded["total"] / 2**30})
     return {"small_case": {"hidden": hidden, "layers": layers, "max_num_seqs": seqs,
                            "max_num_batched_tokens": tokens, "allocated_bytes": allocated,
                            "formula_bytes": formula, "match": allocated == formula},
@@ -347,14 +355,16 @@ def kernel_checks(device: torch.device) -> dict[str, Any]:
     steer_op()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # Hidden no multiple of the swept block (the last block is partial).
-    hidden, slots, rows, block = (5000, 9, 48, 1024) if device.type == "cuda" else (72, 5, 6, 32)
-    tables = random_tables(slots, 4, hidden, device, seed=7)
-    tables[0][slots - 1] = 0  # an admitted slot whose rows are all zero
-    tables[1][:, slots - 1] = 0
-    token_slot = torch.arange(rows, device=device) % slots  # slot 0 and the zero slot included
-    unsteered = (token_slot == 0) | (token_slot == slots - 1)
-    args = (torch.randn(rows, hidden, device=device, dtype=dtype), torch.randn(rows, hidden, device=device, dtype=dtype),
-            token_slot, *tables)
+    hidden, pool_rows, tokens, block = (5000, 9, 48, 1024) if device.type == "cuda" else (72, 5, 6, 32)
+    tables = random_tables(pool_rows, 4, hidden, device, seed=7)
+    tables[0][pool_rows - 1] = 0  # a row whose steering is all zeros
+    tables[1][pool_rows - 1] = 0
+    tables[3][pool_rows - 2] = 2  # a row using 2 of its 4 directions
+    tables[1][pool_rows - 2, 2:] = 0
+    token_row = torch.arange(tokens, device=device) % pool_rows  # row 0 and the zero row included
+    unsteered = (token_row == 0) | (token_row == pool_rows - 1)
+    args = (torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(tokens, hidden, device=device, dtype=dtype),
+            token_row, *tables)
     expected, out = steer_eager(*args), steer_triton(*args)
     swept = steer_triton(*args, max_block=block)
     compiled = torch.compile(lambda: steer_triton(*args), fullgraph=True)()
@@ -362,7 +372,7 @@ def kernel_checks(device: torch.device) -> dict[str, Any]:
         {"check": "one block per row: within one rounding of eager", "gap": one_rounding_gap(out, expected)},
         {"check": f"row swept in blocks of {block}: within one rounding of eager",
          "gap": one_rounding_gap(swept, expected)},
-        {"check": "slot 0 and all-zero rows: residual bit for bit", "ok": torch.equal(out[unsteered], args[1][unsteered])},
+        {"check": "row 0 and all-zero rows: residual bit for bit", "ok": torch.equal(out[unsteered], args[1][unsteered])},
         {"check": "torch.compile (Inductor, fullgraph): same bits as the eager op", "ok": torch.equal(compiled, out)},
     ]
     if device.type == "cuda":
@@ -400,7 +410,7 @@ def markdown(report: dict[str, Any]) -> str:
     variants = sorted({row["variant"] for row in timing_part["rows"]}, key=["eager", "compile", "triton"].index)
     parts.append(
         f"## (b) Layer math per step, as a ratio to the decoder layer's matmuls\n\n{timing_part['dtype']} activations, "
-        f"float32 tables, {TIMING_SLOTS} slots, every token its own slot; median of {timing_part['samples']} samples of "
+        f"float32 tables, {TIMING_ROWS} rows, every token its own row; median of {timing_part['samples']} samples of "
         f"{timing_part['calls_per_sample']} calls (timers: {', '.join(sorted({r[t] for r in timing_part['rows'] for t in ('timer', 'matmul_timer')}))}). "
         "Cells: microseconds (ratio to matmuls; largest gap to eager in roundings of the output dtype).\n\n"
         + markdown_table(["model", "tokens", "directions", "matmuls us"] + variants, [
@@ -411,13 +421,14 @@ def markdown(report: dict[str, Any]) -> str:
     mem = report["memory"]
     small = mem["small_case"]
     parts.append(
-        f"## (c) Table memory at vLLM's GPU defaults (max_directions {TABLE_DIRECTIONS}, float32)\n\n"
+        f"## (c) Steering memory at vLLM's GPU defaults (max_directions {TABLE_DIRECTIONS}, float32, "
+        f"default budget {MAX_DEFAULT_BUDGET >> 20} MiB)\n\n"
         f"Formula checked against a real allocation ({small['layers']} layers x hidden {small['hidden']}, "
         f"{small['max_num_seqs']} seqs): {small['allocated_bytes']} allocated vs {small['formula_bytes']} "
-        f"({'match' if small['match'] else 'MISMATCH'}).\n\n"
-        + markdown_table(["model", "layers", "max_num_seqs", "max_num_batched_tokens", "per layer MiB", "total GiB"],
-                         [(r["model"], r["layers"], r["max_num_seqs"], r["max_num_batched_tokens"], r["per_layer_mib"],
-                           r["total_gib"]) for r in mem["rows"]]))
+        f"({'match' if small['match'] else 'MISMATCH'}). Unbounded: a row for every request at every layer.\n\n"
+        + markdown_table(["model", "layers", "max_num_seqs", "max_num_batched_tokens", "pool rows", "total MiB", "unbounded GiB"],
+                         [(r["model"], r["layers"], r["max_num_seqs"], r["max_num_batched_tokens"], r["pool_rows"],
+                           r["total_mib"], r["unbounded_gib"]) for r in mem["rows"]]))
     kernel = report["kernel"]
     parts.append("## (d) Triton kernel on this device\n\n" + (
         f"Skipped: {kernel['skipped']}" if "skipped" in kernel else

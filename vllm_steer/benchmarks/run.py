@@ -326,8 +326,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         tables = memory.get("steering_tables")
         if tables:
             lines += ["", f"Steering tables (max_num_seqs {engine['max_num_seqs']}, max_directions {settings['max_directions']}): "
-                          f"{tables['per_layer'] / 2**20:.2f} MiB per steerable layer, {tables['total'] / 2**20:.1f} MiB in all "
-                          f"({tables['layers']} layers)."
+                          f"a pool of {tables['rows']} rows ({tables['pool'] / 2**20:.2f} MiB; every request steering "
+                          f"every layer differently would need {tables['worst_case_rows']}), {tables['total'] / 2**20:.1f} MiB in all."
                           + _rss_sentence(memory)]
         goals = entry.get("targets") or {}
         if goals:

@@ -62,9 +62,10 @@ class Engine:
         return self.llm.llm_engine.vllm_config.scheduler_config
 
     def table_bytes(self) -> dict[str, int]:
+        pool = self.steered_llm.steering_stats()[0]["table_rows"]
         return common.steering_table_bytes(
             self.config.hidden_size, self.config.num_hidden_layers, self.scheduler.max_num_seqs,
-            self.max_directions, self.scheduler.max_num_batched_tokens,
+            self.max_directions, self.scheduler.max_num_batched_tokens, table_rows=pool["capacity"] + 1,
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):

@@ -1,0 +1,139 @@
+"""The steering rows: what a request's steering at one layer becomes on the device, kept in
+one pool shared by every steerable layer and every request.
+
+A row holds one layer's steering: the pre-summed add, up to ``max_directions`` clamp/ablate
+directions with their targets, and how many directions are used. Its content is named by
+``ResolvedSteering.row_keys`` (the layer's ops, in order), so requests with the same steering
+share rows, and so do layers steered identically. Row 0 is zeros: no steering. Memory
+follows what is in use, within a budget (``steering.table_budget_mib``; default
+``min(256 MiB, 1% of device memory)``); the scheduler (``scheduler.py``) keeps requests
+waiting while their rows would not fit, counting rows with the same keys as the pool does.
+Torch only (no vLLM import), like ``layer.py``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_steer.resolve import ResolvedSteering, unit
+from vllm_steer.staging import to_device
+
+MAX_DEFAULT_BUDGET = 256 << 20  # bytes; the default budget is also at most 1% of the device
+
+
+def row_bytes(hidden: int, max_directions: int) -> int:
+    """One row: add and directions (float32 [H] each), targets (float32) and the count (int32)."""
+    return 4 * ((1 + max_directions) * hidden + max_directions + 1)
+
+
+def default_budget(device_bytes: int) -> int:
+    return min(MAX_DEFAULT_BUDGET, device_bytes // 100)
+
+
+def budget_rows(budget_bytes: int, hidden: int, max_directions: int) -> int:
+    """Rows a budget holds, row 0 included; at least one row beyond row 0 or a clear error."""
+    rows = budget_bytes // row_bytes(hidden, max_directions)
+    if rows < 2:
+        raise ValueError(
+            f"steering.table_budget_mib = {budget_bytes / (1 << 20):.4g} holds no steering row: one row takes "
+            f"{row_bytes(hidden, max_directions)} bytes at hidden size {hidden} and max_directions {max_directions}"
+        )
+    return rows
+
+
+class PoolFull(RuntimeError):
+    pass
+
+
+@dataclass
+class LayerRow:
+    """One row's content, on the host (float32)."""
+
+    add: torch.Tensor  # [hidden]: every add of the layer, summed in op order
+    directions: list[tuple[torch.Tensor, float]] = field(default_factory=list)  # (unit direction, target)
+
+
+def build_row(resolved: ResolvedSteering, layer: int, vectors: dict[str, np.ndarray], hidden: int) -> LayerRow:
+    row = LayerRow(torch.zeros(hidden))
+    for op in resolved.ops:
+        if op.layer != layer:
+            continue
+        vector = torch.from_numpy(vectors[op.digest].copy())
+        direction = unit(vector) if op.normalize else vector
+        if op.mode == "add":
+            row.add += op.coeff * direction
+        else:
+            row.directions.append((direction, op.coeff if op.mode == "clamp" else 0.0))
+    return row
+
+
+def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[torch.Tensor, ...]:
+    """Rows as the pool's tables hold them, stacked, unused directions zero: (adds [N, H],
+    directions [N, K, H], targets [N, K], counts [N]), so one copy per table moves them all."""
+    adds = torch.stack([row.add for row in rows])
+    directions = torch.zeros(len(rows), max_directions, hidden)
+    targets = torch.zeros(len(rows), max_directions)
+    counts = torch.tensor([len(row.directions) for row in rows], dtype=torch.int32)
+    for n, row in enumerate(rows):
+        for k, (direction, target) in enumerate(row.directions):
+            directions[n, k] = direction
+            targets[n, k] = target
+    return adds, directions, targets, counts
+
+
+class RowPool:
+    """The device tables every steerable layer reads, indexed by row: ``add [R, H]``,
+    ``dirs [R, K, H]``, ``target [R, K]`` (float32) and ``count [R]`` (int32). Rows are
+    refcounted by content key; a row whose last user leaves is free again."""
+
+    def __init__(self, rows: int, hidden: int, max_directions: int):
+        self.hidden, self.max_directions = hidden, max_directions
+        self.add = torch.zeros(rows, hidden, dtype=torch.float32)
+        self.dirs = torch.zeros(rows, max_directions, hidden, dtype=torch.float32)
+        self.target = torch.zeros(rows, max_directions, dtype=torch.float32)
+        self.count = torch.zeros(rows, dtype=torch.int32)
+        self._free = list(range(rows - 1, 0, -1))
+        self._row_of: dict[str, int] = {}
+        self._users: Counter[str] = Counter()
+
+    @property
+    def capacity(self) -> int:
+        return self.add.shape[0] - 1
+
+    @property
+    def in_use(self) -> int:
+        return len(self._row_of)
+
+    def held(self, key: str) -> bool:
+        return key in self._row_of
+
+    def acquire(self, keys: Iterable[str], contents: dict[str, LayerRow]) -> dict[str, int]:
+        """The row of each key (one more user each), writing ``contents`` into new rows for
+        the keys not held yet (``contents`` must cover those). All or nothing: raises
+        ``PoolFull`` before changing anything."""
+        keys = set(keys)
+        new = [key for key in keys if key not in self._row_of]
+        if len(new) > len(self._free):
+            raise PoolFull(f"{len(new)} new steering rows needed, {len(self._free)} of {self.capacity} free (steering.table_budget_mib)")
+        if new:
+            rows = [self._free.pop() for _ in new]
+            device = self.add.device
+            index = to_device(torch.tensor(rows, dtype=torch.int64), device)
+            for table, values in zip((self.add, self.dirs, self.target, self.count), stack_rows([contents[k] for k in new], self.max_directions, self.hidden)):
+                table.index_copy_(0, index, to_device(values, device))
+            self._row_of.update(zip(new, rows))
+        self._users.update(keys)
+        return {key: self._row_of[key] for key in keys}
+
+    def release(self, keys: Iterable[str]) -> None:
+        """One user fewer for each key (the keys of one ``acquire``)."""
+        for key in set(keys):
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+                self._free.append(self._row_of.pop(key))
