@@ -137,7 +137,7 @@ def test_table_bytes_formula_matches_what_the_model_allocates(max_directions, ta
     shape = ModelShape(num_layers=4, hidden_size=64, steerable_layers=(0, 2, 3), max_directions=max_directions, table_rows=table_rows)
     runtime = SteeringRuntime(shape, VectorRegistry(), layers, num_slots=9, max_tokens=128)
     buffers = {id(b): b for layer in layers.values() for name, b in layer.named_buffers()}  # the pool is shared
-    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.phase_lo, runtime.phase_hi)})
+    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.phase)})
     allocated = sum(b.numel() * b.element_size() for b in buffers.values())
     formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions, max_num_batched_tokens=128,
                                           table_rows=table_rows)

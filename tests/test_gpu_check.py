@@ -38,6 +38,9 @@ def test_quick_run_on_cpu_writes_every_section_without_vllm(tmp_path):
     for row in rows:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         assert row["gap_vs_eager_roundings"] <= 1, row
+    choice = report["timing"]["kernel_choice"]
+    assert choice["recommendation"] in ("torch", "triton") and choice["cells"] == 6
+    assert "**Kernel choice:**" in (tmp_path / "gpu_check.md").read_text()
 
     memory = report["memory"]
     assert memory["small_case"]["match"], memory["small_case"]

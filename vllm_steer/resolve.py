@@ -72,14 +72,14 @@ class ResolvedSteering:
         return hashlib.sha256(self.canonical.encode()).hexdigest()[:32]
 
     @cached_property
-    def row_keys(self) -> dict[int, str]:
+    def row_keys(self) -> dict[int, tuple]:
         """layer -> the content of its steering row (that layer's ops, in order; not the
         layer number): requests, and layers, with equal keys share one row of the pool
         (rows.py). The scheduler counts rows with these keys too, so both agree."""
-        by_layer: dict[int, list] = {}
+        by_layer: dict[int, tuple] = {}
         for op in self.ops:
-            by_layer.setdefault(op.layer, []).append([op.mode, op.digest, op.coeff, op.normalize])
-        return {layer: hashlib.sha256(json.dumps(ops).encode()).hexdigest()[:32] for layer, ops in by_layer.items()}
+            by_layer[op.layer] = by_layer.get(op.layer, ()) + ((op.mode, op.digest, op.coeff, op.normalize),)
+        return by_layer
 
     def cache_namespace(self, prompt_len: int) -> str:
         """What a request's KV blocks depend on. A phase-limited spec steers positions by
@@ -126,11 +126,14 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         needs_direction = entry.mode != "add" or entry.normalize
         # Ablation has no strength; a fixed coefficient keeps equal steering equal.
         coeff = 0.0 if entry.mode == "ablate" else spec.scale * entry.scale
+        checked = None  # a layered entry's layers often share one vector: check it once
         for layer, layer_field, digest, vector_field in _entry_vectors(entry, registry, inline, where):
             check_layer(layer, shape, layer_field)
-            array = inline[digest] if digest in inline else registry.array(digest)
-            _check_vector(array, needs_direction, shape, vector_field)
-            _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), shape, f"{where}.scale")
+            if digest != checked:
+                array = inline[digest] if digest in inline else registry.array(digest)
+                _check_vector(array, needs_direction, shape, vector_field)
+                _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), shape, f"{where}.scale")
+                checked = digest
             ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
 
     mode: Mode = "clamp" if spec.use_clamp else "add"
@@ -235,11 +238,14 @@ def _check_magnitude(coeff: float, largest: float, shape: ModelShape, where: str
 def _check_summed_adds(resolved: ResolvedSteering, arrays: dict[str, np.ndarray], shape: ModelShape) -> None:
     """A layer's adds are summed into one row: that sum must fit the model's dtype too."""
     largest: Counter[int] = Counter()
+    peak: dict[tuple[str, bool], float] = {}  # per vector (and normalization): its largest entry
     for op in resolved.ops:
         if op.mode == "add":
-            array = arrays[op.digest]
-            norm = float(np.linalg.norm(array.astype(np.float64))) if op.normalize else 1.0
-            largest[op.layer] += abs(op.coeff) * float(np.abs(array).max()) / (norm or 1.0)
+            if (op.digest, op.normalize) not in peak:
+                array = arrays[op.digest]
+                norm = float(np.linalg.norm(array.astype(np.float64))) if op.normalize else 1.0
+                peak[op.digest, op.normalize] = float(np.abs(array).max()) / (norm or 1.0)
+            largest[op.layer] += abs(op.coeff) * peak[op.digest, op.normalize]
     for layer, bound in sorted(largest.items()):
         if not bound < shape.dtype_max:
             raise SteeringError(f"the adds at layer {layer} together reach {bound:.4g}: the steering would overflow {shape.dtype}", "steering.scale")

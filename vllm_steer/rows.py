@@ -14,7 +14,7 @@ Torch only (no vLLM import), like ``layer.py``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,8 +98,8 @@ class RowPool:
         self.target = torch.zeros(rows, max_directions, dtype=torch.float32)
         self.count = torch.zeros(rows, dtype=torch.int32)
         self._free = list(range(rows - 1, 0, -1))
-        self._row_of: dict[str, int] = {}
-        self._users: Counter[str] = Counter()
+        self._row_of: dict[Hashable, int] = {}
+        self._users: Counter[Hashable] = Counter()
 
     @property
     def capacity(self) -> int:
@@ -109,10 +109,10 @@ class RowPool:
     def in_use(self) -> int:
         return len(self._row_of)
 
-    def held(self, key: str) -> bool:
+    def held(self, key: Hashable) -> bool:
         return key in self._row_of
 
-    def acquire(self, keys: Iterable[str], contents: dict[str, LayerRow]) -> dict[str, int]:
+    def acquire(self, keys: Iterable[Hashable], contents: dict[Hashable, LayerRow]) -> dict[Hashable, int]:
         """The row of each key (one more user each), writing ``contents`` into new rows for
         the keys not held yet (``contents`` must cover those). All or nothing: raises
         ``PoolFull`` before changing anything."""
@@ -130,7 +130,7 @@ class RowPool:
         self._users.update(keys)
         return {key: self._row_of[key] for key in keys}
 
-    def release(self, keys: Iterable[str]) -> None:
+    def release(self, keys: Iterable[Hashable]) -> None:
         """One user fewer for each key (the keys of one ``acquire``)."""
         for key in set(keys):
             self._users[key] -= 1

@@ -22,7 +22,7 @@ from vllm_steer.resolve import ResolvedSteering
 _ROWS = "_vllm_steer_rows"  # set on vLLM's Request: the row keys, decoded once
 
 
-def request_rows(request: Any) -> frozenset[str]:
+def request_rows(request: Any) -> frozenset:
     """The pool rows a request's steering needs (its row keys)."""
     rows = getattr(request, _ROWS, None)
     if rows is None:
@@ -54,7 +54,7 @@ class SteeringScheduler:
 
         super().__init__(vllm_config, *args, **kwargs)
         self.steering_rows = row_capacity(vllm_config, touchpoints.device_memory())
-        self._rows_in_use: set[str] | None = None
+        self._rows_in_use: set | None = None
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._rows_in_use = None  # counted again, on first need, from this step's running requests

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -63,14 +64,14 @@ class SteeringRuntime:
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
         self.token_row = torch.zeros(len(layers), max_tokens, dtype=torch.int64)
         self.row_of_slot = torch.zeros(len(layers), num_slots, dtype=torch.int64)
-        self.phase_lo = torch.zeros(num_slots, dtype=torch.int64)
-        self.phase_hi = torch.full((num_slots,), NEVER, dtype=torch.int64)
+        # Each slot's steered positions [lo, hi) (phase_bounds).
+        self.phase = torch.zeros(num_slots, 2, dtype=torch.int64)
         for n, index in enumerate(self.layer_order):
             layers[index].attach_steering(self.token_row[n], self.pool, kernel)
         self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}
-        self._keys_of: dict[int, tuple[str, ...]] = {}  # the pool rows each slot holds
+        self._keys_of: dict[int, tuple[Hashable, ...]] = {}  # the pool rows each slot holds
         self._peak_rows = 0
         self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
         # Requests that asked for steering or capture and run without it (see admit).
@@ -128,9 +129,8 @@ class SteeringRuntime:
             self._peak_rows = max(self._peak_rows, self.pool.in_use)
             column = torch.tensor([row_of[keys[index]] if index in keys else 0 for index in self.layer_order], dtype=torch.int64)
             self.row_of_slot[:, slot] = to_device(column, self.row_of_slot.device)
-        lo, hi = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
-        self.phase_lo[slot] = lo
-        self.phase_hi[slot] = hi
+        bounds = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
+        self.phase[slot] = to_device(torch.tensor(bounds, dtype=torch.int64), self.phase.device)
         if capture is not None:
             self.capture.start(slot, capture, prompt_len)
         if resolved is not None:
@@ -190,11 +190,11 @@ class SteeringRuntime:
             return
         slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
-        inside = (pos >= self.phase_lo[slots]) & (pos < self.phase_hi[slots])
-        self.token_slot[:num_tokens] = torch.where(inside, slots, torch.zeros_like(slots))
+        phase = self.phase[slots]
+        self.token_slot[:num_tokens] = slots * ((pos >= phase[:, 0]) & (pos < phase[:, 1]))
         self.token_slot[num_tokens:num_padded] = 0
-        self.token_row[:, :num_tokens] = self.row_of_slot[:, self.token_slot[:num_tokens]]
-        self.token_row[:, num_tokens:num_padded] = 0
+        # Slot 0 maps to row 0 at every layer, so the padded tail needs no write of its own.
+        self.token_row[:, :num_padded] = self.row_of_slot[:, self.token_slot[:num_padded]]
         if self.capture is not None:
             self.capture.fill(slots, pos, num_tokens, num_padded)
 

@@ -222,7 +222,7 @@ def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, 
     layers``); a row is one summed add and ``max_directions`` directions of ``hidden``
     float32 values, the targets and a direction count. The index buffers: ``token_slot`` and
     each layer's ``token_row`` (int64 per batched token), each layer's ``row_of_slot`` and
-    each slot's phase bounds (int64 per slot)."""
+    each slot's two phase bounds (int64 per slot)."""
     from vllm_steer.rows import row_bytes
 
     slots = max_num_seqs + 1

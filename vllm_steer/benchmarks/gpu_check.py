@@ -213,7 +213,21 @@ def timing(device: torch.device, models: dict, tokens_list, calls: int, repeats:
                         "gap_vs_eager_roundings": one_rounding_gap(fn(*args), expected),
                     })
     return {"dtype": str(dtype).removeprefix("torch."), "calls_per_sample": calls, "samples": repeats,
-            "notes": notes, "rows": rows}
+            "notes": notes, "rows": rows, "kernel_choice": kernel_choice(rows)}
+
+
+def kernel_choice(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which ``steering.kernel`` this device should default to: the Triton kernel against the
+    torch math as vLLM runs it (compiled), by the geometric mean of their time ratios over
+    every (model, tokens, directions) cell."""
+    times = {(r["model"], r["tokens"], r["directions"], r["variant"]): r["us"] for r in rows}
+    cells = {key[:3] for key in times}
+    ratios = [times[cell + ("triton",)] / times[cell + ("compile",)] for cell in cells if cell + ("triton",) in times]
+    if not ratios:
+        return {"recommendation": None, "reason": "the Triton kernel did not run"}
+    mean = float(np.exp(np.mean(np.log(ratios))))
+    return {"recommendation": "triton" if mean < 1 else "torch", "triton_over_compile_geomean": mean,
+            "triton_faster_cells": sum(ratio < 1 for ratio in ratios), "cells": len(ratios)}
 
 
 # ---- (a) host synchronization -----------------------------------------------------------------
@@ -328,7 +342,7 @@ def memory() -> dict[str, Any]:
     stubs = {index: StubLayer() for index in range(layers)}
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
-    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase_lo, runtime.phase_hi,
+    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase,
                pool.add, pool.dirs, pool.target, pool.count]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
@@ -418,6 +432,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{cells[v]['us']:.1f} ({cells[v]['ratio']:.4f}; {cells[v]['gap_vs_eager_roundings']:.2g})" for v in variants))
             for (model, tokens, k), cells in table.items()])
         + "".join(f"\n\n{note}" for note in timing_part["notes"]))
+    choice = timing_part["kernel_choice"]
+    if choice["recommendation"] is not None:
+        parts[-1] += (f"\n\n**Kernel choice:** `steering.kernel: \"{choice['recommendation']}\"` (the Triton kernel takes "
+                      f"{choice['triton_over_compile_geomean']:.3f}x the compiled torch math's time, geometric mean; faster in "
+                      f"{choice['triton_faster_cells']} of {choice['cells']} cells).")
     mem = report["memory"]
     small = mem["small_case"]
     parts.append(
