@@ -30,6 +30,7 @@ class Layer(nn.Module):
     attach_steering = SteeringLayer.attach_steering
     attach_capture = SteeringLayer.attach_capture
     steer = SteeringLayer.steer
+    capture = SteeringLayer.capture
 
 
 def make_registry() -> VectorRegistry:
@@ -224,6 +225,19 @@ def test_v1_writer_follows_rows_by_request_id(runtime):
     runner.schedule([("a", 4), ("b", 1)])
     write_v1(runtime, runner, torch.tensor([0, 1, 2, 3, 3]))
     assert runtime.token_slot[:5].tolist() == [runtime.slot_of("a")] * 4 + [runtime.slot_of("b")]
+
+
+def test_capture_adds_nothing_from_padded_rows_holding_nan(runtime):
+    """Padded rows of a step may hold garbage: they read capture weight 0 and add an exact
+    zero (NaN * 0 would be NaN), so every capture row stays finite."""
+    slot = runtime.admit("c", params(capture={"key": "k", "layers": [1], "reduce": "mean"}), prompt_len=2)
+    runtime.fill_token_slot(torch.tensor([slot]), torch.tensor([2]), torch.tensor([0, 1, 0, 0]), 2, 4)
+    stream = torch.randn(4, HIDDEN)
+    stream[2] = float("nan")
+    stream[3] = float("inf")
+    runtime.layers[1].capture(stream)
+    assert torch.isfinite(runtime.layers[1].capture_sum).all()
+    torch.testing.assert_close(runtime.layers[1].capture_sum[slot], stream[:2].mean(0))
 
 
 def test_v1_request_not_scheduled_this_step_keeps_its_slot_and_capture(runtime):
