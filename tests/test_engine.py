@@ -41,6 +41,13 @@ def parity_cases(d) -> dict[str, dict]:
         "generated tokens only": {"vectors": [{"vector": d["random0"], "layers": [1], "scale": 4.0}], "apply_to": "generated"},
         "negative scale": {"vectors": [{"name": "L2/F42", "layers": [2], "scale": 30.0, "normalize": True}], "scale": -1.5},
         "notebook features, clamp": {"features": [[1, 7, 10.0], [2, 42, 5.0]], "scale": 0.8, "clamp": True},
+        # Ranges that bind: a floor above the component, a cap below it, both around it.
+        "range min only": {"vectors": [{"vector": d["random1"], "layers": [2], "mode": "range", "min": 40.0}]},
+        "range max only": {"vectors": [{"vector": d["random2"], "layers": [1], "mode": "range", "max": -30.0}]},
+        "range min and max": {"vectors": [
+            {"vector": d["mean_last"], "layers": [3], "mode": "range", "min": -2.0, "max": 2.0},
+            {"vector": d["random0"], "layers": [3], "mode": "range", "min": 25.0, "max": 30.0},
+        ]},
     }
 
 

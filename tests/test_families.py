@@ -85,6 +85,8 @@ def parity_cases(family: Family) -> dict[str, dict]:
                 {"vector": d["mean_last"], "layers": [2], "mode": "ablate"},
             ]
         },
+        # The component along the last layer's mean stream, capped well below where it is.
+        "range last layer": {"vectors": [{"vector": d["mean_last"], "layers": [2], "mode": "range", "min": -norm[2] / 8, "max": norm[2] / 8}]},
     }
 
 

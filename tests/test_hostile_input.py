@@ -130,7 +130,7 @@ def test_well_formed_specs_resolve_and_round_trip(value):
     try:
         resolved = resolve(value, FRONT.shape, FRONT.registry)
     except SteeringError as error:
-        assert "clamp/ablate directions" in error.reason
+        assert "clamp/ablate/range directions" in error.reason
         return
     if resolved is None:  # only adds, all with strength 0
         assert all(e.get("mode", "add") == "add" for e in value["vectors"])

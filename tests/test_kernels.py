@@ -39,16 +39,17 @@ def case_id(case) -> str:
 
 
 def make_args(case, seed: int) -> list[torch.Tensor]:
-    """(hidden, residual, token_row, add, dirs, target, count) of one case."""
+    """(hidden, residual, token_row, add, dirs, bounds, count) of one case (clamps and
+    ranges, some open-ended: random_tables)."""
     directions, hidden, _, dtype = case
-    add, dirs, target, count = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
-    add[ROWS - 1], dirs[ROWS - 1], target[ROWS - 1], count[ROWS - 1] = 0, 0, 0, 0
+    add, dirs, bounds, count = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
+    add[ROWS - 1], dirs[ROWS - 1], bounds[ROWS - 1], count[ROWS - 1] = 0, 0, 0, 0
     if directions > 1:  # the pool zeroes the directions a row does not use
-        dirs[2, 1:], target[2, 1:], count[2] = 0, 0, 1
+        dirs[2, 1:], bounds[2, 1:], count[2] = 0, 0, 1
     token_row = torch.tensor(TOKEN_ROWS + [3, 3, 3])
     generator = torch.Generator().manual_seed(seed + 1000)
     streams = [(4 * torch.randn(len(TOKEN_ROWS), hidden, generator=generator)).to(dtype) for _ in range(2)]
-    return [*streams, token_row, add, dirs, target, count]
+    return [*streams, token_row, add, dirs, bounds, count]
 
 
 # Runs with TRITON_INTERPRET=1: every case, then the op under torch.compile (Dynamo traces

@@ -30,7 +30,8 @@ def steered_layer(directions: list[tuple[torch.Tensor, float]], add: torch.Tenso
     """One layer, row 1 steered with ``add`` then each (unit direction, target); every token reads row 1."""
     layer = Layer()
     pool = RowPool(2, HIDDEN, len(directions))
-    pool.acquire(["row"], {"row": LayerRow(torch.zeros(HIDDEN) if add is None else add, directions)})
+    clamps = [(direction, target, target) for direction, target in directions]
+    pool.acquire(["row"], {"row": LayerRow(torch.zeros(HIDDEN) if add is None else add, clamps)})
     layer.attach_steering(torch.ones(TOKENS, dtype=torch.int64), pool)
     return layer
 

@@ -39,8 +39,8 @@ def vec(*values: float) -> list[float]:
         ({"vectors": [{"name": "eiffel", "layers": [1, 1]}]}, "steering.vectors[0].layers", "once"),
         ({"vectors": [{"layers": [1]}]}, "steering.vectors[0]", "exactly one of 'name', 'vector'"),
         ({"vectors": [{"name": "a", "vector": [1.0], "layers": [1]}]}, "steering.vectors[0]", "got name, vector"),
-        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "boost"}]}, "steering.vectors[0].mode", "'add', 'clamp' or 'ablate'"),
-        ({"vectors": [{"name": "eiffel", "layers": [1], "colour": 1}]}, "steering.vectors[0].colour", "allowed: layers, mode, name"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "boost"}]}, "steering.vectors[0].mode", "'add', 'clamp', 'ablate' or 'range'"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "colour": 1}]}, "steering.vectors[0].colour", "allowed: layers, max, min, mode, name"),
         ({"vectors": [{"vector": [1.0, math.nan], "layers": [1]}]}, "steering.vectors[0].vector", "NaN or inf"),
         ({"vectors": [{"vector_b64": "!!!", "layers": [1]}]}, "steering.vectors[0].vector_b64", "not valid base64"),
         ({"vectors": [{"vector_b64": "AAA=", "layers": [1]}]}, "steering.vectors[0].vector_b64", "multiple of 4 bytes"),
@@ -52,6 +52,11 @@ def vec(*values: float) -> list[float]:
         ({"features": [[2, 74457]]}, "steering.features[0][2]", "Field required"),
         ({"features": [[-2, 74457, 0.1]]}, "steering.features", "non-negative"),
         ({"steer": True}, "steering.steer", "unknown field"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range"}]}, "steering.vectors[0]", "needs 'min', 'max' or both"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "min": 3, "max": 1}]}, "steering.vectors[0]", "'min' (3) is above 'max' (1)"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "max": 1, "scale": 2}]}, "steering.vectors[0]", "'scale' does not apply"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "clamp", "max": 1}]}, "steering.vectors[0]", "apply to mode 'range' only"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "min": math.inf}]}, "steering.vectors[0].min", "finite"),
     ],
 )
 def test_shape_errors_name_the_field(spec, field, fragment):
@@ -75,7 +80,7 @@ def test_shape_errors_name_the_field(spec, field, fragment):
         (
             {"vectors": [{"vector": vec(1), "layers": [1], "mode": "clamp"}, {"vector": vec(0, 1), "layers": [1], "mode": "ablate"}, {"vector": vec(0, 0, 1), "layers": [1], "mode": "clamp"}]},
             "steering",
-            "layer 1 has 3 clamp/ablate directions; this server allows at most 2 per layer",
+            "layer 1 has 3 clamp/ablate/range directions; this server allows at most 2 per layer",
         ),
     ],
 )
@@ -230,3 +235,18 @@ def test_layered_vector_steers_its_own_layers_with_their_own_directions(registry
     assert chosen.ops == (Op(2, "clamp", two, 1.0, True),)
     info = registry.info("happy")
     assert (info.layers, info.dimension, info.norm) == ((1, 2), 8, pytest.approx(np.sqrt(32)))
+
+
+def test_range_ops_carry_their_bounds_through_the_wire(registry):
+    eiffel = registry.digest_of("eiffel")
+    spec = {"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "max": 2.5},
+                        {"name": "eiffel", "layers": [2], "mode": "range", "min": -1.0, "max": 4.0}], "scale": 3.0}
+    resolved = resolve(spec, SHAPE, registry)
+    # Bounds are absolute: the spec's scale does not move them.
+    assert resolved.ops == (Op(1, "range", eiffel, 0.0, True, (None, 2.5)), Op(2, "range", eiffel, 0.0, True, (-1.0, 4.0)))
+    assert ResolvedSteering.from_wire(resolved.to_wire()).ops == resolved.ops
+    other = resolve({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "max": 2.0}]}, SHAPE, registry)
+    assert other.fingerprint != resolve({"vectors": spec["vectors"][:1]}, SHAPE, registry).fingerprint
+    with pytest.raises(SteeringError) as info:
+        resolve({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "min": 1e39}]}, SHAPE, registry)
+    assert info.value.field == "steering.vectors[0].min"

@@ -23,7 +23,7 @@ class SteeringConfig(BaseModel):
     # SAE decoders whose features the notebook's ``features`` form may name, read on
     # demand (see vectors/sae.py).
     sae: tuple[str, ...] = ()
-    # Clamp/ablate directions one request may use per layer; 0 skips that math entirely.
+    # Clamp/ablate/range directions one request may use per layer; 0 skips that math entirely.
     max_directions: int = Field(default=4, ge=0, le=64)
     # Operations one request may ask for: one per vector or feature per layer it steers
     # (a layered vector counts once per layer). Bounds a request's size and admission work.

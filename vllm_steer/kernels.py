@@ -9,7 +9,8 @@ product differs):
 
     delta = add[row]
     for k in range(count[row]):    # the eager math runs all K; unused directions are zero
-        delta += (target[row, k] - <hidden + residual + delta, dirs[row, k]>) * dirs[row, k]
+        along = <hidden + residual + delta, dirs[row, k]>
+        delta += (clip(along, *bounds[row, k]) - along) * dirs[row, k]
     new_residual = (residual + delta).to(residual.dtype)
 
 A token pays only for the directions its row uses: an unsteered token (row 0) is one read of
@@ -45,8 +46,8 @@ def triton_available() -> bool:
 
 def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor, max_block: int = MAX_BLOCK) -> torch.Tensor:
     """The new residual for ``hidden + residual`` steered by ``tables``: ``token_row, add, dirs,
-    target, count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long;
-    contiguous float32 ``add [R, H]``, ``dirs [R, K, H]``, ``target [R, K]``, int32
+    bounds, count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long;
+    contiguous float32 ``add [R, H]``, ``dirs [R, K, H]``, ``bounds [R, K, 2]``, int32
     ``count [R]``). ``hidden`` and ``residual`` may
     have any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
     lower it to exercise the swept path)."""
@@ -81,7 +82,7 @@ def _register():
         token_row: torch.Tensor,
         add: torch.Tensor,
         dirs: torch.Tensor,
-        target: torch.Tensor,
+        bounds: torch.Tensor,
         count: torch.Tensor,
         max_block: int,
     ) -> torch.Tensor:
@@ -94,14 +95,14 @@ def _register():
         scratch = residual.new_empty((tokens if blocks > 1 and directions else 0, width), dtype=torch.float32)
         if tokens:
             kernel[(tokens,)](
-                hidden, residual, out, token_row, add, dirs, target, count, scratch,
+                hidden, residual, out, token_row, add, dirs, bounds, count, scratch,
                 hidden.stride(0), residual.stride(0), width,
                 K=directions, BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
             )
         return out
 
     @steer.register_fake
-    def _(hidden, residual, token_row, add, dirs, target, count, max_block):
+    def _(hidden, residual, token_row, add, dirs, bounds, count, max_block):
         return residual.new_empty(residual.shape)
 
     return steer
@@ -117,13 +118,18 @@ def _steer_kernel():
     # Module globals, defined here (not at import): Triton resolves the names a kernel calls
     # through the module's globals (its interpreter knows no closures), and decorating at
     # first use is what lets a test turn the interpreter on first.
-    global tl, load_f32, sweep
+    global tl, load_f32, shift, sweep
     import triton
     import triton.language as tl
 
     @triton.jit
     def load_f32(row_ptr, cols, width):
         return tl.load(row_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def shift(bounds_ptr, along):
+        """How far the component ``along`` moves: to the nearest of its bounds, if outside."""
+        return tl.minimum(tl.maximum(along, tl.load(bounds_ptr)), tl.load(bounds_ptr + 1)) - along
 
     @triton.jit
     def sweep(h_row, r_row, add_row, scratch_row, out_row, prev_dir, coeff, next_dir, width,
@@ -148,7 +154,7 @@ def _steer_kernel():
         return along
 
     @triton.jit
-    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr, target_ptr, count_ptr,
+    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr, bounds_ptr, count_ptr,
                      scratch_ptr, hidden_stride, residual_stride, width,
                      K: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
@@ -157,9 +163,9 @@ def _steer_kernel():
         r_row = residual_ptr + token * residual_stride
         out_row = out_ptr + token * width
         add_row = add_ptr + row * width
-        # dirs[row, k] and target[row, k]: k advances by one direction row / one target.
+        # dirs[row, k] and bounds[row, k]: k advances by one direction row / one pair of bounds.
         dir_row = dirs_ptr + row * K * width
-        target = target_ptr + row * K
+        bound = bounds_ptr + row * K * 2
         used = tl.load(count_ptr + row)  # directions this row uses (0 when K is 0)
         if BLOCKS == 1:
             # The whole row in registers: read once, project once per used direction, write once.
@@ -171,9 +177,9 @@ def _steer_kernel():
                 for _ in range(used):
                     direction = load_f32(dir_row, cols, width)
                     along = tl.sum((stream + delta) * direction, axis=0)
-                    delta = delta + (tl.load(target) - along) * direction
+                    delta = delta + shift(bound, along) * direction
                     dir_row += width
-                    target += 1
+                    bound += 2
             tl.store(out_row + cols, (residual + delta).to(out_ptr.dtype.element_ty), mask=cols < width)
         else:
             scratch_row = scratch_ptr + token * width
@@ -184,12 +190,12 @@ def _steer_kernel():
                 along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
                               True, False, BLOCK, BLOCKS)
                 for _ in range(1, used):
-                    coeff = tl.load(target) - along
+                    coeff = shift(bound, along)
                     along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
                                   dir_row + width, width, False, False, BLOCK, BLOCKS)
                     dir_row += width
-                    target += 1
-                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, tl.load(target) - along, dir_row,
+                    bound += 2
+                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, shift(bound, along), dir_row,
                       width, False, True, BLOCK, BLOCKS)
 
     return steer_kernel

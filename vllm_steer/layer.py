@@ -32,13 +32,13 @@ class SteeringLayer:
 
     def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch") -> None:
         """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]``, ``dirs [R, K, H]``,
-        ``target [R, K]``, int32 ``count [R]``) at the rows ``token_row`` names per token."""
+        ``bounds [R, K, 2]``, int32 ``count [R]``) at the rows ``token_row`` names per token."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
         # shared with the runtime (token_row) and with every other steerable layer (pool).
         self.register_buffer("token_row", token_row, persistent=False)
         self.register_buffer("steer_add", pool.add, persistent=False)
         self.register_buffer("steer_dirs", pool.dirs, persistent=False)
-        self.register_buffer("steer_target", pool.target, persistent=False)
+        self.register_buffer("steer_bounds", pool.bounds, persistent=False)
         self.register_buffer("steer_count", pool.count, persistent=False)
         self.max_directions = pool.dirs.shape[1]
         self.kernel = kernel
@@ -73,14 +73,15 @@ class SteeringLayer:
     def steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The stream after this layer is ``hidden + residual``; return the new residual.
 
-        Adds first, then each clamp/ablate direction projects the current stream in order:
-        ``x <- x + (target - <x, d>) d``. Row 0 and unused directions are zero, so
+        Adds first, then each direction holds the current stream's component along it to its
+        bounds, in order: ``x <- x + (clip(<x, d>, lo, hi) - <x, d>) d`` (clamp: ``lo = hi``).
+        Row 0 and unused directions are zero, so
         the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
         """
         if self.kernel == "triton":
             from vllm_steer.kernels import steer_triton
 
-            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_target, self.steer_count)
+            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_bounds, self.steer_count)
         row = self.token_row[: hidden.shape[0]]
         delta = self.steer_add[row]
         if self.max_directions:
@@ -89,8 +90,10 @@ class SteeringLayer:
                 # One [n, H] gather per direction (a gather of all K at once would hold
                 # K times the prefill's stream in float32).
                 direction = self.steer_dirs[row, k]
+                bounds = self.steer_bounds[row, k]
                 along = ((stream + delta) * direction).sum(dim=-1, keepdim=True)
-                delta = delta + (self.steer_target[row, k].unsqueeze(-1) - along) * direction
+                held = torch.clamp(along, bounds[:, :1], bounds[:, 1:])
+                delta = delta + (held - along) * direction
         # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
         # changes no bit), into a new tensor: the next layer's fused add+norm may write its
         # inputs in place.

@@ -2,7 +2,7 @@
 
 A post-hook on decoder layer ``L`` (``model.model.layers[L]``; a multimodal model's
 language model's) edits that layer's output (the residual stream),
-one operation after another: the adds, then each clamp/ablate in the order given. It is
+one operation after another: the adds, then each clamp/ablate/range in the order given. It is
 the oracle the engine is tested against and the baseline the benchmarks beat. It applies
 each op on its own (no pre-summed rows), so it does not share the engine's table logic.
 """
@@ -28,7 +28,7 @@ class ReferenceOutput:
 
 
 def layer_ops(steering: ResolvedSteering, layer: int, vectors: dict[str, np.ndarray], dtype: torch.dtype):
-    """The ops of one layer in application order (adds, then clamps/ablates as given),
+    """The ops of one layer in application order (adds, then clamps/ablates/ranges as given),
     each with its vector (unit when the op normalizes)."""
     ops = [op for op in steering.ops if op.layer == layer]
     ordered = [op for op in ops if op.mode == "add"] + [op for op in ops if op.mode != "add"]
@@ -46,8 +46,12 @@ def steer_stream(hidden: torch.Tensor, prepared, inside: torch.Tensor) -> torch.
         if op.mode == "add":
             change = op.coeff * vector
         else:
-            target = op.coeff if op.mode == "clamp" else 0.0
-            change = (target - (hidden * vector).sum(-1, keepdim=True)) * vector
+            along = (hidden * vector).sum(-1, keepdim=True)
+            if op.mode == "range":
+                lo, hi = op.bounds
+                change = (along.clamp(min=lo, max=hi) - along) * vector
+            else:
+                change = ((op.coeff if op.mode == "clamp" else 0.0) - along) * vector
         hidden = hidden + inside * change
     return hidden
 

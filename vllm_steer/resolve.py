@@ -42,13 +42,25 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Op:
-    """One operation at one layer, ``coeff = spec.scale * entry.scale``."""
+    """One operation at one layer, ``coeff = spec.scale * entry.scale``; a range's bounds
+    (None: that side is open) instead of a coefficient."""
 
     layer: int
     mode: Mode
     digest: str
     coeff: float
     normalize: bool
+    bounds: tuple[float | None, float | None] | None = None
+
+    def as_list(self) -> list:
+        """The op in the canonical and wire forms (bounds only for a range)."""
+        fields = [self.layer, self.mode, self.digest, self.coeff, self.normalize]
+        return fields if self.bounds is None else [*fields, list(self.bounds)]
+
+    @classmethod
+    def from_list(cls, fields: list) -> Op:
+        layer, mode, digest, coeff, normalize, *bounds = fields
+        return cls(int(layer), mode, digest, float(coeff), bool(normalize), tuple(bounds[0]) if bounds else None)
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class ResolvedSteering:
     def canonical(self) -> str:
         body = {
             "apply_to": self.apply_to,
-            "ops": [[op.layer, op.mode, op.digest, op.coeff, op.normalize] for op in self.ops],
+            "ops": [op.as_list() for op in self.ops],
         }
         return json.dumps(body, separators=(",", ":"))
 
@@ -78,7 +90,7 @@ class ResolvedSteering:
         (rows.py). The scheduler counts rows with these keys too, so both agree."""
         by_layer: dict[int, tuple] = {}
         for op in self.ops:
-            by_layer[op.layer] = by_layer.get(op.layer, ()) + ((op.mode, op.digest, op.coeff, op.normalize),)
+            by_layer[op.layer] = by_layer.get(op.layer, ()) + ((op.mode, op.digest, op.coeff, op.normalize, op.bounds),)
         return by_layer
 
     def cache_namespace(self, prompt_len: int) -> str:
@@ -95,7 +107,7 @@ class ResolvedSteering:
         """The form the workers receive (JSON): ops by digest, inline vectors as base64."""
         body = {
             "apply_to": self.apply_to,
-            "ops": [[op.layer, op.mode, op.digest, op.coeff, op.normalize] for op in self.ops],
+            "ops": [op.as_list() for op in self.ops],
             "inline": {digest: encode_b64(array) for digest, array in self.inline.items()},
         }
         return json.dumps(body, separators=(",", ":"))
@@ -104,7 +116,7 @@ class ResolvedSteering:
     def from_wire(cls, text: str) -> ResolvedSteering:
         """Decode ``to_wire``'s output. No validation: the front end resolved it."""
         body = json.loads(text)
-        ops = tuple(Op(int(layer), mode, digest, float(coeff), bool(normalize)) for layer, mode, digest, coeff, normalize in body["ops"])
+        ops = tuple(Op.from_list(fields) for fields in body["ops"])
         return cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()})
 
 
@@ -124,8 +136,12 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     for index, entry in enumerate(spec.vectors):
         where = f"steering.vectors[{index}]"
         needs_direction = entry.mode != "add" or entry.normalize
-        # Ablation has no strength; a fixed coefficient keeps equal steering equal.
-        coeff = 0.0 if entry.mode == "ablate" else spec.scale * entry.scale
+        # Ablation and ranges have no strength; a fixed coefficient keeps equal steering equal.
+        coeff = 0.0 if entry.mode in ("ablate", "range") else spec.scale * entry.scale
+        bounds = (entry.min, entry.max) if entry.mode == "range" else None
+        for bound, name in zip(bounds or (), ("min", "max")):
+            if bound is not None:
+                _check_magnitude(bound, 1.0, shape, f"{where}.{name}")
         checked = None  # a layered entry's layers often share one vector: check it once
         for layer, layer_field, digest, vector_field in _entry_vectors(entry, registry, inline, where):
             check_layer(layer, shape, layer_field)
@@ -134,7 +150,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
                 _check_vector(array, needs_direction, shape, vector_field)
                 _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), shape, f"{where}.scale")
                 checked = digest
-            ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add"))
+            ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add", bounds))
 
     mode: Mode = "clamp" if spec.use_clamp else "add"
     for index, (layer, feature_id, strength) in enumerate(spec.features):
@@ -158,7 +174,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     for layer, count in sorted(directions.items()):
         if count > shape.max_directions:
             raise SteeringError(
-                f"layer {layer} has {count} clamp/ablate directions; this server allows at most "
+                f"layer {layer} has {count} clamp/ablate/range directions; this server allows at most "
                 f"{shape.max_directions} per layer (hf_overrides steering.max_directions)"
             )
 

@@ -1,8 +1,9 @@
 """The steering rows: what a request's steering at one layer becomes on the device, kept in
 one pool shared by every steerable layer and every request.
 
-A row holds one layer's steering: the pre-summed add, up to ``max_directions`` clamp/ablate
-directions with their targets, and how many directions are used. Its content is named by
+A row holds one layer's steering: the pre-summed add, up to ``max_directions`` directions
+with the bounds their projection is held to (clamp: ``[t, t]``, ablate: ``[0, 0]``, range:
+``[min, max]``, open sides infinite), and how many directions are used. Its content is named by
 ``ResolvedSteering.row_keys`` (the layer's ops, in order), so requests with the same steering
 share rows, and so do layers steered identically. Row 0 is zeros: no steering. Memory
 follows what is in use, within a budget (``steering.table_budget_mib``; default
@@ -13,6 +14,7 @@ Torch only (no vLLM import), like ``layer.py``.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ MAX_DEFAULT_BUDGET = 256 << 20  # bytes; the default budget is also at most 1% o
 
 
 def row_bytes(hidden: int, max_directions: int) -> int:
-    """One row: add and directions (float32 [H] each), targets (float32) and the count (int32)."""
-    return 4 * ((1 + max_directions) * hidden + max_directions + 1)
+    """One row: add and directions (float32 [H] each), two bounds per direction (float32) and
+    the count (int32)."""
+    return 4 * ((1 + max_directions) * hidden + 2 * max_directions + 1)
 
 
 def default_budget(device_bytes: int) -> int:
@@ -55,7 +58,7 @@ class LayerRow:
     """One row's content, on the host (float32)."""
 
     add: torch.Tensor  # [hidden]: every add of the layer, summed in op order
-    directions: list[tuple[torch.Tensor, float]] = field(default_factory=list)  # (unit direction, target)
+    directions: list[tuple[torch.Tensor, float, float]] = field(default_factory=list)  # (unit direction, lo, hi)
 
 
 def build_row(resolved: ResolvedSteering, layer: int, vectors: dict[str, np.ndarray], hidden: int) -> LayerRow:
@@ -68,34 +71,43 @@ def build_row(resolved: ResolvedSteering, layer: int, vectors: dict[str, np.ndar
         if op.mode == "add":
             row.add += op.coeff * direction
         else:
-            row.directions.append((direction, op.coeff if op.mode == "clamp" else 0.0))
+            row.directions.append((direction, *projection_bounds(op.mode, op.coeff, op.bounds)))
     return row
+
+
+def projection_bounds(mode: str, coeff: float, bounds: tuple[float | None, float | None] | None) -> tuple[float, float]:
+    """The interval a direction op holds the stream's component to."""
+    if mode == "range":
+        lo, hi = bounds
+        return (-math.inf if lo is None else lo, math.inf if hi is None else hi)
+    target = coeff if mode == "clamp" else 0.0
+    return target, target
 
 
 def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[torch.Tensor, ...]:
     """Rows as the pool's tables hold them, stacked, unused directions zero: (adds [N, H],
-    directions [N, K, H], targets [N, K], counts [N]), so one copy per table moves them all."""
+    directions [N, K, H], bounds [N, K, 2], counts [N]), so one copy per table moves them all."""
     adds = torch.stack([row.add for row in rows])
     directions = torch.zeros(len(rows), max_directions, hidden)
-    targets = torch.zeros(len(rows), max_directions)
+    bounds = torch.zeros(len(rows), max_directions, 2)
     counts = torch.tensor([len(row.directions) for row in rows], dtype=torch.int32)
     for n, row in enumerate(rows):
-        for k, (direction, target) in enumerate(row.directions):
+        for k, (direction, lo, hi) in enumerate(row.directions):
             directions[n, k] = direction
-            targets[n, k] = target
-    return adds, directions, targets, counts
+            bounds[n, k] = torch.tensor([lo, hi])
+    return adds, directions, bounds, counts
 
 
 class RowPool:
     """The device tables every steerable layer reads, indexed by row: ``add [R, H]``,
-    ``dirs [R, K, H]``, ``target [R, K]`` (float32) and ``count [R]`` (int32). Rows are
+    ``dirs [R, K, H]``, ``bounds [R, K, 2]`` (float32) and ``count [R]`` (int32). Rows are
     refcounted by content key; a row whose last user leaves is free again."""
 
     def __init__(self, rows: int, hidden: int, max_directions: int):
         self.hidden, self.max_directions = hidden, max_directions
         self.add = torch.zeros(rows, hidden, dtype=torch.float32)
         self.dirs = torch.zeros(rows, max_directions, hidden, dtype=torch.float32)
-        self.target = torch.zeros(rows, max_directions, dtype=torch.float32)
+        self.bounds = torch.zeros(rows, max_directions, 2, dtype=torch.float32)
         self.count = torch.zeros(rows, dtype=torch.int32)
         self._free = list(range(rows - 1, 0, -1))
         self._row_of: dict[Hashable, int] = {}
@@ -124,7 +136,7 @@ class RowPool:
             rows = [self._free.pop() for _ in new]
             device = self.add.device
             index = to_device(torch.tensor(rows, dtype=torch.int64), device)
-            for table, values in zip((self.add, self.dirs, self.target, self.count), stack_rows([contents[k] for k in new], self.max_directions, self.hidden)):
+            for table, values in zip((self.add, self.dirs, self.bounds, self.count), stack_rows([contents[k] for k in new], self.max_directions, self.hidden)):
                 table.index_copy_(0, index, to_device(values, device))
             self._row_of.update(zip(new, rows))
         self._users.update(keys)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Mode = Literal["add", "clamp", "ablate"]
+Mode = Literal["add", "clamp", "ablate", "range"]
 ApplyTo = Literal["all", "prompt", "generated"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -60,6 +60,10 @@ class VectorEntry(BaseModel):
     scale: float = 1.0
     mode: Mode = "add"
     normalize: bool = False
+    # Mode "range": bounds on the stream's component along the unit direction (one may be
+    # absent): a component outside is moved to the nearest bound, one inside is left alone.
+    min: float | None = None
+    max: float | None = None
 
     @field_validator("layers")
     @classmethod
@@ -77,6 +81,11 @@ class VectorEntry(BaseModel):
     @classmethod
     def _scale_finite(cls, scale: float) -> float:
         return _finite(scale, "scale")
+
+    @field_validator("min", "max")
+    @classmethod
+    def _bound_finite(cls, bound: float | None, info) -> float | None:
+        return None if bound is None else _finite(bound, info.field_name)
 
     @field_validator("vector")
     @classmethod
@@ -104,6 +113,15 @@ class VectorEntry(BaseModel):
             )
         if self.layers is None and self.name is None:
             raise ValueError("'layers' is required for an inline vector")
+        if self.mode == "range":
+            if self.min is None and self.max is None:
+                raise ValueError("mode 'range' needs 'min', 'max' or both")
+            if self.min is not None and self.max is not None and self.min > self.max:
+                raise ValueError(f"'min' ({self.min:g}) is above 'max' ({self.max:g})")
+            if self.scale != 1.0:
+                raise ValueError("mode 'range' takes 'min'/'max' bounds; 'scale' does not apply to it")
+        elif self.min is not None or self.max is not None:
+            raise ValueError(f"'min'/'max' apply to mode 'range' only, not to mode {self.mode!r}")
         return self
 
     def inline_array(self) -> np.ndarray | None:

@@ -80,28 +80,33 @@ class Tables:
     compiled function serves every table size (tables are graph inputs, as vLLM's compiled
     model sees its buffers). A plain class: Dynamo traces its construction."""
 
-    def __init__(self, token_row, steer_add, steer_dirs, steer_target, steer_count):
-        self.token_row, self.steer_add, self.steer_dirs, self.steer_target = token_row, steer_add, steer_dirs, steer_target
+    def __init__(self, token_row, steer_add, steer_dirs, steer_bounds, steer_count):
+        self.token_row, self.steer_add, self.steer_dirs, self.steer_bounds = token_row, steer_add, steer_dirs, steer_bounds
         self.steer_count = steer_count
         self.max_directions = steer_dirs.shape[1]
         self.kernel = "torch"  # the torch ops: the kernel is timed on its own
 
 
-def steer_eager(hidden, residual, token_row, steer_add, steer_dirs, steer_target, steer_count):
+def steer_eager(hidden, residual, token_row, steer_add, steer_dirs, steer_bounds, steer_count):
     """``SteeringLayer.steer`` on these tables."""
-    return SteeringLayer.steer(Tables(token_row, steer_add, steer_dirs, steer_target, steer_count), hidden, residual)
+    return SteeringLayer.steer(Tables(token_row, steer_add, steer_dirs, steer_bounds, steer_count), hidden, residual)
 
 
 def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0) -> list[torch.Tensor]:
-    """(add, dirs, target, count) as the row pool holds them: float32, unit directions, every
-    direction used, row 0 zero."""
+    """(add, dirs, bounds, count) as the row pool holds them: float32, unit directions, every
+    direction used, row 0 zero. Even directions are clamps (``lo = hi``), odd ones ranges
+    (``lo < hi``, every other one open above)."""
     generator = torch.Generator().manual_seed(seed)
     add = torch.randn(rows, hidden, generator=generator)
     dirs = F.normalize(torch.randn(rows, directions, hidden, generator=generator), dim=-1)
-    target = 4 * torch.randn(rows, directions, generator=generator)
+    lo = 4 * torch.randn(rows, directions, generator=generator)
+    hi = lo.clone()
+    hi[:, 1::2] += 2
+    hi[:, 3::4] = torch.inf
+    bounds = torch.stack([lo, hi], dim=-1)
     count = torch.full((rows,), directions, dtype=torch.int32)
-    add[0], dirs[0], target[0], count[0] = 0, 0, 0, 0
-    return [table.to(device) for table in (add, dirs, target, count)]
+    add[0], dirs[0], bounds[0], count[0] = 0, 0, 0, 0
+    return [table.to(device) for table in (add, dirs, bounds, count)]
 
 
 def one_rounding_gap(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -297,7 +302,7 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     def layer_math(kernel):
         def run():
             for layer in layers.values():
-                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_target, layer.steer_count)
+                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_bounds, layer.steer_count)
                 new_residual = kernel(hidden, residual, *tables)
                 layer.capture(hidden + new_residual)
         return run
@@ -343,7 +348,7 @@ def memory() -> dict[str, Any]:
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
     buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase,
-               pool.add, pool.dirs, pool.target, pool.count]
+               pool.add, pool.dirs, pool.bounds, pool.count]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []
