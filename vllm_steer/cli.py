@@ -33,8 +33,11 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
                         help="vector file loaded at start: .pt, .safetensors, .gguf, or hf://...; repeatable")
     parser.add_argument("--sae", action="append", default=[], metavar="SOURCE",
                         help="SAE decoder whose features the 'features' form may name; repeatable")
-    parser.add_argument("--max-directions", type=int, default=4, help="clamp/ablate directions per layer per request")
+    parser.add_argument("--max-directions", type=int, default=4, help="clamp/ablate/range directions per layer per request")
     parser.add_argument("--steerable-layers", type=int, nargs="+", default=None, help="layers that can be steered (default: all)")
+    parser.add_argument("--table-budget-mib", type=float, default=None,
+                        help="device memory for steering rows (default: min(256 MiB, 1%% of device memory)); "
+                             "requests whose rows do not fit wait")
 
 
 def _model_and_vectors(args) -> tuple[str, list[str]]:
@@ -92,6 +95,7 @@ def serve(argv: list[str]) -> None:
         sae=tuple(absolute_source(s) for s in args.sae),
         max_directions=args.max_directions,
         layers=None if args.steerable_layers is None else tuple(args.steerable_layers),
+        table_budget_mib=args.table_budget_mib,
         capture=args.capture,
         registry_dir=str(Path(registry_dir).resolve()),
         file_dirs=tuple(str(Path(d).resolve()) for d in args.vector_dir),
@@ -138,7 +142,7 @@ def generate(argv: list[str]) -> None:
     from vllm_steer import SteeredLLM
 
     llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions, steerable_layers=args.steerable_layers,
-                     max_model_len=1024 if args.model is None else None)
+                     table_budget_mib=args.table_budget_mib, max_model_len=1024 if args.model is None else None)
     spec = json.loads(args.steering)
     chats = [[{"role": "user", "content": p}] for p in args.prompt]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
@@ -170,7 +174,7 @@ def extract(argv: list[str]) -> None:
     from vllm_steer.vectors import VectorRegistry, export_vectors
 
     llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
-                     steerable_layers=args.steerable_layers, capture=True,
+                     steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib, capture=True,
                      max_model_len=1024 if args.model is None else None)
     found = extract_vectors(llm, read_prompts(args.positive), read_prompts(args.negative), args.layers,
                             method=args.method, reduce=args.reduce)
@@ -210,7 +214,7 @@ def sweep(argv: list[str]) -> None:
     if args.model is None:
         engine["max_model_len"] = 1024
     sweeps.main(args, model, vectors, demo=args.model is None, sae=args.sae, max_directions=args.max_directions,
-                 steerable_layers=args.steerable_layers, **engine)
+                 steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib, **engine)
 
 
 def bench(argv: list[str]) -> None:
