@@ -60,12 +60,12 @@ def test_serve_picks_the_models_family_and_merges_the_users_hf_overrides(tmp_pat
     seen = {}
     monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
     cli.main(["serve", "--model", str(tmp_path), "--hf-overrides", '{"rope_theta": 5.0, "steering": {"max_request_ops": 8}}',
-              "--revision", "main", "--port", "8001"])
+              "--revision", "main", "--port", "8001", "--table-budget-mib", "64"])
     argv = seen["argv"]
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert argv.count("--hf-overrides") == 1 and argv[argv.index("--revision") + 1] == "main" and "--port" in argv
     assert overrides["architectures"] == ["SteeredGemma2ForCausalLM"] and overrides["rope_theta"] == 5.0
-    assert overrides["steering"]["max_request_ops"] == 8
+    assert overrides["steering"]["max_request_ops"] == 8 and overrides["steering"]["table_budget_mib"] == 64
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
