@@ -285,7 +285,7 @@ def test_server_summary_on_constructed_runs():
 
 def test_parse_args_defaults():
     quick = run.parse_args(["--quick"])
-    assert quick.models == ["llama-1b"] and quick.server_models == ["demo"] and quick.pairs == 2
+    assert quick.models == ["smollm2", "llama-1b"] and quick.server_models == ["demo"] and quick.pairs == 2
     assert "stock" not in quick.parts and max(quick.batches) == 8
     chosen = run.parse_args(["--quick", "--model", "tiny", "--parts", "engine"])
     assert chosen.models == ["tiny"] and chosen.server_models == ["tiny"] and chosen.parts == ["engine"]

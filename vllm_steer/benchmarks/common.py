@@ -60,12 +60,17 @@ def shape_model_path(shape: str) -> Path:
 
 
 def resolve_model(name: str) -> tuple[str, str]:
-    """(path or hub id, label) for ``demo`` (the bundled demo model), a generated shape
-    (``tiny``, ``small``, ``llama-1b``), a local folder or a hub id."""
+    """(path or hub id, label) for ``demo`` (the bundled demo model), ``smollm2`` (the real
+    instruct model, fetched once: models.py), a generated shape (``tiny``, ``small``,
+    ``llama-1b``), a local folder or a hub id."""
     if name == "demo":
         from vllm_steer.demo import demo_model_path
 
         return str(demo_model_path()), "demo"
+    if name == "smollm2":
+        from vllm_steer.models import model_path
+
+        return str(model_path(name)), "SmolLM2-135M-Instruct (dequantized Q4_1)"
     if name in SHAPES:
         return str(shape_model_path(name)), f"{name} (random weights)"
     return name, name

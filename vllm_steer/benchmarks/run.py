@@ -41,12 +41,12 @@ def defaults(quick: bool, gpu: bool) -> dict[str, Any]:
                     prompt_len=128, max_tokens=128, pairs=3, chats=4, parts=list(PARTS), server_models=None,
                     server_requests=512, server_concurrency=256, server_pairs=2, server_max_tokens=128)
     if quick:
-        return dict(models=["llama-1b"], batches=[1, 8], configs=[1, 8], fractions=[0.5],
+        return dict(models=["smollm2", "llama-1b"], batches=[1, 8], configs=[1, 8], fractions=[0.5],
                     prompt_len=32, max_tokens=16, pairs=2, chats=1, parts=["engine", "notebook", "server"],
                     server_models=["demo"], server_requests=32, server_concurrency=8, server_pairs=2,
                     server_max_tokens=16)
     # CPU prefill is slow (a 1B model: ~20 s for 32 prompts of 32 tokens), so prompts stay short.
-    return dict(models=["demo", "llama-1b"], batches=[1, 8, 32], configs=[1, 4, 32], fractions=[0, 0.25, 0.5],
+    return dict(models=["demo", "smollm2", "llama-1b"], batches=[1, 8, 32], configs=[1, 4, 32], fractions=[0, 0.25, 0.5],
                 prompt_len=32, max_tokens=64, pairs=3, chats=2, parts=list(PARTS), server_models=None,
                 server_requests=64, server_concurrency=32, server_pairs=2, server_max_tokens=32)
 
