@@ -325,3 +325,19 @@ def test_v2_writer_failure_runs_unsteered_instead_of_raising(runtime, caplog):
         writer.prepare_inputs(broken, SimpleNamespace(req_id_to_index={"a": 0}))
     assert not runtime.token_slot.any()
     assert "runs unsteered" in caplog.text
+
+
+def test_the_row_budget_follows_the_setting_or_the_device():
+    from types import SimpleNamespace
+
+    from vllm_steer.config import SteeringConfig
+    from vllm_steer.rows import budget_rows, row_bytes
+
+    config = SimpleNamespace(num_hidden_layers=32, hidden_size=4096, steering={})
+    row = row_bytes(4096, 4)
+    # Default: 1% of the device, at most 256 MiB.
+    assert SteeringConfig().model_shape(config, device_bytes=10 << 30).table_rows == (10 << 30) // 100 // row
+    assert SteeringConfig().model_shape(config, device_bytes=141 << 30).table_rows == (256 << 20) // row
+    assert SteeringConfig(table_budget_mib=1).model_shape(config, device_bytes=141 << 30).table_rows == (1 << 20) // row
+    with pytest.raises(ValueError, match="holds no steering row: one row takes 81956 bytes"):
+        budget_rows(row, 4096, 4)
