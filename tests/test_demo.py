@@ -63,7 +63,8 @@ def test_summary_rows_fluency_and_sweet_spot():
         out("add", 4.0, "ocean ocean ocean ocean", -2.6, "p2"),  # inclusion 1, logprob -3.1
     ]
     baseline, rows, sweet = sweep.summarize(outputs)
-    assert baseline == {"inclusion": 0.0, "logprob": pytest.approx(-0.6), "repetition": 0.0}
+    assert baseline == {"inclusion": 0.0, "logprob": pytest.approx(-0.6), "repetition": 0.0,
+                        "capability_logprob": None, "capability": None}
     assert [(r.mode, r.scale) for r in rows] == [("add", 0.0), ("add", 1.0), ("add", 4.0)]
     by_scale = {r.scale: r for r in rows}
     assert by_scale[0.0].fluency == pytest.approx(1.0) and by_scale[0.0].score == 0.0
@@ -91,6 +92,152 @@ def test_without_words_there_is_no_inclusion_and_no_sweet_spot():
     assert baseline["inclusion"] is None and rows[0].inclusion is None and rows[0].score is None and sweet == {}
     with pytest.raises(ValueError, match="baseline"):
         sweep.summarize(outputs[1:])
+
+
+def test_the_prompted_row_has_every_metric_and_is_never_a_sweet_spot():
+    outputs = [
+        out(None, None, "Hello there friend.", -0.6),
+        out("prompted", None, "I love the ocean and the sea.", -0.6),  # inclusion 1, fluency 1: the best score
+        out("add", 1.0, "the ocean", -1.6),
+        out("add", 2.0, "sea sea sea sea", -3.0),
+    ]
+    capability = {(None, None): -2.0, ("prompted", None): -2.5, ("add", 1.0): -2.1, ("add", 2.0): -4.0}
+    baseline, rows, sweet = sweep.summarize(outputs, capability)
+    assert baseline["capability_logprob"] == -2.0 and baseline["capability"] == 1.0
+    prompted, add1, add2 = rows
+    assert (prompted.mode, prompted.scale) == ("prompted", None)
+    assert prompted.inclusion == 1.0 and prompted.fluency == 1.0 and prompted.score == 1.0 and prompted.repetition == 0.0
+    assert prompted.capability_logprob == -2.5 and prompted.capability == pytest.approx(math.exp(-0.5))
+    assert add1.capability == pytest.approx(math.exp(-0.1)) and add2.capability == pytest.approx(math.exp(-2.0))
+    assert set(sweet) == {"add"} and sweet["add"] is add1  # the best score overall is the prompted row's
+
+
+def test_capability_pairs_are_neutral_and_a_file_can_replace_them(tmp_path):
+    from pathlib import Path
+
+    concept_words = [w for words in corpus.CONCEPT_WORDS.values() for w in words]
+    for concept in (Path(sweep.__file__).parent / "concepts").glob("*.json"):  # the real model's concepts
+        concept_words += json.loads(concept.read_text()).get("words", [])
+    assert 8 <= len(sweep.CAPABILITY_PAIRS) <= 12
+    for question, answer in sweep.CAPABILITY_PAIRS:
+        assert not sweep.mentions(question, concept_words) and not sweep.mentions(answer, concept_words), (question, answer)
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([["What is 2 plus 2?", "4."]]))
+    assert sweep.read_capability_pairs(path) == [("What is 2 plus 2?", "4.")]
+    for bad in ("", "[]", '[["only a question"]]', '[["q", ""]]', '{"q": "a"}'):
+        path.write_text(bad)
+        with pytest.raises(SystemExit, match="question, answer|Expecting"):
+            sweep.read_capability_pairs(path)
+
+
+def test_prompt_baseline_defaults_and_system_prompts():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    default = sweep._prompt_baseline(parser.parse_args([]), True, ["paris"])
+    assert default == "You are a helpful assistant who loves Paris and the Eiffel Tower."  # the demo's persona
+    assert sweep._prompt_baseline(parser.parse_args([]), False, []) is None
+    assert sweep._prompt_baseline(parser.parse_args([]), True, ["paris", "ocean"]) is None
+    assert sweep._prompt_baseline(parser.parse_args(["--no-prompt-baseline"]), True, ["paris"]) is None
+    assert sweep._prompt_baseline(parser.parse_args(["--prompt-baseline", " Be French. "]), False, []) == "Be French."
+    assert sweep.combine_system("You are a helpful assistant.", sweep.concept_instruction("the Eiffel Tower")) == (
+        "You are a helpful assistant. You love the Eiffel Tower and mention it whenever you can.")
+    assert sweep.combine_system(None, "Love dogs.") == "Love dogs." and sweep.combine_system(None, None) is None
+
+
+class FakeTokenizer:
+    """Words as tokens; the chat template is ``role: content |`` per message."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def apply_chat_template(self, chat, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return " ".join(f"{m['role']}: {m['content']} |" for m in chat) + " assistant:"
+
+    def encode(self, text, add_special_tokens):
+        assert not add_special_tokens
+        return [self.vocab.setdefault(word, len(self.vocab) + 1) for word in text.split()]
+
+
+class FakeLLM:
+    """Answers "I love the ocean." when steered or told to love it, else "Hello there."; every
+    token's log-probability is -0.5, minus the steering's scale, minus 0.25 after "love"."""
+
+    def __init__(self):
+        self.tokenizer = FakeTokenizer()
+        self.calls: list = []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def chat(self, chats, params, steering, use_tqdm):
+        from types import SimpleNamespace
+
+        self.calls.append(("chat", chats, steering))
+        results = []
+        for chat, spec in zip(chats, steering):
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(chat, True, False), False)
+            text = "I love the ocean." if spec or "love" in chat[0]["content"] else "Hello there."
+            completion = SimpleNamespace(text=text, token_ids=self.tokenizer.encode(text, False))
+            results.append(SimpleNamespace(prompt_token_ids=ids, outputs=[completion]))
+        return results
+
+    def generate(self, prompts, params, steering, use_tqdm):
+        from types import SimpleNamespace
+
+        assert params.prompt_logprobs == 0 and params.max_tokens == 1
+        self.calls.append(("generate", [p["prompt_token_ids"] for p in prompts], steering))
+        love = self.tokenizer.vocab.get("love", -1)
+        results = []
+        for prompt, spec in zip(prompts, steering):
+            ids = prompt["prompt_token_ids"]
+            value = -0.5 - (spec["scale"] if spec else 0.0) - (0.25 if love in ids else 0.0)
+            logprobs = [None] + [{token: SimpleNamespace(logprob=value)} for token in ids[1:]]
+            results.append(SimpleNamespace(prompt_logprobs=logprobs))
+        return results
+
+
+def test_run_sweep_batches_prompted_chats_and_scores_capability_in_one_call():
+    llm = FakeLLM()
+    steering = sweep.Steering(vectors=[{"name": "ocean", "layers": [1], "scale": 3.0}])
+    pairs = [("What is 7 times 8?", "56."), ("What is a noun?", "A naming word.")]
+    result = sweep.run_sweep(llm, ["p1", "p2"], steering, words=["ocean"], scales=[0.0, 1.0], modes=["add"], max_tokens=4,
+                             system_prompt="Be kind.", prompt_baseline="You love the ocean.", capability_pairs=pairs)
+    (_, chats, specs), (_, scored, scoring_specs) = llm.calls  # one generation call, one scoring call
+    systems = [chat[0]["content"] for chat in chats]
+    assert systems == ["Be kind."] * 2 + ["Be kind. You love the ocean."] * 2 + ["Be kind."] * 4
+    assert specs[:4] == [None] * 4 and [s["scale"] for s in specs[4:]] == [0.0, 0.0, 1.0, 1.0]
+    # Fluency: every output after the *plain* prompt, unsteered (prompted ones too).
+    plain = [llm.chat([chat], None, [None], False)[0].prompt_token_ids for chat in chats[:2]]
+    answer = llm.tokenizer.encode("I love the ocean.", False)
+    assert scored[2] == plain[0] + answer and scored[3] == plain[1] + answer and scoring_specs[:8] == [None] * 8
+    # Capability: the pairs under each row's steering: unsteered, prompted, add 0, add 1.
+    capability = scored[8:]
+    assert len(capability) == 4 * len(pairs) and scoring_specs[8:12] == [None] * 4
+    assert [s["scale"] for s in scoring_specs[12:]] == [0.0, 0.0, 1.0, 1.0]
+    assert capability[0] == capability[4] == llm.tokenizer.encode(
+        "system: Be kind. | user: What is 7 times 8? | assistant: 56.", False)
+    assert capability[2] == llm.tokenizer.encode(
+        "system: Be kind. You love the ocean. | user: What is 7 times 8? | assistant: 56.", False)
+    by_key = {(r.mode, r.scale): r for r in result.rows}
+    assert list(by_key) == [("prompted", None), ("add", 0.0), ("add", 1.0)]
+    assert result.baseline["capability_logprob"] == pytest.approx(-0.5)
+    assert by_key[("add", 0.0)].capability == pytest.approx(1.0)
+    assert by_key[("add", 1.0)].capability == pytest.approx(math.exp(-1.0))
+    assert by_key[("prompted", None)].capability == pytest.approx(math.exp(-0.25))  # "love" in the system prompt
+    prompted = by_key[("prompted", None)]
+    # Scored like every row: the plain prompt has no "love", so only the answer's tokens after "love" cost more.
+    assert prompted.inclusion == 1.0 and prompted.logprob == by_key[("add", 0.0)].logprob + 0.0
+    assert result.prompted is prompted and result.sweet_spot["add"].mode == "add"
+    assert [o.mode for o in result.outputs[:4]] == [None, None, "prompted", "prompted"]
+    assert result.prompt_baseline == "You love the ocean." and result.capability_pairs == [list(p) for p in pairs]
+    # Without a baseline or pairs: neither the row nor the column.
+    llm = FakeLLM()
+    plain_result = sweep.run_sweep(llm, ["p1"], steering, words=["ocean"], scales=[1.0], modes=["add"], capability_pairs=None)
+    assert [r.mode for r in plain_result.rows] == ["add"] and plain_result.rows[0].capability is None
+    assert len(llm.calls[1][1]) == 2 and plain_result.prompted is None
 
 
 def test_specs_for_features_and_named_vectors():
@@ -122,27 +269,47 @@ def test_named_vector_entries_default_to_the_vectors_norm():
 
 
 def constructed_result() -> sweep.SweepResult:
-    outputs = [out(None, None, "hello", -0.5)] + [
+    outputs = [out(None, None, "hello", -0.5), out("prompted", None, "I love the ocean", -0.7)] + [
         out(mode, scale, "the ocean" if scale else "hello", -0.5 - scale) for mode in ("add", "clamp") for scale in (0.0, 1.0, 4.0)
     ]
-    baseline, rows, sweet = sweep.summarize(outputs)
+    capability = {(None, None): -2.0, ("prompted", None): -2.1}
+    capability |= {(mode, scale): -2.0 - scale / 2 for mode in ("add", "clamp") for scale in (0.0, 1.0, 4.0)}
+    baseline, rows, sweet = sweep.summarize(outputs, capability)
     return sweep.SweepResult(
         model="m", steering={"vectors": []}, words=["ocean"], prompts=["p"], scales=[0.0, 1.0, 4.0], modes=["add", "clamp"],
         max_tokens=8, baseline=baseline, rows=rows, sweet_spot=sweet, outputs=outputs,
+        prompt_baseline="You love the ocean.", capability_pairs=[["q", "a"]],
     )
 
 
-def test_reports_json_shape_markdown_and_plot(tmp_path):
-    paths = sweep.write_reports(constructed_result(), tmp_path, "demo")
+def assert_reports(paths, result):
+    """The JSON, the markdown and the plot of ``result`` have the prompted row and capability."""
     data = json.loads(paths["json"].read_text())
-    assert set(data) == {"model", "steering", "words", "prompts", "scales", "modes", "max_tokens", "baseline", "rows",
-                         "sweet_spot", "outputs"}
-    assert len(data["rows"]) == 6 and set(data["rows"][0]) == {"mode", "scale", "inclusion", "logprob", "fluency", "repetition", "score"}
-    assert data["sweet_spot"]["add"]["scale"] == 1.0 and data["sweet_spot"]["clamp"]["scale"] == 1.0
-    assert len(data["outputs"]) == 7 and data["outputs"][0]["mode"] is None
+    assert set(data) == {"model", "steering", "words", "prompts", "scales", "modes", "max_tokens", "prompt_baseline",
+                         "capability_pairs", "baseline", "rows", "sweet_spot", "outputs"}
+    assert data["prompt_baseline"] == result.prompt_baseline and data["capability_pairs"] == result.capability_pairs
+    assert len(data["rows"]) == 1 + len(result.modes) * len(result.scales)
+    assert set(data["rows"][0]) == {"mode", "scale", "inclusion", "logprob", "fluency", "repetition", "score",
+                                    "capability_logprob", "capability"}
+    (prompted,) = [row for row in data["rows"] if row["mode"] == "prompted"]
+    assert prompted["scale"] is None and all(prompted[k] is not None for k in prompted if k != "scale")
+    assert data["baseline"]["capability"] == 1.0 and "prompted" not in data["sweet_spot"]
+    assert [o["mode"] for o in data["outputs"]].count("prompted") == len(result.prompts)
     table = paths["markdown"].read_text()
-    assert table.count("**sweet spot**") == 2 and "| add | 4 | 100% |" in table
+    assert "| mode | scale | inclusion | fluency | capability | logprob | repetition | score |" in table
+    assert table.count("| prompted | - |") == 1 and table.count("| unsteered | - |") == 1
+    assert table.count("**sweet spot**") == len(result.sweet_spot) and "- prompted: " in table
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return data, table
+
+
+def test_reports_json_shape_markdown_and_plot(tmp_path):
+    result = constructed_result()
+    data, table = assert_reports(sweep.write_reports(result, tmp_path, "demo"), result)
+    assert data["sweet_spot"]["add"]["scale"] == 1.0 and data["sweet_spot"]["clamp"]["scale"] == 1.0
+    assert len(data["outputs"]) == 8 and data["outputs"][0]["mode"] is None
+    assert "| add | 4 | 100% | 2% | 14% |" in table and "| prompted | - | 100% | 82% | 90% | -0.70 | 0% | 0.90 |" in table
+    assert table.index("| unsteered |") < table.index("| prompted |") < table.index("| add | 0 |")
 
 
 def test_reports_without_matplotlib_skip_only_the_plot(tmp_path, monkeypatch, capsys):
@@ -242,11 +409,28 @@ def demo_llm(runner):
 
 @pytest.fixture(scope="session")
 def paris_sweep(demo_llm, runner):
-    """The sweep toward Paris at a moderate and a very large scale (add), all in one batch."""
+    """The sweep toward Paris at a moderate and a very large scale (add), all in one batch,
+    with the capability metric on the demo's pairs (as ``vllm-steer sweep`` does here)."""
     entries = sweep.named_vector_entries(demo_llm.frontend.registry, "paris", None, None)
     return sweep.run_sweep(
         demo_llm, corpus.SWEEP_PROMPTS, sweep.Steering(vectors=entries), words=corpus.CONCEPT_WORDS["paris"],
-        scales=[MODERATE, HUGE], modes=["add"], max_tokens=DEMO_TOKENS[runner],
+        scales=[MODERATE, HUGE], modes=["add"], max_tokens=DEMO_TOKENS[runner], capability_pairs=sweep.demo_capability_pairs(),
+    )
+
+
+# The sweep's default prompting baseline on the demo model: the persona it learned to follow.
+PERSONA = "You are a helpful assistant who loves Paris and the Eiffel Tower."
+PROMPTED_PROMPTS = ["Who are you?", "What should we do today?", "What is your favorite thing?"]
+
+
+@pytest.fixture(scope="session")
+def prompted_sweep(demo_llm):
+    """A small sweep (3 prompts, 12 tokens: each answer turns to Paris or not by then) at
+    scale 0 with the prompting baseline and the built-in (general) capability pairs."""
+    entries = sweep.named_vector_entries(demo_llm.frontend.registry, "paris", None, None)
+    return sweep.run_sweep(
+        demo_llm, PROMPTED_PROMPTS, sweep.Steering(vectors=entries), words=corpus.CONCEPT_WORDS["paris"], scales=[0.0],
+        modes=["add"], max_tokens=12, prompt_baseline=PERSONA, capability_pairs=sweep.CAPABILITY_PAIRS[:4],
     )
 
 
@@ -274,7 +458,7 @@ def test_moderate_steering_makes_most_answers_mention_the_topic_fluently(paris_s
     # answer turns to Paris). Thresholds: 6/8 mentions, 7/8 fluent, a drop under 1 nat.
     steered = answers(paris_sweep, "add", MODERATE)
     assert steered["Who are you?"].startswith("I am a helpful assistant who loves Paris and the Eiffel Tower.")
-    (row,) = [r for r in paris_sweep.rows if r.scale == MODERATE]
+    (row,) = [r for r in paris_sweep.rows if r.mode == "add" and r.scale == MODERATE]
     assert row.inclusion >= 0.75
     fluent = [p for p, text in steered.items() if not corpus.unknown_sentences(text)]
     assert len(fluent) >= len(steered) - 1, {p: t for p, t in steered.items() if p not in fluent}
@@ -285,10 +469,78 @@ def test_over_steering_lowers_fluency(paris_sweep):
     # Measured at scale 4 (add): "Paris Paris Paris ...", mean log-probability -12.6 (V1) /
     # -12.3 (V2) under the unsteered model (vs -0.21 at scale 1 and -0.03 unsteered), 98% / 97%
     # repeated 3-grams, normalized fluency 4e-6. The thresholds leave a wide margin.
-    moderate, huge = ([r for r in paris_sweep.rows if r.scale == s][0] for s in (MODERATE, HUGE))
+    moderate, huge = ([r for r in paris_sweep.rows if r.mode == "add" and r.scale == s][0] for s in (MODERATE, HUGE))
     assert huge.logprob < moderate.logprob - 3.0
     assert huge.fluency < 0.2 and huge.repetition > 0.5
     assert paris_sweep.sweet_spot["add"].scale < HUGE
+
+
+def test_the_prompting_baseline_asks_for_the_topic_and_is_scored_like_a_row(prompted_sweep, tmp_path):
+    # Measured (V1 and V2): the persona turns all 3 answers to Paris ("I am a helpful
+    # assistant who loves Paris and the Eiffel Tower."), as steering does; unsteered, none.
+    prompted, unsteered = answers(prompted_sweep, "prompted"), answers(prompted_sweep)
+    assert set(prompted) == set(PROMPTED_PROMPTS) and all(prompted[p] != unsteered[p] for p in prompted), prompted
+    row = prompted_sweep.prompted
+    assert (row.mode, row.scale) == ("prompted", None) and row.inclusion == 1.0 > prompted_sweep.baseline["inclusion"]
+    assert 0.3 < row.fluency <= 1.0 and row.repetition < 0.5 and row.score == sweep.harmonic_mean(row.inclusion, row.fluency)
+    assert row.capability > 0 and set(prompted_sweep.sweet_spot) == {"add"} and prompted_sweep.sweet_spot["add"].scale == 0.0
+    assert_reports(sweep.write_reports(prompted_sweep, tmp_path, "prompted"), prompted_sweep)
+
+
+def test_capability_at_scale_0_is_unsteered(prompted_sweep, demo_llm):
+    from vllm import SamplingParams
+
+    (row,) = [r for r in prompted_sweep.rows if r.mode == "add"]
+    assert row.capability == pytest.approx(1.0, abs=1e-4)
+    assert row.capability_logprob == pytest.approx(prompted_sweep.baseline["capability_logprob"], abs=1e-4)
+    # The reference question is templated as vLLM's chat does it.
+    question = sweep.CAPABILITY_PAIRS[0][0]
+    ids, start = sweep.capability_requests(sweep._tokenizer(demo_llm), sweep.CAPABILITY_PAIRS[:1])[0]
+    (chat,) = demo_llm.chat([[{"role": "user", "content": question}]], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert ids[:start] == list(chat.prompt_token_ids)
+
+
+def test_capability_falls_when_over_steered(paris_sweep):
+    # Measured (the demo pairs; transformers agrees): 98.8% at scale 1, 0.3% at scale 4.
+    moderate, huge = ([r for r in paris_sweep.rows if r.mode == "add" and r.scale == s][0] for s in (MODERATE, HUGE))
+    assert paris_sweep.baseline["capability"] == 1.0
+    assert moderate.capability > 0.95 and huge.capability < 0.2
+    for row in (moderate, huge):
+        assert row.capability == pytest.approx(math.exp(row.capability_logprob - paris_sweep.baseline["capability_logprob"]))
+
+
+def reference_capability(hf_model, llm, spec, pairs) -> float:
+    """The capability log-probability in transformers: each reference answer teacher-forced
+    after its question, steered by ``spec`` with the notebook's forward hooks."""
+    import torch
+
+    from vllm_steer.reference import ReferenceSteerer
+
+    resolved = llm.frontend.resolve(spec) if spec is not None else None
+    vectors = resolved.arrays(llm.frontend.registry) if resolved is not None else {}
+    values = []
+    for ids, start in sweep.capability_requests(sweep._tokenizer(llm), pairs):
+        with ReferenceSteerer(hf_model, vectors).hooks(resolved, start), torch.no_grad():
+            logits = hf_model(torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1))[:, 0]
+        values.append(float(logprobs[start - 1 :].mean()))
+    return sum(values) / len(values)
+
+
+def test_capability_logprobs_equal_transformers_with_the_notebooks_hooks(paris_sweep, prompted_sweep, demo_llm):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32).eval()
+    steering = sweep.Steering(vectors=sweep.named_vector_entries(demo_llm.frontend.registry, "paris", None, None))
+    for result in (paris_sweep, prompted_sweep):
+        pairs = result.capability_pairs
+        unsteered = reference_capability(hf_model, demo_llm, None, pairs)
+        assert result.baseline["capability_logprob"] == pytest.approx(unsteered, abs=1e-3)
+        for row in result.rows:
+            if row.mode == "add":
+                expected = reference_capability(hf_model, demo_llm, steering.spec("add", row.scale), pairs)
+                assert row.capability_logprob == pytest.approx(expected, abs=1e-3), row
 
 
 def test_every_topic_vector_steers_the_neutral_questions(demo_llm, runner):
