@@ -31,6 +31,7 @@ UNSTEERED = torch.tensor([row in (0, ROWS - 1) for row in TOKEN_ROWS])
 # last one masked). The swept path is slow in the interpreter: float32 there, plus one half.
 CASES = [(k, 72, 16384, dtype) for k in (0, 1, 4) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 CASES += [(k, 72, 32, torch.float32) for k in (0, 1, 4)] + [(4, 72, 32, torch.bfloat16)]
+CASES += [(8, 72, 16384, torch.float32), (8, 72, 32, torch.float32)]  # every kind of direction, only_active too
 
 
 def case_id(case) -> str:
@@ -39,17 +40,20 @@ def case_id(case) -> str:
 
 
 def make_args(case, seed: int) -> list[torch.Tensor]:
-    """(hidden, residual, token_row, add, dirs, bounds, count) of one case (clamps and
-    ranges, some open-ended: random_tables)."""
+    """(hidden, residual, token_row, add, dirs, probes, params, count) of one case (clamps,
+    ranges, some open-ended, and SAE feature clamps: random_tables)."""
     directions, hidden, _, dtype = case
-    add, dirs, bounds, count = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
-    add[ROWS - 1], dirs[ROWS - 1], bounds[ROWS - 1], count[ROWS - 1] = 0, 0, 0, 0
-    if directions > 1:  # the pool zeroes the directions a row does not use
-        dirs[2, 1:], bounds[2, 1:], count[2] = 0, 0, 1
+    add, dirs, probes, params, count = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
+    for table in (add, dirs, probes, params, count):
+        table[ROWS - 1] = 0
+    for table in (dirs, probes, params):  # the pool zeroes the directions a row does not use
+        table[2, 1:] = 0
+    count[2] = min(directions, 1)
+    tables = [add, dirs, probes, params, count]
     token_row = torch.tensor(TOKEN_ROWS + [3, 3, 3])
     generator = torch.Generator().manual_seed(seed + 1000)
     streams = [(4 * torch.randn(len(TOKEN_ROWS), hidden, generator=generator)).to(dtype) for _ in range(2)]
-    return [*streams, token_row, add, dirs, bounds, count]
+    return [*streams, token_row, *tables]
 
 
 # Runs with TRITON_INTERPRET=1: every case, then the op under torch.compile (Dynamo traces

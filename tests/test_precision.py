@@ -14,7 +14,7 @@ from torch import nn
 from conftest import ENGINE_ARGS, scoped_environ
 from vllm_steer.layer import SteeringLayer
 from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.rows import LayerRow, RowPool
+from vllm_steer.rows import Direction, LayerRow, RowPool
 from vllm_steer.spec import SteeringError
 from vllm_steer.vectors import VectorRegistry
 
@@ -30,7 +30,7 @@ def steered_layer(directions: list[tuple[torch.Tensor, float]], add: torch.Tenso
     """One layer, row 1 steered with ``add`` then each (unit direction, target); every token reads row 1."""
     layer = Layer()
     pool = RowPool(2, HIDDEN, len(directions))
-    clamps = [(direction, target, target) for direction, target in directions]
+    clamps = [Direction(direction, direction, target, target) for direction, target in directions]
     pool.acquire(["row"], {"row": LayerRow(torch.zeros(HIDDEN) if add is None else add, clamps)})
     layer.attach_steering(torch.ones(TOKENS, dtype=torch.int64), pool)
     return layer

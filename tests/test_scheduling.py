@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_same_tokens_close_logprobs, generations, greedy, reference, run, slots_in_use
+from vllm_steer.rows import row_bytes
 
 
 def specs_for(count: int, seed: int) -> list:
@@ -75,7 +76,7 @@ def test_preempted_steered_requests_resume_with_their_steering(cramped, tokenize
 
 
 # ---- the steering row budget (rows.py, scheduler.py) --------------------------------------------
-ROW_BYTES = 4 * (5 * 256 + 4 + 1)  # hidden 256, max_directions 4
+ROW_BYTES = row_bytes(256, 4)  # hidden 256, max_directions 4
 
 
 @pytest.fixture(scope="module")

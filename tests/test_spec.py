@@ -39,8 +39,8 @@ def vec(*values: float) -> list[float]:
         ({"vectors": [{"name": "eiffel", "layers": [1, 1]}]}, "steering.vectors[0].layers", "once"),
         ({"vectors": [{"layers": [1]}]}, "steering.vectors[0]", "exactly one of 'name', 'vector'"),
         ({"vectors": [{"name": "a", "vector": [1.0], "layers": [1]}]}, "steering.vectors[0]", "got name, vector"),
-        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "boost"}]}, "steering.vectors[0].mode", "'add', 'clamp', 'ablate' or 'range'"),
-        ({"vectors": [{"name": "eiffel", "layers": [1], "colour": 1}]}, "steering.vectors[0].colour", "allowed: layers, max, min, mode, name"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "boost"}]}, "steering.vectors[0].mode", "'add', 'clamp', 'ablate', 'range' or 'feature_clamp'"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "colour": 1}]}, "steering.vectors[0].colour", "allowed: feature, layers, max, min, mode, name"),
         ({"vectors": [{"vector": [1.0, math.nan], "layers": [1]}]}, "steering.vectors[0].vector", "NaN or inf"),
         ({"vectors": [{"vector_b64": "!!!", "layers": [1]}]}, "steering.vectors[0].vector_b64", "not valid base64"),
         ({"vectors": [{"vector_b64": "AAA=", "layers": [1]}]}, "steering.vectors[0].vector_b64", "multiple of 4 bytes"),
@@ -57,6 +57,11 @@ def vec(*values: float) -> list[float]:
         ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "max": 1, "scale": 2}]}, "steering.vectors[0]", "'scale' does not apply"),
         ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "clamp", "max": 1}]}, "steering.vectors[0]", "apply to mode 'range' only"),
         ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "min": math.inf}]}, "steering.vectors[0].min", "finite"),
+        ({"vectors": [{"name": "eiffel", "layers": [1], "mode": "feature_clamp"}]}, "steering.vectors[0]", "give 'feature': [layer, feature_id]"),
+        ({"vectors": [{"feature": [3, 7], "layers": [2]}]}, "steering.vectors[0]", "a feature steers its own layer (3)"),
+        ({"vectors": [{"feature": [3, -7]}]}, "steering.vectors[0].feature", "non-negative"),
+        ({"vectors": [{"feature": [3, 7], "name": "eiffel"}]}, "steering.vectors[0]", "got name, feature"),
+        ({"vectors": [{"feature": [3, 7], "only_active": True}]}, "steering.vectors[0]", "'only_active' applies to mode 'feature_clamp' only"),
     ],
 )
 def test_shape_errors_name_the_field(spec, field, fragment):

@@ -9,8 +9,11 @@ product differs):
 
     delta = add[row]
     for k in range(count[row]):    # the eager math runs all K; unused directions are zero
-        along = <hidden + residual + delta, dirs[row, k]>
-        delta += (clip(along, *bounds[row, k]) - along) * dirs[row, k]
+        lo, hi, offset, threshold, feature, only_active = params[row, k]
+        a = <hidden + residual + delta, probes[row, k]> + offset
+        a = 0 if feature and a <= threshold else a           # an SAE feature's activation
+        change = 0 if only_active and a <= 0 else clip(a, lo, hi) - a
+        delta += change * dirs[row, k]
     new_residual = (residual + delta).to(residual.dtype)
 
 A token pays only for the directions its row uses: an unsteered token (row 0) is one read of
@@ -46,9 +49,9 @@ def triton_available() -> bool:
 
 def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor, max_block: int = MAX_BLOCK) -> torch.Tensor:
     """The new residual for ``hidden + residual`` steered by ``tables``: ``token_row, add, dirs,
-    bounds, count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long;
-    contiguous float32 ``add [R, H]``, ``dirs [R, K, H]``, ``bounds [R, K, 2]``, int32
-    ``count [R]``). ``hidden`` and ``residual`` may
+    probes, params, count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n``
+    long; contiguous float32 ``add [R, H]``, ``dirs``/``probes [R, K, H]``, ``params [R, K,
+    PARAMS]``, int32 ``count [R]``). ``hidden`` and ``residual`` may
     have any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
     lower it to exercise the swept path)."""
     return steer_op()(hidden, residual, *tables, max_block)
@@ -82,7 +85,8 @@ def _register():
         token_row: torch.Tensor,
         add: torch.Tensor,
         dirs: torch.Tensor,
-        bounds: torch.Tensor,
+        probes: torch.Tensor,
+        params: torch.Tensor,
         count: torch.Tensor,
         max_block: int,
     ) -> torch.Tensor:
@@ -95,14 +99,14 @@ def _register():
         scratch = residual.new_empty((tokens if blocks > 1 and directions else 0, width), dtype=torch.float32)
         if tokens:
             kernel[(tokens,)](
-                hidden, residual, out, token_row, add, dirs, bounds, count, scratch,
+                hidden, residual, out, token_row, add, dirs, probes, params, count, scratch,
                 hidden.stride(0), residual.stride(0), width,
-                K=directions, BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
+                K=directions, P=params.shape[-1], BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
             )
         return out
 
     @steer.register_fake
-    def _(hidden, residual, token_row, add, dirs, bounds, count, max_block):
+    def _(hidden, residual, token_row, add, dirs, probes, params, count, max_block):
         return residual.new_empty(residual.shape)
 
     return steer
@@ -118,7 +122,7 @@ def _steer_kernel():
     # Module globals, defined here (not at import): Triton resolves the names a kernel calls
     # through the module's globals (its interpreter knows no closures), and decorating at
     # first use is what lets a test turn the interpreter on first.
-    global tl, load_f32, shift, sweep
+    global tl, load_f32, change, sweep
     import triton
     import triton.language as tl
 
@@ -127,16 +131,20 @@ def _steer_kernel():
         return tl.load(row_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
 
     @triton.jit
-    def shift(bounds_ptr, along):
-        """How far the component ``along`` moves: to the nearest of its bounds, if outside."""
-        return tl.minimum(tl.maximum(along, tl.load(bounds_ptr)), tl.load(bounds_ptr + 1)) - along
+    def change(param, dot):
+        """How far the stream moves along the edit direction, given ``dot = <x, probe>`` and
+        the direction's params (lo, hi, offset, threshold, feature, only_active)."""
+        a = dot + tl.load(param + 2)
+        a = tl.where((tl.load(param + 4) > 0) & (a <= tl.load(param + 3)), 0.0, a)
+        moved = tl.minimum(tl.maximum(a, tl.load(param)), tl.load(param + 1)) - a
+        return tl.where((tl.load(param + 5) > 0) & (a <= 0), 0.0, moved)
 
     @triton.jit
-    def sweep(h_row, r_row, add_row, scratch_row, out_row, prev_dir, coeff, next_dir, width,
+    def sweep(h_row, r_row, add_row, scratch_row, out_row, prev_dir, coeff, next_probe, width,
               FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
         """One pass over a row too wide for registers: finish the previous projection
         (delta += coeff * prev_dir, or delta = add on the first pass), then either write the
-        new residual (last pass) or keep delta and return <stream + delta, next_dir>."""
+        new residual (last pass) or keep delta and return <stream + delta, next_probe>."""
         along = 0.0
         for b in range(BLOCKS):
             cols = b * BLOCK + tl.arange(0, BLOCK)
@@ -150,22 +158,23 @@ def _steer_kernel():
             else:
                 tl.store(scratch_row + cols, delta, mask=cols < width)
                 stream = load_f32(h_row, cols, width) + residual
-                along += tl.sum((stream + delta) * load_f32(next_dir, cols, width), axis=0)
+                along += tl.sum((stream + delta) * load_f32(next_probe, cols, width), axis=0)
         return along
 
     @triton.jit
-    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr, bounds_ptr, count_ptr,
-                     scratch_ptr, hidden_stride, residual_stride, width,
-                     K: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr, probes_ptr, params_ptr,
+                     count_ptr, scratch_ptr, hidden_stride, residual_stride, width,
+                     K: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         row = tl.load(token_row_ptr + token)
         h_row = hidden_ptr + token * hidden_stride
         r_row = residual_ptr + token * residual_stride
         out_row = out_ptr + token * width
         add_row = add_ptr + row * width
-        # dirs[row, k] and bounds[row, k]: k advances by one direction row / one pair of bounds.
+        # dirs/probes[row, k] and params[row, k]: k advances by one vector row / P params.
         dir_row = dirs_ptr + row * K * width
-        bound = bounds_ptr + row * K * 2
+        probe_row = probes_ptr + row * K * width
+        param = params_ptr + row * K * P
         used = tl.load(count_ptr + row)  # directions this row uses (0 when K is 0)
         if BLOCKS == 1:
             # The whole row in registers: read once, project once per used direction, write once.
@@ -175,11 +184,11 @@ def _steer_kernel():
             if K > 0:
                 stream = load_f32(h_row, cols, width) + residual
                 for _ in range(used):
-                    direction = load_f32(dir_row, cols, width)
-                    along = tl.sum((stream + delta) * direction, axis=0)
-                    delta = delta + shift(bound, along) * direction
+                    dot = tl.sum((stream + delta) * load_f32(probe_row, cols, width), axis=0)
+                    delta = delta + change(param, dot) * load_f32(dir_row, cols, width)
                     dir_row += width
-                    bound += 2
+                    probe_row += width
+                    param += P
             tl.store(out_row + cols, (residual + delta).to(out_ptr.dtype.element_ty), mask=cols < width)
         else:
             scratch_row = scratch_ptr + token * width
@@ -187,15 +196,16 @@ def _steer_kernel():
                 sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
                       True, True, BLOCK, BLOCKS)
             else:
-                along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
-                              True, False, BLOCK, BLOCKS)
+                dot = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, probe_row, width,
+                            True, False, BLOCK, BLOCKS)
                 for _ in range(1, used):
-                    coeff = shift(bound, along)
-                    along = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
-                                  dir_row + width, width, False, False, BLOCK, BLOCKS)
+                    coeff = change(param, dot)
+                    dot = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
+                                probe_row + width, width, False, False, BLOCK, BLOCKS)
                     dir_row += width
-                    bound += 2
-                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, shift(bound, along), dir_row,
+                    probe_row += width
+                    param += P
+                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, change(param, dot), probe_row,
                       width, False, True, BLOCK, BLOCKS)
 
     return steer_kernel

@@ -31,14 +31,15 @@ class SteeringLayer:
     kernel = "torch"  # or "triton": the fused kernel of kernels.py
 
     def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch") -> None:
-        """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]``, ``dirs [R, K, H]``,
-        ``bounds [R, K, 2]``, int32 ``count [R]``) at the rows ``token_row`` names per token."""
+        """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]``, ``dirs``/``probes [R, K, H]``,
+        ``params [R, K, PARAMS]``, int32 ``count [R]``) at the rows ``token_row`` names per token."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
         # shared with the runtime (token_row) and with every other steerable layer (pool).
         self.register_buffer("token_row", token_row, persistent=False)
         self.register_buffer("steer_add", pool.add, persistent=False)
         self.register_buffer("steer_dirs", pool.dirs, persistent=False)
-        self.register_buffer("steer_bounds", pool.bounds, persistent=False)
+        self.register_buffer("steer_probes", pool.probes, persistent=False)
+        self.register_buffer("steer_params", pool.params, persistent=False)
         self.register_buffer("steer_count", pool.count, persistent=False)
         self.max_directions = pool.dirs.shape[1]
         self.kernel = kernel
@@ -73,15 +74,16 @@ class SteeringLayer:
     def steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The stream after this layer is ``hidden + residual``; return the new residual.
 
-        Adds first, then each direction holds the current stream's component along it to its
-        bounds, in order: ``x <- x + (clip(<x, d>, lo, hi) - <x, d>) d`` (clamp: ``lo = hi``).
-        Row 0 and unused directions are zero, so
+        Adds first, then each direction holds the current stream's component to its bounds,
+        in order: ``x <- x + (clip(a, lo, hi) - a) d`` with ``a = <x, d>`` (clamp: ``lo = hi``)
+        or an SAE feature's activation (rows.Direction). Row 0 and unused directions are zero, so
         the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
         """
         if self.kernel == "triton":
             from vllm_steer.kernels import steer_triton
 
-            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_bounds, self.steer_count)
+            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_probes,
+                                self.steer_params, self.steer_count)
         row = self.token_row[: hidden.shape[0]]
         delta = self.steer_add[row]
         if self.max_directions:
@@ -89,11 +91,14 @@ class SteeringLayer:
             for k in range(self.max_directions):
                 # One [n, H] gather per direction (a gather of all K at once would hold
                 # K times the prefill's stream in float32).
-                direction = self.steer_dirs[row, k]
-                bounds = self.steer_bounds[row, k]
-                along = ((stream + delta) * direction).sum(dim=-1, keepdim=True)
-                held = torch.clamp(along, bounds[:, :1], bounds[:, 1:])
-                delta = delta + (held - along) * direction
+                direction, probe = self.steer_dirs[row, k], self.steer_probes[row, k]
+                lo, hi, offset, threshold, feature, only_active = self.steer_params[row, k].split(1, dim=-1)
+                # The component (a feature's activation: JumpReLU, ReLU at threshold 0).
+                along = ((stream + delta) * probe).sum(dim=-1, keepdim=True) + offset
+                along = torch.where((feature > 0) & (along <= threshold), 0.0, along)
+                change = torch.clamp(along, lo, hi) - along
+                change = torch.where((only_active > 0) & (along <= 0), 0.0, change)
+                delta = delta + change * direction
         # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
         # changes no bit), into a new tensor: the next layer's fused add+norm may write its
         # inputs in place.

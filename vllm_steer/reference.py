@@ -2,7 +2,7 @@
 
 A post-hook on decoder layer ``L`` (``model.model.layers[L]``; a multimodal model's
 language model's) edits that layer's output (the residual stream),
-one operation after another: the adds, then each clamp/ablate/range in the order given. It is
+one operation after another: the adds, then each clamp/ablate/range/feature_clamp in the order given. It is
 the oracle the engine is tested against and the baseline the benchmarks beat. It applies
 each op on its own (no pre-summed rows), so it does not share the engine's table logic.
 """
@@ -35,16 +35,25 @@ def layer_ops(steering: ResolvedSteering, layer: int, vectors: dict[str, np.ndar
     prepared = []
     for op in ordered:
         vector = torch.from_numpy(vectors[op.digest].copy())
-        prepared.append((op, (unit(vector) if op.normalize else vector).to(dtype)))
+        encoder = None if op.probe is None else torch.from_numpy(vectors[op.probe[0]].copy()).to(dtype)
+        prepared.append((op, (unit(vector) if op.normalize else vector).to(dtype), encoder))
     return prepared
 
 
 def steer_stream(hidden: torch.Tensor, prepared, inside: torch.Tensor) -> torch.Tensor:
     """Apply ops one after another to the residual stream; ``inside`` (0/1 per token) masks
     tokens outside the steered phase."""
-    for op, vector in prepared:
+    for op, vector, encoder in prepared:
         if op.mode == "add":
             change = op.coeff * vector
+        elif op.mode == "feature_clamp":
+            # The SAE's activation of the feature becomes coeff: h += (t - a(h)) d.
+            _, offset, threshold = op.probe
+            pre = (hidden * encoder).sum(-1, keepdim=True) + offset
+            active = torch.where(pre > threshold, pre, torch.zeros_like(pre))
+            change = (op.coeff - active) * vector
+            if op.only_active:
+                change = change * (active > 0)
         else:
             along = (hidden * vector).sum(-1, keepdim=True)
             if op.mode == "range":

@@ -42,8 +42,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Op:
-    """One operation at one layer, ``coeff = spec.scale * entry.scale``; a range's bounds
-    (None: that side is open) instead of a coefficient."""
+    """One operation at one layer, ``coeff = spec.scale * entry.scale`` (for a feature_clamp,
+    the activation to set); a range's bounds (None: that side is open); a feature_clamp's
+    ``probe`` (its encoder row's digest, offset and threshold: vectors.sae.FeatureEncoder)."""
 
     layer: int
     mode: Mode
@@ -51,16 +52,27 @@ class Op:
     coeff: float
     normalize: bool
     bounds: tuple[float | None, float | None] | None = None
+    probe: tuple[str, float, float] | None = None
+    only_active: bool = False
 
     def as_list(self) -> list:
-        """The op in the canonical and wire forms (bounds only for a range)."""
+        """The op in the canonical and wire forms (a trailing dict holds what only some modes have)."""
         fields = [self.layer, self.mode, self.digest, self.coeff, self.normalize]
-        return fields if self.bounds is None else [*fields, list(self.bounds)]
+        extras = {key: value for key, value in (("bounds", self.bounds), ("probe", self.probe), ("only_active", self.only_active)) if value}
+        return [*fields, extras] if extras else fields
 
     @classmethod
     def from_list(cls, fields: list) -> Op:
-        layer, mode, digest, coeff, normalize, *bounds = fields
-        return cls(int(layer), mode, digest, float(coeff), bool(normalize), tuple(bounds[0]) if bounds else None)
+        layer, mode, digest, coeff, normalize, *rest = fields
+        extras = rest[0] if rest else {}
+        bounds, probe = extras.get("bounds"), extras.get("probe")
+        return cls(int(layer), mode, digest, float(coeff), bool(normalize), tuple(bounds) if bounds else None,
+                   tuple(probe) if probe else None, bool(extras.get("only_active", False)))
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """Every vector the op reads: its direction, and a feature_clamp's encoder row."""
+        return (self.digest,) if self.probe is None else (self.digest, self.probe[0])
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class ResolvedSteering:
         (rows.py). The scheduler counts rows with these keys too, so both agree."""
         by_layer: dict[int, tuple] = {}
         for op in self.ops:
-            by_layer[op.layer] = by_layer.get(op.layer, ()) + ((op.mode, op.digest, op.coeff, op.normalize, op.bounds),)
+            by_layer[op.layer] = by_layer.get(op.layer, ()) + ((op.mode, op.digest, op.coeff, op.normalize, op.bounds, op.probe, op.only_active),)
         return by_layer
 
     def cache_namespace(self, prompt_len: int) -> str:
@@ -101,7 +113,8 @@ class ResolvedSteering:
 
     def arrays(self, registry: VectorRegistry) -> dict[str, np.ndarray]:
         """digest -> float32 vector for every op (inline ones first, then the registry's)."""
-        return {op.digest: self.inline[op.digest] if op.digest in self.inline else registry.array(op.digest) for op in self.ops}
+        digests = {digest for op in self.ops for digest in op.digests}
+        return {digest: self.inline[digest] if digest in self.inline else registry.array(digest) for digest in digests}
 
     def to_wire(self) -> str:
         """The form the workers receive (JSON): ops by digest, inline vectors as base64."""
@@ -138,6 +151,8 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         needs_direction = entry.mode != "add" or entry.normalize
         # Ablation and ranges have no strength; a fixed coefficient keeps equal steering equal.
         coeff = 0.0 if entry.mode in ("ablate", "range") else spec.scale * entry.scale
+        # A feature_clamp moves along the SAE's own decoder row, as the SAE would decode it.
+        normalize = entry.normalize or entry.mode not in ("add", "feature_clamp")
         bounds = (entry.min, entry.max) if entry.mode == "range" else None
         for bound, name in zip(bounds or (), ("min", "max")):
             if bound is not None:
@@ -148,23 +163,17 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
             if digest != checked:
                 array = inline[digest] if digest in inline else registry.array(digest)
                 _check_vector(array, needs_direction, shape, vector_field)
-                _check_magnitude(coeff, 1.0 if needs_direction else float(np.abs(array).max()), shape, f"{where}.scale")
+                _check_magnitude(coeff, 1.0 if normalize else float(np.abs(array).max()), shape, f"{where}.scale")
                 checked = digest
-            ops.append(Op(layer, entry.mode, digest, coeff, entry.normalize or entry.mode != "add", bounds))
+            probe = _feature_probe(entry, registry, inline, shape, where) if entry.mode == "feature_clamp" else None
+            ops.append(Op(layer, entry.mode, digest, coeff, normalize, bounds, probe, entry.only_active))
 
     mode: Mode = "clamp" if spec.use_clamp else "add"
     for index, (layer, feature_id, strength) in enumerate(spec.features):
         where = f"steering.features[{index}]"
         check_layer(layer, shape, where)
-        try:
-            digest = registry.feature_digest(layer, feature_id)
-        except (KeyError, ValueError) as exc:  # an on-demand source with an unusable row
-            raise SteeringError(f"feature ({layer}, {feature_id}) cannot be read: {exc}", where) from None
-        if digest is None:
-            raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
+        digest = _feature_digest(layer, feature_id, registry, inline, where)
         _check_vector(registry.array(digest), True, shape, where)
-        if registry.is_on_demand(digest):
-            inline[digest] = registry.array(digest)
         effective = strength * layer if spec.use_reduced_strengths else strength
         _check_magnitude(spec.scale * effective, 1.0, shape, where)
         ops.append(Op(layer, mode, digest, spec.scale * effective, True))
@@ -182,7 +191,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     ops = [op for op in ops if op.mode != "add" or op.coeff != 0.0]
     if not ops:
         return None
-    used = {op.digest for op in ops}
+    used = {digest for op in ops for digest in op.digests}
     resolved = ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
     _check_summed_adds(resolved, resolved.arrays(registry), shape)
     _check_rows(resolved, shape)
@@ -191,6 +200,13 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
 
 def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str):
     """(layer, its field, digest, the vector's field) for each layer an entry steers."""
+    if entry.feature is not None:
+        layer, feature_id = entry.feature
+        if entry.mode == "feature_clamp":  # the SAE's own decoder row, with its encoder (_feature_probe)
+            digest = _sae_feature(entry, registry, inline, f"{where}.feature")[0]
+        else:
+            digest = _feature_digest(layer, feature_id, registry, inline, f"{where}.feature")
+        return [(layer, f"{where}.feature", digest, f"{where}.feature")]
     array = entry.inline_array()
     if array is not None:
         digest = vector_digest(array)
@@ -211,6 +227,38 @@ def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray
             raise SteeringError(f"{entry.name!r} has directions for layers {list(own_layers)}, none for layer {layer}", layer_field)
         found.append((layer, layer_field, digest, f"{where}.name"))
     return found
+
+
+def _feature_digest(layer: int, feature_id: int, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str) -> str:
+    """A feature's decoder direction (carried inline when read on demand: other processes may not hold it)."""
+    try:
+        digest = registry.feature_digest(layer, feature_id)
+    except (KeyError, ValueError) as exc:  # an on-demand source with an unusable row
+        raise SteeringError(f"feature ({layer}, {feature_id}) cannot be read: {exc}", where) from None
+    if digest is None:
+        raise SteeringError(_unknown_feature(layer, feature_id, registry), where)
+    if registry.is_on_demand(digest):
+        inline[digest] = registry.array(digest)
+    return digest
+
+
+def _sae_feature(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str) -> tuple[str, str, float, float]:
+    """A feature of its layer's SAE (registry.sae_feature); both rows travel inline."""
+    layer, feature_id = entry.feature
+    try:
+        found = registry.sae_feature(layer, feature_id)
+    except (KeyError, ValueError) as exc:
+        raise SteeringError(f"feature ({layer}, {feature_id}) has no usable encoder: {exc}", where) from None
+    for digest in found[:2]:
+        inline[digest] = registry.array(digest)
+    return found
+
+
+def _feature_probe(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], shape: ModelShape, where: str) -> tuple[str, float, float]:
+    """A feature_clamp's encoder: (row digest, offset, threshold)."""
+    _, encoder, offset, threshold = _sae_feature(entry, registry, inline, f"{where}.feature")
+    _check_vector(registry.array(encoder), True, shape, f"{where}.feature")
+    return encoder, offset, threshold
 
 
 def _check_op_count(count: int, shape: ModelShape) -> None:

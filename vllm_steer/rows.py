@@ -2,8 +2,9 @@
 one pool shared by every steerable layer and every request.
 
 A row holds one layer's steering: the pre-summed add, up to ``max_directions`` directions
-with the bounds their projection is held to (clamp: ``[t, t]``, ablate: ``[0, 0]``, range:
-``[min, max]``, open sides infinite), and how many directions are used. Its content is named by
+with the bounds their component is held to (clamp: ``[t, t]``, ablate: ``[0, 0]``, range:
+``[min, max]``, open sides infinite; a feature_clamp reads an SAE feature's activation
+instead: ``Direction``), and how many directions are used. Its content is named by
 ``ResolvedSteering.row_keys`` (the layer's ops, in order), so requests with the same steering
 share rows, and so do layers steered identically. Row 0 is zeros: no steering. Memory
 follows what is in use, within a budget (``steering.table_budget_mib``; default
@@ -29,9 +30,9 @@ MAX_DEFAULT_BUDGET = 256 << 20  # bytes; the default budget is also at most 1% o
 
 
 def row_bytes(hidden: int, max_directions: int) -> int:
-    """One row: add and directions (float32 [H] each), two bounds per direction (float32) and
-    the count (int32)."""
-    return 4 * ((1 + max_directions) * hidden + 2 * max_directions + 1)
+    """One row: the add, and per direction its edit and probe vectors (float32 [H] each) and
+    PARAMS scalars (float32); the count (int32)."""
+    return 4 * ((1 + 2 * max_directions) * hidden + PARAMS * max_directions + 1)
 
 
 def default_budget(device_bytes: int) -> int:
@@ -54,11 +55,36 @@ class PoolFull(RuntimeError):
 
 
 @dataclass
+class Direction:
+    """One direction op of a row: the component ``s = <x, probe> + offset`` of the stream
+    ``x`` (for an SAE feature, its pre-activation, and ``a = s if s > threshold else 0``; else
+    ``a = s``) is held within ``[lo, hi]`` by moving ``x`` along ``edit``:
+    ``x += (clip(a, lo, hi) - a) * edit``, at every token, or with ``only_active`` only where
+    ``a > 0``. A clamp/ablate/range reads and moves along the same unit direction."""
+
+    edit: torch.Tensor
+    probe: torch.Tensor
+    lo: float
+    hi: float
+    offset: float = 0.0
+    threshold: float = 0.0
+    feature: bool = False
+    only_active: bool = False
+
+    def params(self) -> list[float]:
+        """The scalars in the order of the pool's ``params`` table (PARAMS)."""
+        return [self.lo, self.hi, self.offset, self.threshold, float(self.feature), float(self.only_active)]
+
+
+PARAMS = 6  # lo, hi, offset, threshold, feature, only_active
+
+
+@dataclass
 class LayerRow:
     """One row's content, on the host (float32)."""
 
     add: torch.Tensor  # [hidden]: every add of the layer, summed in op order
-    directions: list[tuple[torch.Tensor, float, float]] = field(default_factory=list)  # (unit direction, lo, hi)
+    directions: list[Direction] = field(default_factory=list)
 
 
 def build_row(resolved: ResolvedSteering, layer: int, vectors: dict[str, np.ndarray], hidden: int) -> LayerRow:
@@ -70,8 +96,12 @@ def build_row(resolved: ResolvedSteering, layer: int, vectors: dict[str, np.ndar
         direction = unit(vector) if op.normalize else vector
         if op.mode == "add":
             row.add += op.coeff * direction
+        elif op.mode == "feature_clamp":
+            encoder, offset, threshold = op.probe
+            probe = torch.from_numpy(vectors[encoder].copy())
+            row.directions.append(Direction(direction, probe, op.coeff, op.coeff, offset, threshold, True, op.only_active))
         else:
-            row.directions.append((direction, *projection_bounds(op.mode, op.coeff, op.bounds)))
+            row.directions.append(Direction(direction, direction, *projection_bounds(op.mode, op.coeff, op.bounds)))
     return row
 
 
@@ -86,28 +116,33 @@ def projection_bounds(mode: str, coeff: float, bounds: tuple[float | None, float
 
 def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[torch.Tensor, ...]:
     """Rows as the pool's tables hold them, stacked, unused directions zero: (adds [N, H],
-    directions [N, K, H], bounds [N, K, 2], counts [N]), so one copy per table moves them all."""
+    edits [N, K, H], probes [N, K, H], params [N, K, PARAMS], counts [N]), so one copy per
+    table moves them all."""
     adds = torch.stack([row.add for row in rows])
-    directions = torch.zeros(len(rows), max_directions, hidden)
-    bounds = torch.zeros(len(rows), max_directions, 2)
+    edits = torch.zeros(len(rows), max_directions, hidden)
+    probes = torch.zeros(len(rows), max_directions, hidden)
+    params = torch.zeros(len(rows), max_directions, PARAMS)
     counts = torch.tensor([len(row.directions) for row in rows], dtype=torch.int32)
     for n, row in enumerate(rows):
-        for k, (direction, lo, hi) in enumerate(row.directions):
-            directions[n, k] = direction
-            bounds[n, k] = torch.tensor([lo, hi])
-    return adds, directions, bounds, counts
+        for k, direction in enumerate(row.directions):
+            edits[n, k] = direction.edit
+            probes[n, k] = direction.probe
+            params[n, k] = torch.tensor(direction.params())
+    return adds, edits, probes, params, counts
 
 
 class RowPool:
     """The device tables every steerable layer reads, indexed by row: ``add [R, H]``,
-    ``dirs [R, K, H]``, ``bounds [R, K, 2]`` (float32) and ``count [R]`` (int32). Rows are
-    refcounted by content key; a row whose last user leaves is free again."""
+    ``dirs [R, K, H]`` (edits), ``probes [R, K, H]``, ``params [R, K, PARAMS]`` (float32) and
+    ``count [R]`` (int32). Rows are refcounted by content key; a row whose last user leaves is
+    free again."""
 
     def __init__(self, rows: int, hidden: int, max_directions: int):
         self.hidden, self.max_directions = hidden, max_directions
         self.add = torch.zeros(rows, hidden, dtype=torch.float32)
         self.dirs = torch.zeros(rows, max_directions, hidden, dtype=torch.float32)
-        self.bounds = torch.zeros(rows, max_directions, 2, dtype=torch.float32)
+        self.probes = torch.zeros(rows, max_directions, hidden, dtype=torch.float32)
+        self.params = torch.zeros(rows, max_directions, PARAMS, dtype=torch.float32)
         self.count = torch.zeros(rows, dtype=torch.int32)
         self._free = list(range(rows - 1, 0, -1))
         self._row_of: dict[Hashable, int] = {}
@@ -136,7 +171,7 @@ class RowPool:
             rows = [self._free.pop() for _ in new]
             device = self.add.device
             index = to_device(torch.tensor(rows, dtype=torch.int64), device)
-            for table, values in zip((self.add, self.dirs, self.bounds, self.count), stack_rows([contents[k] for k in new], self.max_directions, self.hidden)):
+            for table, values in zip((self.add, self.dirs, self.probes, self.params, self.count), stack_rows([contents[k] for k in new], self.max_directions, self.hidden)):
                 table.index_copy_(0, index, to_device(values, device))
             self._row_of.update(zip(new, rows))
         self._users.update(keys)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Mode = Literal["add", "clamp", "ablate", "range"]
+Mode = Literal["add", "clamp", "ablate", "range", "feature_clamp"]
 ApplyTo = Literal["all", "prompt", "generated"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -45,8 +45,9 @@ def _finite(value: float, what: str) -> float:
 class VectorEntry(BaseModel):
     """One direction applied at one or more layers.
 
-    Exactly one of ``name`` (a vector the engine has loaded), ``vector`` (inline floats)
-    or ``vector_b64`` (base64 of float32 little-endian bytes) gives the direction.
+    Exactly one of ``name`` (a vector the engine has loaded), ``vector`` (inline floats),
+    ``vector_b64`` (base64 of float32 little-endian bytes) or ``feature`` (``[layer,
+    feature_id]`` of a loaded SAE: its decoder direction, at its own layer) gives the direction.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +55,7 @@ class VectorEntry(BaseModel):
     name: str | None = Field(default=None, min_length=1)
     vector: list[float] | None = Field(default=None, min_length=1)
     vector_b64: str | None = Field(default=None, min_length=1)
+    feature: tuple[int, int] | None = None
     # Layers to steer. May be left out only for a named *layered* vector (one direction per
     # layer, e.g. a control vector), which then steers all its layers.
     layers: list[int] | None = Field(default=None, min_length=1)
@@ -64,6 +66,8 @@ class VectorEntry(BaseModel):
     # absent): a component outside is moved to the nearest bound, one inside is left alone.
     min: float | None = None
     max: float | None = None
+    # Mode "feature_clamp" (an SAE feature): change only the tokens where the feature fires.
+    only_active: bool = False
 
     @field_validator("layers")
     @classmethod
@@ -103,16 +107,29 @@ class VectorEntry(BaseModel):
             decode_b64(text)
         return text
 
+    @field_validator("feature")
+    @classmethod
+    def _feature_sane(cls, feature: tuple[int, int] | None) -> tuple[int, int] | None:
+        if feature is not None and min(feature) < 0:
+            raise ValueError(f"[layer, feature_id] needs non-negative numbers, got {list(feature)}")
+        return feature
+
     @model_validator(mode="after")
     def _one_source(self) -> VectorEntry:
-        given = [k for k in ("name", "vector", "vector_b64") if getattr(self, k) is not None]
+        given = [k for k in ("name", "vector", "vector_b64", "feature") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'name', 'vector' or 'vector_b64'"
+                "give exactly one of 'name', 'vector', 'vector_b64' or 'feature'"
                 + (f" (got {', '.join(given)})" if given else "")
             )
-        if self.layers is None and self.name is None:
+        if self.feature is not None and self.layers not in (None, [self.feature[0]]):
+            raise ValueError(f"a feature steers its own layer ({self.feature[0]}): leave out 'layers'")
+        if self.layers is None and self.name is None and self.feature is None:
             raise ValueError("'layers' is required for an inline vector")
+        if self.mode == "feature_clamp" and self.feature is None:
+            raise ValueError("mode 'feature_clamp' sets an SAE feature's activation: give 'feature': [layer, feature_id]")
+        if self.only_active and self.mode != "feature_clamp":
+            raise ValueError("'only_active' applies to mode 'feature_clamp' only")
         if self.mode == "range":
             if self.min is None and self.max is None:
                 raise ValueError("mode 'range' needs 'min', 'max' or both")

@@ -44,7 +44,7 @@ from vllm_steer.benchmarks.common import RESULTS, markdown_table, package_versio
 from vllm_steer.kernels import steer_op, steer_triton, triton_available
 from vllm_steer.layer import SteeringLayer
 from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.rows import MAX_DEFAULT_BUDGET, budget_rows
+from vllm_steer.rows import MAX_DEFAULT_BUDGET, PARAMS, budget_rows
 from vllm_steer.slots import SteeringRuntime
 from vllm_steer.spec import encode_b64
 from vllm_steer.vectors.registry import VectorRegistry
@@ -80,33 +80,44 @@ class Tables:
     compiled function serves every table size (tables are graph inputs, as vLLM's compiled
     model sees its buffers). A plain class: Dynamo traces its construction."""
 
-    def __init__(self, token_row, steer_add, steer_dirs, steer_bounds, steer_count):
-        self.token_row, self.steer_add, self.steer_dirs, self.steer_bounds = token_row, steer_add, steer_dirs, steer_bounds
-        self.steer_count = steer_count
+    def __init__(self, token_row, steer_add, steer_dirs, steer_probes, steer_params, steer_count):
+        self.token_row, self.steer_add, self.steer_dirs, self.steer_probes = token_row, steer_add, steer_dirs, steer_probes
+        self.steer_params, self.steer_count = steer_params, steer_count
         self.max_directions = steer_dirs.shape[1]
         self.kernel = "torch"  # the torch ops: the kernel is timed on its own
 
 
-def steer_eager(hidden, residual, token_row, steer_add, steer_dirs, steer_bounds, steer_count):
-    """``SteeringLayer.steer`` on these tables."""
-    return SteeringLayer.steer(Tables(token_row, steer_add, steer_dirs, steer_bounds, steer_count), hidden, residual)
+def steer_eager(hidden, residual, *tables):
+    """``SteeringLayer.steer`` on these tables (token_row, add, dirs, probes, params, count)."""
+    return SteeringLayer.steer(Tables(*tables), hidden, residual)
 
 
 def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0) -> list[torch.Tensor]:
-    """(add, dirs, bounds, count) as the row pool holds them: float32, unit directions, every
-    direction used, row 0 zero. Even directions are clamps (``lo = hi``), odd ones ranges
-    (``lo < hi``, every other one open above)."""
+    """(add, dirs, probes, params, count) as the row pool holds them: float32, every direction
+    used, row 0 zero. Direction 0 is a clamp (unit, ``lo = hi``), 1 a range (``lo < hi``),
+    2 an SAE feature_clamp (an encoder row as probe, an offset, a threshold; raw decoder row),
+    3 a range open above, then the same again with ``only_active`` on the feature."""
     generator = torch.Generator().manual_seed(seed)
     add = torch.randn(rows, hidden, generator=generator)
     dirs = F.normalize(torch.randn(rows, directions, hidden, generator=generator), dim=-1)
+    probes = dirs.clone()
     lo = 4 * torch.randn(rows, directions, generator=generator)
     hi = lo.clone()
     hi[:, 1::2] += 2
     hi[:, 3::4] = torch.inf
-    bounds = torch.stack([lo, hi], dim=-1)
+    params = torch.zeros(rows, directions, PARAMS)
+    params[..., 0], params[..., 1] = lo, hi
+    features = [k for k in range(directions) if k % 4 == 2]
+    for k in features:  # magnitudes like an SAE's: encoder rows ~ 1/sqrt(H), activations of a few units
+        probes[:, k] = 2 * torch.randn(rows, hidden, generator=generator) / hidden ** 0.5
+        dirs[:, k] *= 3
+        params[:, k, 2] = torch.randn(rows, generator=generator)  # offset
+        params[:, k, 3] = 0.5 * torch.rand(rows, generator=generator)  # threshold
+        params[:, k, 4] = 1.0
+        params[:, k, 5] = float(k % 8 == 6)  # only_active
     count = torch.full((rows,), directions, dtype=torch.int32)
-    add[0], dirs[0], bounds[0], count[0] = 0, 0, 0, 0
-    return [table.to(device) for table in (add, dirs, bounds, count)]
+    add[0], dirs[0], probes[0], params[0], count[0] = 0, 0, 0, 0, 0
+    return [table.to(device) for table in (add, dirs, probes, params, count)]
 
 
 def one_rounding_gap(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -302,7 +313,8 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     def layer_math(kernel):
         def run():
             for layer in layers.values():
-                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_bounds, layer.steer_count)
+                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_probes, layer.steer_params,
+                          layer.steer_count)
                 new_residual = kernel(hidden, residual, *tables)
                 layer.capture(hidden + new_residual)
         return run
@@ -348,7 +360,7 @@ def memory() -> dict[str, Any]:
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
     buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase,
-               pool.add, pool.dirs, pool.bounds, pool.count]
+               pool.add, pool.dirs, pool.probes, pool.params, pool.count]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []
@@ -376,10 +388,10 @@ def kernel_checks(device: torch.device) -> dict[str, Any]:
     # Hidden no multiple of the swept block (the last block is partial).
     hidden, pool_rows, tokens, block = (5000, 9, 48, 1024) if device.type == "cuda" else (72, 5, 6, 32)
     tables = random_tables(pool_rows, 4, hidden, device, seed=7)
-    tables[0][pool_rows - 1] = 0  # a row whose steering is all zeros
-    tables[1][pool_rows - 1] = 0
-    tables[3][pool_rows - 2] = 2  # a row using 2 of its 4 directions
-    tables[1][pool_rows - 2, 2:] = 0
+    for table in tables[:4]:
+        table[pool_rows - 1] = 0  # a row whose steering is all zeros
+        table[pool_rows - 2, 2:] = 0  # a row using 2 of its 4 directions
+    tables[4][pool_rows - 2] = 2
     token_row = torch.arange(tokens, device=device) % pool_rows  # row 0 and the zero row included
     unsteered = (token_row == 0) | (token_row == pool_rows - 1)
     args = (torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(tokens, hidden, device=device, dtype=dtype),

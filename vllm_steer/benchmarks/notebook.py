@@ -57,7 +57,9 @@ def layer_tables(steerings: Sequence[ResolvedSteering | None], layer: int, vecto
     direction = torch.zeros_like(add)
     target = torch.zeros(depth, len(per_row), 1, 1, dtype=dtype)
     for row, ops in enumerate(per_row):
-        for k, (op, vector) in enumerate(ops):
+        for k, (op, vector, _) in enumerate(ops):
+            if op.mode not in ("add", "clamp", "ablate"):
+                raise ValueError(f"the notebook baseline applies add, clamp and ablate, not {op.mode!r}")
             if op.mode == "add":
                 add[k, row, 0] = op.coeff * vector
             else:

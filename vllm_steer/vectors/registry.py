@@ -71,6 +71,10 @@ class FeatureSource(Protocol):
     def feature(self, feature_id: int) -> np.ndarray:
         """The decoder vector of one feature (raises KeyError when out of range)."""
 
+    def encoder(self, feature_id: int):
+        """The feature's encoder (vectors.sae.FeatureEncoder: row, offset, threshold); raises
+        ValueError when the source has none it can use."""
+
 
 class VectorRegistry:
     """Names and features -> digests -> float32 arrays.
@@ -194,21 +198,45 @@ class VectorRegistry:
         digest = self._features.get((layer, feature_id))
         if digest is not None:
             return digest
+        source = self._feature_sources.get(layer)
+        if source is None or not 0 <= feature_id < source.num_features:
+            return None
+        return self._source_feature(layer, feature_id, source)
+
+    def sae_feature(self, layer: int, feature_id: int) -> tuple[str, str, float, float]:
+        """A feature of the layer's SAE, whole: (decoder row digest, encoder row digest, offset,
+        threshold); both rows read on demand and held like decoder rows. Always the SAE's own
+        decoder row, even where a loaded feature vector has the same (layer, id). KeyError or
+        ValueError say why there is none."""
+        source = self._feature_sources.get(layer)
+        if source is None:
+            raise ValueError(f"no SAE is loaded for layer {layer}, so feature {feature_id} has no encoder")
+        key = (layer, feature_id, "encoder")
+        cached = self._on_demand.get(key)
+        if cached is None:
+            encoder = source.encoder(feature_id)
+            array = _frozen(encoder.row)
+            cached = (vector_digest(array), array, encoder.offset, encoder.threshold)
+            self._remember(key, cached)
+        return self._source_feature(layer, feature_id, source), cached[0], cached[2], cached[3]
+
+    def _source_feature(self, layer: int, feature_id: int, source: FeatureSource) -> str:
+        """The digest of a feature's decoder row read from ``source`` (on demand)."""
         key = (layer, feature_id)
         cached = self._on_demand.get(key)
         if cached is not None:
             return cached[0]
-        source = self._feature_sources.get(layer)
-        if source is None or not 0 <= feature_id < source.num_features:
-            return None
-        array = np.ascontiguousarray(source.feature(feature_id), dtype=np.float32).reshape(-1)
-        array.setflags(write=False)
+        array = _frozen(source.feature(feature_id))
         digest = vector_digest(array)
-        for old_key, (old_digest, _) in self._on_demand.put(key, (digest, array)):
+        self._remember(key, (digest, array))
+        return digest
+
+    def _remember(self, key: tuple, entry: tuple) -> None:
+        """Hold an on-demand read (digest first, array second) in the bounded LRU."""
+        for old_key, (old_digest, *_) in self._on_demand.put(key, entry):
             if self._on_demand_key.get(old_digest) == old_key:
                 del self._on_demand_key[old_digest]
-        self._on_demand_key[digest] = key
-        return digest
+        self._on_demand_key[entry[0]] = key
 
     def is_on_demand(self, digest: str) -> bool:
         """Read from a feature source and held only in this process's LRU."""
@@ -276,6 +304,13 @@ def vector_from_wire(raw: bytes | Mapping[int, bytes]) -> Vector:
     if isinstance(raw, Mapping):
         return {int(layer): np.frombuffer(v, dtype="<f4") for layer, v in raw.items()}
     return np.frombuffer(raw, dtype="<f4")
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A read-only flat float32 array (what on-demand reads are held as)."""
+    array = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+    array.setflags(write=False)
+    return array
 
 
 def _clean(array: np.ndarray) -> np.ndarray:

@@ -100,6 +100,7 @@ is resolved (resolve.py: the vector's size against the hidden size).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -138,7 +139,8 @@ RESIDUAL_HOOKS = "blocks.L.hook_resid_post, blocks.L.hook_resid_pre or model.lay
 class Layout:
     """Where one suite keeps its weights. ``columns``: a feature is a column of the decoder
     (``[d_model, d_sae]``), else a row (``[d_sae, d_model]``); its encoder is the other way
-    round. The encoder, bias and threshold keys are recorded for a later on-demand encoder."""
+    round. ``relu``: without a threshold array the activation is a plain ReLU; otherwise (the
+    suite may be TopK, or keep its threshold elsewhere) the encoder is refused."""
 
     suite: str
     decoder: str
@@ -147,9 +149,23 @@ class Layout:
     encoder_bias: str | None = None
     decoder_bias: str | None = None
     threshold: str | None = None
+    relu: bool = False
 
 
-DICTIONARY_LEARNING = Layout("dictionary_learning", "decoder.weight", True, "encoder.weight", "encoder.bias", "b_dec")
+@dataclass(frozen=True)
+class FeatureEncoder:
+    """One feature's encoder: its activation on a stream ``h`` is ``act(<row, h> + offset)``
+    with ``act(s) = s if s > threshold else 0`` (JumpReLU; ReLU is threshold 0), and
+    ``offset = b_enc[f] - <row, b_dec>`` (the SAE encodes ``h - b_dec``)."""
+
+    row: np.ndarray
+    offset: float
+    threshold: float
+
+
+# BatchTopK keeps its inference threshold as a "threshold" number; AutoEncoder is a ReLU.
+DICTIONARY_LEARNING = Layout("dictionary_learning", "decoder.weight", True, "encoder.weight", "encoder.bias", "b_dec",
+                             "threshold", relu=True)
 JUMPRELU = Layout("JumpReLU", "W_dec", False, "W_enc", "b_enc", "b_dec", "threshold")  # SAELens, JumpReluAutoEncoder
 SAELENS = dataclasses.replace(JUMPRELU, suite="SAELens")
 GEMMA_SCOPE = dataclasses.replace(JUMPRELU, suite="Gemma Scope")
@@ -157,7 +173,8 @@ GEMMA_SCOPE_2 = Layout("Gemma Scope 2", "w_dec", False, "w_enc", "b_enc", "b_dec
 LLAMA_SCOPE = Layout("Llama Scope", "decoder.weight", True, "encoder.weight", "encoder.bias", "decoder.bias")
 QWEN_SCOPE = Layout("Qwen-Scope", "W_dec", True, "W_enc", "b_enc", "b_dec")
 GOODFIRE = Layout(
-    "Goodfire", "decoder_linear.weight", True, "encoder_linear.weight", "encoder_linear.bias", "decoder_linear.bias"
+    "Goodfire", "decoder_linear.weight", True, "encoder_linear.weight", "encoder_linear.bias", "decoder_linear.bias",
+    relu=True,
 )
 # A .pt/.pth or SAELens-style .safetensors is read by whichever decoder key it holds.
 TORCH_LAYOUTS = (DICTIONARY_LEARNING, JUMPRELU, GOODFIRE)
@@ -195,12 +212,64 @@ class DecoderSource:
             )
 
     def feature(self, feature_id: int) -> np.ndarray:
+        self._check_id(feature_id)
+        read = self.arrays.column if self.columns else self.arrays.row
+        return read(self.key, feature_id)
+
+    def encoder(self, feature_id: int) -> FeatureEncoder:
+        """The encoder of one feature: its row of the encoder weights, read on demand (the
+        encoder is never loaded whole), its offset and threshold. ValueError when this SAE's
+        encoder is missing or cannot be read as a (JumpReLU) ReLU."""
+        self._check_id(feature_id)
+        weight, b_enc, b_dec, threshold = self._encoder
+        row = (self.arrays.row if self.columns else self.arrays.column)(weight, feature_id)
+        offset = float(b_enc[feature_id]) - float(np.dot(row.astype(np.float64), b_dec))
+        return FeatureEncoder(row, offset, float(threshold[feature_id] if threshold.size > 1 else threshold[0]))
+
+    def _check_id(self, feature_id: int) -> None:
         if not 0 <= feature_id < self.num_features:
             raise KeyError(
                 f"feature {feature_id} is out of range: {self.description} has features 0-{self.num_features - 1}"
             )
-        read = self.arrays.column if self.columns else self.arrays.row
-        return read(self.key, feature_id)
+
+    @functools.cached_property
+    def _encoder(self):
+        """(encoder weight key, b_enc, b_dec, threshold): the biases and threshold are small
+        and read whole, once; the weight is read a feature at a time."""
+        layout = self.layout
+        where = f"{self.description} ({layout.suite})"
+        weight = layout.encoder and _find_key(self.arrays, layout.encoder)
+        if not weight:
+            raise ValueError(f"{where} has no encoder ({layout.encoder or 'none in this suite'}); found {_shown(self.arrays.keys())}")
+        expected = (self.num_features, self.d_model) if self.columns else (self.d_model, self.num_features)
+        if tuple(self.arrays.shape(weight)) != expected:
+            raise ValueError(
+                f"{where}: the encoder {weight!r} is {list(self.arrays.shape(weight))}, the decoder {self.key!r} "
+                f"{list(self.arrays.shape(self.key))}: expected the encoder as {list(expected)}"
+            )
+
+        def vector(key: str | None, size: int, default: float | None) -> np.ndarray:
+            found = key and _find_key(self.arrays, key)
+            if not found:
+                if default is None:
+                    raise ValueError(f"{where}: no {key!r} in the file")
+                return np.full(1, default, np.float32)
+            values = self.arrays.vector(found)
+            if values.size not in (1, size):
+                raise ValueError(f"{where}: {found!r} has {values.size} values; expected {size}")
+            return values
+
+        threshold = layout.threshold and _find_key(self.arrays, layout.threshold)
+        if not threshold and not layout.relu:
+            raise ValueError(
+                f"{where}: no threshold array, so its activation (JumpReLU, TopK, ...) cannot be computed per "
+                "token; feature_clamp needs an SAE with a threshold (JumpReLU, BatchTopK) or a ReLU one"
+            )
+        b_enc = vector(layout.encoder_bias, self.num_features, 0.0)
+        if b_enc.size == 1:
+            b_enc = np.full(self.num_features, b_enc[0], np.float32)
+        b_dec = vector(layout.decoder_bias, self.d_model, 0.0)
+        return weight, b_enc, np.broadcast_to(b_dec.astype(np.float64), (self.d_model,)), vector(threshold, self.num_features, 0.0)
 
 
 def load_sae(text: str) -> FeatureSource:

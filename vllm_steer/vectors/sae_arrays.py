@@ -2,7 +2,8 @@
 time (sae.py decides which array and which axis a suite uses).
 
 Every reader answers ``keys()``, ``shape(key)``, ``floating(key)`` and ``row(key, i)`` /
-``column(key, i)``, which return a fresh 1-D float32 array; nothing loads a matrix whole:
+``column(key, i)``, which return a fresh 1-D float32 array, and ``vector(key)``, a whole 1-D
+(or 0-D) array such as a bias or a threshold; nothing loads a matrix whole:
 
 - ``TorchArrays`` -- a ``.pt``/``.pth`` state dict, ``torch.load(mmap=True, weights_only=True)``
   (files in torch's legacy, non-zip format cannot be memory-mapped: loaded whole, with a warning);
@@ -67,6 +68,9 @@ class TorchArrays:
     def column(self, key: str, index: int) -> np.ndarray:
         return _float32(self._tensors[key][:, index])
 
+    def vector(self, key: str) -> np.ndarray:
+        return _float32(_small(self, key, self._tensors[key]).reshape(-1))
+
 
 class SafetensorsArrays:
     """The tensors of a ``.safetensors`` file; each read is one ``safe_open`` slice."""
@@ -95,6 +99,13 @@ class SafetensorsArrays:
 
     def column(self, key: str, index: int) -> np.ndarray:
         return self._read(key, (slice(None), slice(index, index + 1)))
+
+    def vector(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        _small(self, key, None)
+        with safe_open(str(self.path), framework="pt") as file:
+            return _float32(file.get_tensor(key).reshape(-1))
 
     def _read(self, key: str, where: tuple) -> np.ndarray:
         from safetensors import safe_open
@@ -149,6 +160,14 @@ class NpzArrays:
 
     def column(self, key: str, index: int) -> np.ndarray:
         return self._line(key, index, column=True)
+
+    def vector(self, key: str) -> np.ndarray:
+        from numpy.lib import format as npy
+
+        member = self._member(key)
+        _small(self, key, None)
+        with zipfile.ZipFile(self.path) as archive, archive.open(member.info) as stream:
+            return np.asarray(npy.read_array(stream), dtype=np.float32).reshape(-1)
 
     def _member(self, key: str) -> _Member:
         member = self._members.get(key)
@@ -213,6 +232,14 @@ def _npy_header(file, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     if dtype.hasobject:
         raise ValueError(f"{where}: holds pickled Python objects, which are never loaded")
     return tuple(shape), bool(fortran), dtype
+
+
+def _small(arrays, key: str, value):
+    """``value``, checked to be a 1-D or 0-D array (``vector`` reads it whole)."""
+    shape = arrays.shape(key)
+    if len(shape) > 1:
+        raise ValueError(f"{arrays.path}[{key!r}]: shape {list(shape)}; expected a vector or a number")
+    return value
 
 
 def _float32(part: torch.Tensor) -> np.ndarray:
