@@ -8,9 +8,11 @@ the process holds no copy of it. (The OS pages in what is touched, and around it
 cache: a column of a ``[d_model, d_sae]`` decoder touches one page per row.) Vectors are
 returned raw; the spec's resolution unit-normalizes features, as the notebook did. A source
 also tells its ``d_model`` (the decoder's hidden size), ``num_features`` and its ``layout``:
-the keys of its encoder weights, bias and threshold where the suite has them (not read now;
-a feature's encoder is a row where its decoder is a column and vice versa, in every suite
-below).
+the keys of its encoder weights, bias and threshold where the suite has them. ``encoder(f)``
+(for ``feature_clamp``) reads feature ``f``'s encoder the same way, one row or column (a
+feature's encoder is a row where its decoder is a column and vice versa, in every suite
+below), with the biases and threshold read whole once; a suite whose activation cannot be
+computed per token from what it stores (TopK without a threshold) is refused.
 
 Which layout a source is follows from its file name or, for a local folder, the files in it;
 there is no guessing from tensor shapes. The layer comes from the path or config as each suite
