@@ -427,3 +427,53 @@ def test_gemma_scope_features_do_not_bring_the_decoder_into_memory(tmp_path, com
     grew = _private_memory() - before
     assert five.tobytes() == np.arange(d_model, dtype=np.float32).tobytes() and not last.any()
     assert grew < 16 * 2**20, f"resident memory grew by {grew / 2**20:.1f} MiB reading 2 features"
+
+
+# ---- encoders (feature_clamp) ----------------------------------------------------------------
+@pytest.mark.parametrize("suite", ["gemma_scope", "gemma_scope_2", "goodfire"])
+def test_encoder_rows_offsets_and_thresholds(tmp_path, suite):
+    """Each writer stores the encoder as the decoder's transpose with zero biases, so feature
+    f's encoder row equals its decoder row; the threshold is the suite's (a ReLU's is 0)."""
+    rows = decoder_rows(21)
+    path, threshold = {
+        "gemma_scope": lambda: (write_gemma_scope(tmp_path / GEMMA_RES, rows), 0.5),
+        "gemma_scope_2": lambda: (write_gemma_scope_2(tmp_path / "resid_post/layer_7_width_16k_l0_medium", rows,
+                                                      hook="model.layers.7.output"), 1.0),
+        "goodfire": lambda: (write_goodfire(tmp_path / "Llama-3.1-8B-Instruct-SAE-l19.pth", rows), 0.0),
+    }[suite]()
+    source = load_sae(str(path))
+    for feature_id in (0, 5, D_SAE - 1):
+        encoder = source.encoder(feature_id)
+        assert encoder.row.tobytes() == rows[feature_id].tobytes()
+        assert (encoder.offset, encoder.threshold) == (0.0, threshold)
+
+
+def test_encoder_offset_folds_in_both_biases(tmp_path):
+    rows = decoder_rows(22)
+    path = write_goodfire(tmp_path / "Llama-3.1-8B-Instruct-SAE-l19.pth", rows)
+    state = torch.load(path)
+    state["encoder_linear.bias"] = torch.arange(D_SAE, dtype=torch.float32)
+    state["decoder_linear.bias"] = torch.full((D_MODEL,), 0.25)
+    torch.save(state, path)
+    encoder = load_sae(str(path)).encoder(5)
+    assert encoder.offset == pytest.approx(5.0 - 0.25 * float(rows[5].astype(np.float64).sum()), rel=1e-6)
+
+
+def test_a_compressed_gemma_scope_encoder_asks_for_a_stored_archive(tmp_path):
+    """W_enc is [d_model, d_sae]: a feature's encoder is a column, which a compressed member
+    cannot give without decompressing all of it (never done: the encoder stays on disk)."""
+    source = load_sae(str(write_gemma_scope(tmp_path / GEMMA_RES, decoder_rows(25), compressed=True)))
+    with pytest.raises(ValueError, match="columns are not contiguous.*re-save the archive with np.savez"):
+        source.encoder(3)
+
+
+def test_encoders_that_cannot_give_an_activation_are_refused(tmp_path):
+    qwen = load_sae(str(write_qwen_scope(tmp_path / "SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", decoder_rows(23), 12)))
+    with pytest.raises(ValueError, match="no threshold array, so its activation .* cannot be computed per token"):
+        qwen.encoder(0)
+    path = write_goodfire(tmp_path / "g" / "Llama-3.1-8B-Instruct-SAE-l19.pth", decoder_rows(24))
+    state = torch.load(path)
+    state["encoder_linear.weight"] = torch.zeros(D_SAE, D_MODEL + 1)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"the encoder 'encoder_linear.weight' is \[32, 17\].*expected the encoder as \[32, 16\]"):
+        load_sae(str(path)).encoder(0)
