@@ -246,3 +246,16 @@ def test_what_is_not_an_sae_is_named(tmp_path):
     torch.save({"weight": torch.zeros(4, 4)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"no SAE decoder: expected one of 'decoder.weight' \[d_model, d_sae\], 'W_dec' \[d_sae, d_model\].*found weight"):
         load_registry(sae=[f"{tmp_path / 'other.pt'}#layer=1"])
+
+
+@pytest.mark.parametrize("architecture, usable", [("standard", True), ("topk", False), (None, False)])
+def test_a_saelens_encoder_needs_a_threshold_or_the_standard_relu(tmp_path, architecture, usable):
+    rows = np.random.default_rng(4).standard_normal((D_SAE, 16)).astype(np.float32)
+    config = {"hook_name": "blocks.2.hook_resid_post"} | ({"architecture": architecture} if architecture else {})
+    source = load_sae(str(write_saelens(tmp_path / "sae", rows, config)))
+    if usable:
+        encoder = source.encoder(5)
+        assert encoder.row.tobytes() == rows[5].tobytes() and (encoder.offset, encoder.threshold) == (0.0, 0.0)
+    else:
+        with pytest.raises(ValueError, match="no threshold array"):
+            source.encoder(5)

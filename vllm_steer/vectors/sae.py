@@ -301,6 +301,8 @@ def load_sae(text: str) -> FeatureSource:
     if suite == "saelens":
         arrays = SafetensorsArrays(_fetch(source, hub_folder))
         layout = _pick_layout(arrays, SAFETENSORS_LAYOUTS)
+        if layout is SAELENS and _saelens_architecture(source) == "standard":
+            layout = dataclasses.replace(layout, relu=True)  # SAELens' plain ReLU SAE
         return DecoderSource(arrays, layout, _layer(layer, _saelens_layer, source), source.text)
     layout, reader, rule = SUITES[suite]
     found = _layer(layer, rule, source)  # before the weights: configs are small, and may refuse
@@ -496,6 +498,15 @@ def _saelens_layer(source: Source) -> int:
     if number is None:
         raise ValueError(f"{source.text}: {SAELENS_CONFIG} names no hook_name or hook_layer: add #layer=N")
     return int(number)
+
+
+def _saelens_architecture(source: Source) -> str | None:
+    """SAELens' ``architecture`` ("standard" is a ReLU; "jumprelu", "topk", "gated", ...)."""
+    config_path = _beside(source, SAELENS_CONFIG)
+    if config_path is None:
+        return None
+    config = json.loads(config_path.read_text())
+    return config.get("architecture") or (config.get("meta") or config.get("metadata") or {}).get("architecture")
 
 
 def _hook_to_layer(hook: str, source: Source) -> int:
