@@ -110,7 +110,7 @@ def test_default_scenarios_vary_one_factor_around_the_base():
 
 # ---- memory ------------------------------------------------------------------------------------
 def test_table_bytes_formula():
-    row = 4 * (9 * 2048 + 6 * 4 + 1)  # add + 4 directions (edit and probe), 6 params each, the count
+    row = 4 * (9 * 2048 + 5 * 4 + 1)  # add + 4 directions (edit and probe), 5 params each, the count
     unbounded = common.steering_table_bytes(hidden=2048, steerable_layers=16, max_num_seqs=32, max_directions=4,
                                             max_num_batched_tokens=2048)
     assert unbounded["rows"] == 1 + 32 * 16 and unbounded["pool"] == unbounded["rows"] * row

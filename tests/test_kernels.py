@@ -40,16 +40,12 @@ def case_id(case) -> str:
 
 
 def make_args(case, seed: int) -> list[torch.Tensor]:
-    """(hidden, residual, token_row, add, dirs, probes, params, count) of one case (clamps,
+    """(hidden, residual, token_row, add, dirs, count) of one case (clamps,
     ranges, some open-ended, and SAE feature clamps: random_tables)."""
     directions, hidden, _, dtype = case
-    add, dirs, probes, params, count = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
-    for table in (add, dirs, probes, params, count):
-        table[ROWS - 1] = 0
-    for table in (dirs, probes, params):  # the pool zeroes the directions a row does not use
-        table[2, 1:] = 0
-    count[2] = min(directions, 1)
-    tables = [add, dirs, probes, params, count]
+    add, dirs, count = tables = random_tables(ROWS, directions, hidden, "cpu", seed=seed)
+    add[ROWS - 1], dirs[:, ROWS - 1], count[ROWS - 1] = 0, 0, 0
+    dirs[1:, 2], count[2] = 0, min(directions, 1)  # the pool zeroes the directions a row does not use
     token_row = torch.tensor(TOKEN_ROWS + [3, 3, 3])
     generator = torch.Generator().manual_seed(seed + 1000)
     streams = [(4 * torch.randn(len(TOKEN_ROWS), hidden, generator=generator)).to(dtype) for _ in range(2)]

@@ -9,11 +9,11 @@ product differs):
 
     delta = add[row]
     for k in range(count[row]):    # the eager math runs all K; unused directions are zero
-        lo, hi, offset, threshold, feature, only_active = params[row, k]
-        a = <hidden + residual + delta, probes[row, k]> + offset
-        a = 0 if feature and a <= threshold else a           # an SAE feature's activation
-        change = 0 if only_active and a <= 0 else clip(a, lo, hi) - a
-        delta += change * dirs[row, k]
+        edit, probe, (lo, hi, offset, threshold, floor) = dirs[k, row]   # rows.Direction
+        a = <hidden + residual + delta, probe> + offset
+        a = a if a > threshold else 0                        # an SAE feature's activation
+        change = clip(a, lo, hi) - a if a > floor else 0     # floor 0: only where it fires
+        delta += change * edit
     new_residual = (residual + delta).to(residual.dtype)
 
 A token pays only for the directions its row uses: an unsteered token (row 0) is one read of
@@ -49,9 +49,8 @@ def triton_available() -> bool:
 
 def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor, max_block: int = MAX_BLOCK) -> torch.Tensor:
     """The new residual for ``hidden + residual`` steered by ``tables``: ``token_row, add, dirs,
-    probes, params, count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n``
-    long; contiguous float32 ``add [R, H]``, ``dirs``/``probes [R, K, H]``, ``params [R, K,
-    PARAMS]``, int32 ``count [R]``). ``hidden`` and ``residual`` may
+    count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long;
+    contiguous float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``, int32 ``count [R]``). ``hidden`` and ``residual`` may
     have any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
     lower it to exercise the swept path)."""
     return steer_op()(hidden, residual, *tables, max_block)
@@ -85,13 +84,11 @@ def _register():
         token_row: torch.Tensor,
         add: torch.Tensor,
         dirs: torch.Tensor,
-        probes: torch.Tensor,
-        params: torch.Tensor,
         count: torch.Tensor,
         max_block: int,
     ) -> torch.Tensor:
         tokens, width = residual.shape
-        directions = dirs.shape[1]
+        directions, rows = dirs.shape[0], dirs.shape[1]
         block = min(triton.next_power_of_2(width), triton.next_power_of_2(max_block))
         blocks = triton.cdiv(width, block)
         out = residual.new_empty((tokens, width))
@@ -99,14 +96,14 @@ def _register():
         scratch = residual.new_empty((tokens if blocks > 1 and directions else 0, width), dtype=torch.float32)
         if tokens:
             kernel[(tokens,)](
-                hidden, residual, out, token_row, add, dirs, probes, params, count, scratch,
-                hidden.stride(0), residual.stride(0), width,
-                K=directions, P=params.shape[-1], BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
+                hidden, residual, out, token_row, add, dirs, count, scratch,
+                hidden.stride(0), residual.stride(0), width, rows,
+                K=directions, ENTRY=dirs.shape[-1], BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
             )
         return out
 
     @steer.register_fake
-    def _(hidden, residual, token_row, add, dirs, probes, params, count, max_block):
+    def _(hidden, residual, token_row, add, dirs, count, max_block):
         return residual.new_empty(residual.shape)
 
     return steer
@@ -133,11 +130,11 @@ def _steer_kernel():
     @triton.jit
     def change(param, dot):
         """How far the stream moves along the edit direction, given ``dot = <x, probe>`` and
-        the direction's params (lo, hi, offset, threshold, feature, only_active)."""
+        the direction's params (lo, hi, offset, threshold, floor)."""
         a = dot + tl.load(param + 2)
-        a = tl.where((tl.load(param + 4) > 0) & (a <= tl.load(param + 3)), 0.0, a)
+        a = tl.where(a > tl.load(param + 3), a, 0.0)
         moved = tl.minimum(tl.maximum(a, tl.load(param)), tl.load(param + 1)) - a
-        return tl.where((tl.load(param + 5) > 0) & (a <= 0), 0.0, moved)
+        return tl.where(a > tl.load(param + 4), moved, 0.0)
 
     @triton.jit
     def sweep(h_row, r_row, add_row, scratch_row, out_row, prev_dir, coeff, next_probe, width,
@@ -162,19 +159,21 @@ def _steer_kernel():
         return along
 
     @triton.jit
-    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr, probes_ptr, params_ptr,
-                     count_ptr, scratch_ptr, hidden_stride, residual_stride, width,
-                     K: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr,
+                     count_ptr, scratch_ptr, hidden_stride, residual_stride, width, rows,
+                     K: tl.constexpr, ENTRY: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         row = tl.load(token_row_ptr + token)
         h_row = hidden_ptr + token * hidden_stride
         r_row = residual_ptr + token * residual_stride
         out_row = out_ptr + token * width
         add_row = add_ptr + row * width
-        # dirs/probes[row, k] and params[row, k]: k advances by one vector row / P params.
-        dir_row = dirs_ptr + row * K * width
-        probe_row = probes_ptr + row * K * width
-        param = params_ptr + row * K * P
+        # dirs[k, row] is (edit, probe, params) of ENTRY = 2 * width + PARAMS numbers; k
+        # advances by whole tables (pointer steps: no int32 offset overflows).
+        dir_row = dirs_ptr + row * ENTRY
+        probe_row = dir_row + width
+        param = dir_row + 2 * width
+        step = rows * ENTRY
         used = tl.load(count_ptr + row)  # directions this row uses (0 when K is 0)
         if BLOCKS == 1:
             # The whole row in registers: read once, project once per used direction, write once.
@@ -186,9 +185,9 @@ def _steer_kernel():
                 for _ in range(used):
                     dot = tl.sum((stream + delta) * load_f32(probe_row, cols, width), axis=0)
                     delta = delta + change(param, dot) * load_f32(dir_row, cols, width)
-                    dir_row += width
-                    probe_row += width
-                    param += P
+                    dir_row += step
+                    probe_row += step
+                    param += step
             tl.store(out_row + cols, (residual + delta).to(out_ptr.dtype.element_ty), mask=cols < width)
         else:
             scratch_row = scratch_ptr + token * width
@@ -201,10 +200,10 @@ def _steer_kernel():
                 for _ in range(1, used):
                     coeff = change(param, dot)
                     dot = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
-                                probe_row + width, width, False, False, BLOCK, BLOCKS)
-                    dir_row += width
-                    probe_row += width
-                    param += P
+                                probe_row + step, width, False, False, BLOCK, BLOCKS)
+                    dir_row += step
+                    probe_row += step
+                    param += step
                 sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, change(param, dot), probe_row,
                       width, False, True, BLOCK, BLOCKS)
 

@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# Numbers per direction after its two vectors: lo, hi, offset, threshold, floor
+# (rows.Direction.params says what each means).
+PARAMS = 5
+
 
 class SteeringLayer:
     """Mixed in before a vLLM decoder layer class: its output stream may be steered per
@@ -31,17 +35,15 @@ class SteeringLayer:
     kernel = "torch"  # or "triton": the fused kernel of kernels.py
 
     def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch") -> None:
-        """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]``, ``dirs``/``probes [R, K, H]``,
-        ``params [R, K, PARAMS]``, int32 ``count [R]``) at the rows ``token_row`` names per token."""
+        """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``,
+        int32 ``count [R]``) at the rows ``token_row`` names per token."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
         # shared with the runtime (token_row) and with every other steerable layer (pool).
         self.register_buffer("token_row", token_row, persistent=False)
         self.register_buffer("steer_add", pool.add, persistent=False)
         self.register_buffer("steer_dirs", pool.dirs, persistent=False)
-        self.register_buffer("steer_probes", pool.probes, persistent=False)
-        self.register_buffer("steer_params", pool.params, persistent=False)
         self.register_buffer("steer_count", pool.count, persistent=False)
-        self.max_directions = pool.dirs.shape[1]
+        self.max_directions = pool.dirs.shape[0]
         self.kernel = kernel
         if kernel == "triton":
             from vllm_steer.kernels import steer_op
@@ -82,23 +84,25 @@ class SteeringLayer:
         if self.kernel == "triton":
             from vllm_steer.kernels import steer_triton
 
-            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_probes,
-                                self.steer_params, self.steer_count)
+            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_count)
         row = self.token_row[: hidden.shape[0]]
-        delta = self.steer_add[row]
-        if self.max_directions:
+        if not self.max_directions:
+            delta = self.steer_add[row]
+        else:
             stream = hidden.float() + residual.float()
+            steered = stream + self.steer_add[row]
+            width = stream.shape[-1]
             for k in range(self.max_directions):
-                # One [n, H] gather per direction (a gather of all K at once would hold
-                # K times the prefill's stream in float32).
-                direction, probe = self.steer_dirs[row, k], self.steer_probes[row, k]
-                lo, hi, offset, threshold, feature, only_active = self.steer_params[row, k].split(1, dim=-1)
-                # The component (a feature's activation: JumpReLU, ReLU at threshold 0).
-                along = ((stream + delta) * probe).sum(dim=-1, keepdim=True) + offset
-                along = torch.where((feature > 0) & (along <= threshold), 0.0, along)
-                change = torch.clamp(along, lo, hi) - along
-                change = torch.where((only_active > 0) & (along <= 0), 0.0, change)
-                delta = delta + change * direction
+                # One gather per direction (all K at once would hold K times the prefill's
+                # stream in float32); its edit, probe and params are views of it.
+                direction, probe, params = self.steer_dirs[k].index_select(0, row).split([width, width, PARAMS], dim=-1)
+                lo, hi, offset, threshold, floor = params.split(1, dim=-1)
+                along = (steered * probe).sum(dim=-1, keepdim=True) + offset
+                along = torch.where(along > threshold, along, 0.0)  # a feature's activation, or the projection
+                change = torch.where(along > floor, torch.clamp(along, lo, hi) - along, 0.0)
+                steered = torch.addcmul(steered, change, direction)
+            # Exactly 0 where nothing changed: (stream + 0) - stream.
+            delta = steered - stream
         # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
         # changes no bit), into a new tensor: the next layer's fused add+norm may write its
         # inputs in place.

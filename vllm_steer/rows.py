@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_steer.layer import PARAMS
 from vllm_steer.resolve import ResolvedSteering, unit
 from vllm_steer.staging import to_device
 
@@ -72,11 +73,13 @@ class Direction:
     only_active: bool = False
 
     def params(self) -> list[float]:
-        """The scalars in the order of the pool's ``params`` table (PARAMS)."""
-        return [self.lo, self.hi, self.offset, self.threshold, float(self.feature), float(self.only_active)]
+        """The scalars of the pool's ``params`` table: lo, hi, offset, the threshold ``a``
+        must exceed to count (-inf: not a feature, ``a = s``) and the floor ``a`` must
+        exceed for the token to change (0: only_active; -inf: every token). Flags as bounds
+        keep the layer math to comparisons, no branches."""
+        return [self.lo, self.hi, self.offset, self.threshold if self.feature else -math.inf,
+                0.0 if self.only_active else -math.inf]
 
-
-PARAMS = 6  # lo, hi, offset, threshold, feature, only_active
 
 
 @dataclass
@@ -116,33 +119,27 @@ def projection_bounds(mode: str, coeff: float, bounds: tuple[float | None, float
 
 def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[torch.Tensor, ...]:
     """Rows as the pool's tables hold them, stacked, unused directions zero: (adds [N, H],
-    edits [N, K, H], probes [N, K, H], params [N, K, PARAMS], counts [N]), so one copy per
-    table moves them all."""
+    directions [K, N, 2H + PARAMS], counts [N]), so one copy per table moves them all."""
     adds = torch.stack([row.add for row in rows])
-    edits = torch.zeros(len(rows), max_directions, hidden)
-    probes = torch.zeros(len(rows), max_directions, hidden)
-    params = torch.zeros(len(rows), max_directions, PARAMS)
+    directions = torch.zeros(max_directions, len(rows), 2 * hidden + PARAMS)
     counts = torch.tensor([len(row.directions) for row in rows], dtype=torch.int32)
     for n, row in enumerate(rows):
         for k, direction in enumerate(row.directions):
-            edits[n, k] = direction.edit
-            probes[n, k] = direction.probe
-            params[n, k] = torch.tensor(direction.params())
-    return adds, edits, probes, params, counts
+            directions[k, n] = torch.cat([direction.edit, direction.probe, torch.tensor(direction.params())])
+    return adds, directions, counts
 
 
 class RowPool:
-    """The device tables every steerable layer reads, indexed by row: ``add [R, H]``,
-    ``dirs [R, K, H]`` (edits), ``probes [R, K, H]``, ``params [R, K, PARAMS]`` (float32) and
-    ``count [R]`` (int32). Rows are refcounted by content key; a row whose last user leaves is
-    free again."""
+    """The device tables every steerable layer reads, indexed by row: ``add [R, H]`` and
+    ``dirs [K, R, 2H + PARAMS]`` (float32; a row's k-th direction is ``dirs[k, row]``: its edit
+    vector, its probe vector and its params side by side, so one gather of contiguous rows
+    reads a direction whole) and ``count [R]`` (int32). Rows are refcounted by content key; a
+    row whose last user leaves is free again."""
 
     def __init__(self, rows: int, hidden: int, max_directions: int):
         self.hidden, self.max_directions = hidden, max_directions
         self.add = torch.zeros(rows, hidden, dtype=torch.float32)
-        self.dirs = torch.zeros(rows, max_directions, hidden, dtype=torch.float32)
-        self.probes = torch.zeros(rows, max_directions, hidden, dtype=torch.float32)
-        self.params = torch.zeros(rows, max_directions, PARAMS, dtype=torch.float32)
+        self.dirs = torch.zeros(max_directions, rows, 2 * hidden + PARAMS, dtype=torch.float32)
         self.count = torch.zeros(rows, dtype=torch.int32)
         self._free = list(range(rows - 1, 0, -1))
         self._row_of: dict[Hashable, int] = {}
@@ -171,8 +168,9 @@ class RowPool:
             rows = [self._free.pop() for _ in new]
             device = self.add.device
             index = to_device(torch.tensor(rows, dtype=torch.int64), device)
-            for table, values in zip((self.add, self.dirs, self.probes, self.params, self.count), stack_rows([contents[k] for k in new], self.max_directions, self.hidden)):
-                table.index_copy_(0, index, to_device(values, device))
+            adds, directions, counts = stack_rows([contents[k] for k in new], self.max_directions, self.hidden)
+            for table, values, dim in ((self.add, adds, 0), (self.dirs, directions, 1), (self.count, counts, 0)):
+                table.index_copy_(dim, index, to_device(values, device))
             self._row_of.update(zip(new, rows))
         self._users.update(keys)
         return {key: self._row_of[key] for key in keys}

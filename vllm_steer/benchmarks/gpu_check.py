@@ -80,20 +80,19 @@ class Tables:
     compiled function serves every table size (tables are graph inputs, as vLLM's compiled
     model sees its buffers). A plain class: Dynamo traces its construction."""
 
-    def __init__(self, token_row, steer_add, steer_dirs, steer_probes, steer_params, steer_count):
-        self.token_row, self.steer_add, self.steer_dirs, self.steer_probes = token_row, steer_add, steer_dirs, steer_probes
-        self.steer_params, self.steer_count = steer_params, steer_count
-        self.max_directions = steer_dirs.shape[1]
+    def __init__(self, token_row, steer_add, steer_dirs, steer_count):
+        self.token_row, self.steer_add, self.steer_dirs, self.steer_count = token_row, steer_add, steer_dirs, steer_count
+        self.max_directions = steer_dirs.shape[0]
         self.kernel = "torch"  # the torch ops: the kernel is timed on its own
 
 
 def steer_eager(hidden, residual, *tables):
-    """``SteeringLayer.steer`` on these tables (token_row, add, dirs, probes, params, count)."""
+    """``SteeringLayer.steer`` on these tables (token_row, add, dirs, count)."""
     return SteeringLayer.steer(Tables(*tables), hidden, residual)
 
 
 def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0) -> list[torch.Tensor]:
-    """(add, dirs, probes, params, count) as the row pool holds them: float32, every direction
+    """(add, dirs, count) as the row pool holds them: float32, every direction
     used, row 0 zero. Direction 0 is a clamp (unit, ``lo = hi``), 1 a range (``lo < hi``),
     2 an SAE feature_clamp (an encoder row as probe, an offset, a threshold; raw decoder row),
     3 a range open above, then the same again with ``only_active`` on the feature."""
@@ -105,19 +104,20 @@ def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0
     hi = lo.clone()
     hi[:, 1::2] += 2
     hi[:, 3::4] = torch.inf
-    params = torch.zeros(rows, directions, PARAMS)
-    params[..., 0], params[..., 1] = lo, hi
+    params = torch.full((rows, directions, PARAMS), -torch.inf)  # rows.Direction.params
+    params[..., 0], params[..., 1], params[..., 2] = lo, hi, 0.0
     features = [k for k in range(directions) if k % 4 == 2]
     for k in features:  # magnitudes like an SAE's: encoder rows ~ 1/sqrt(H), activations of a few units
         probes[:, k] = 2 * torch.randn(rows, hidden, generator=generator) / hidden ** 0.5
         dirs[:, k] *= 3
         params[:, k, 2] = torch.randn(rows, generator=generator)  # offset
         params[:, k, 3] = 0.5 * torch.rand(rows, generator=generator)  # threshold
-        params[:, k, 4] = 1.0
-        params[:, k, 5] = float(k % 8 == 6)  # only_active
+        if k % 8 == 6:
+            params[:, k, 4] = 0.0  # only_active
     count = torch.full((rows,), directions, dtype=torch.int32)
-    add[0], dirs[0], probes[0], params[0], count[0] = 0, 0, 0, 0, 0
-    return [table.to(device) for table in (add, dirs, probes, params, count)]
+    directions = torch.cat([dirs, probes, params], dim=-1).transpose(0, 1).contiguous()  # [K, R, E]
+    add[0], directions[:, 0], count[0] = 0, 0, 0
+    return [table.to(device) for table in (add, directions, count)]
 
 
 def one_rounding_gap(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -313,8 +313,7 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     def layer_math(kernel):
         def run():
             for layer in layers.values():
-                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_probes, layer.steer_params,
-                          layer.steer_count)
+                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_count)
                 new_residual = kernel(hidden, residual, *tables)
                 layer.capture(hidden + new_residual)
         return run
@@ -360,7 +359,7 @@ def memory() -> dict[str, Any]:
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
     buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase,
-               pool.add, pool.dirs, pool.probes, pool.params, pool.count]
+               pool.add, pool.dirs, pool.count]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []
@@ -388,10 +387,10 @@ def kernel_checks(device: torch.device) -> dict[str, Any]:
     # Hidden no multiple of the swept block (the last block is partial).
     hidden, pool_rows, tokens, block = (5000, 9, 48, 1024) if device.type == "cuda" else (72, 5, 6, 32)
     tables = random_tables(pool_rows, 4, hidden, device, seed=7)
-    for table in tables[:4]:
-        table[pool_rows - 1] = 0  # a row whose steering is all zeros
-        table[pool_rows - 2, 2:] = 0  # a row using 2 of its 4 directions
-    tables[4][pool_rows - 2] = 2
+    add, directions, count = tables
+    add[pool_rows - 1], directions[:, pool_rows - 1] = 0, 0  # a row whose steering is all zeros
+    directions[2:, pool_rows - 2] = 0  # a row using 2 of its 4 directions
+    count[pool_rows - 2] = 2
     token_row = torch.arange(tokens, device=device) % pool_rows  # row 0 and the zero row included
     unsteered = (token_row == 0) | (token_row == pool_rows - 1)
     args = (torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(tokens, hidden, device=device, dtype=dtype),
