@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CACHE
+from conftest import CACHE, start_engine
 from helpers import Generation, assert_same_tokens_close_logprobs, run
 from vllm_steer.reference import ReferenceSteerer, edit_layer_outputs
 
@@ -82,10 +82,13 @@ def saes(hf_model, prompt_ids) -> dict[str, Sae]:
 
 
 @pytest.fixture(scope="module")
-def sae_engine(engines, saes):
-    """The session's tiny Llama with the three SAEs loaded (in-process and eager: starts in seconds)."""
-    return engines(sae=tuple(sae.source for sae in saes.values()), enforce_eager=True,
-                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+def sae_engine(tiny_model, feature_file, saes, runner):
+    """The session's tiny Llama with the three SAEs loaded (in-process and eager: starts in
+    seconds), for this module only."""
+    llm = start_engine(tiny_model, feature_file, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                       sae=[sae.source for sae in saes.values()], enforce_eager=True)
+    yield llm
+    llm.shutdown()
 
 
 class HookSteerer(ReferenceSteerer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import start_engine
 from helpers import assert_same_tokens_close_logprobs, generations, greedy, reference, run, slots_in_use
 from vllm_steer.rows import row_bytes
 
@@ -80,9 +81,13 @@ ROW_BYTES = row_bytes(256, 4)  # hidden 256, max_directions 4
 
 
 @pytest.fixture(scope="module")
-def budgeted(engines):
-    """Rows for three distinct steerings: the rest wait (in-process and eager: starts in seconds)."""
-    return engines(table_budget_mib=4 * ROW_BYTES / 2**20, enforce_eager=True, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+def budgeted(tiny_model, feature_file, runner):
+    """Rows for three distinct steerings: the rest wait (in-process and eager: starts in
+    seconds), for this module only."""
+    llm = start_engine(tiny_model, feature_file, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                       table_budget_mib=4 * ROW_BYTES / 2**20, enforce_eager=True)
+    yield llm
+    llm.shutdown()
 
 
 def test_requests_beyond_the_row_budget_wait_and_then_run_steered(budgeted, prompt_ids, hf_model, gen_len):

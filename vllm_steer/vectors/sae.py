@@ -186,7 +186,7 @@ SAFETENSORS_LAYOUTS = (SAELENS, DICTIONARY_LEARNING)
 class DecoderSource:
     """A feature source over the decoder of one SAE file, read a row/column at a time."""
 
-    def __init__(self, arrays, layout: Layout, layer: int, description: str):
+    def __init__(self, arrays, layout: Layout, layer: int, description: str, relu=None):
         where = f"{arrays.path}[{layout.decoder!r}]"
         key = _find_key(arrays, layout.decoder)
         if key is None:
@@ -205,6 +205,7 @@ class DecoderSource:
         self.num_features = int(shape[1] if layout.columns else shape[0])
         self.d_model = int(shape[0] if layout.columns else shape[1])
         self.description = description
+        self._relu = relu  # () -> whether a source without a threshold is a ReLU (layout.relu otherwise)
         bias = layout.decoder_bias and _find_key(arrays, layout.decoder_bias)
         if bias and arrays.shape(bias) != (self.d_model,):
             expected = "[d_model, d_sae]" if layout.columns else "[d_sae, d_model]"
@@ -262,7 +263,7 @@ class DecoderSource:
             return values
 
         threshold = layout.threshold and _find_key(self.arrays, layout.threshold)
-        if not threshold and not layout.relu:
+        if not threshold and not (layout.relu or (self._relu is not None and self._relu())):
             raise ValueError(
                 f"{where}: no threshold array, so its activation (JumpReLU, TopK, ...) cannot be computed per "
                 "token; feature_clamp needs an SAE with a threshold (JumpReLU, BatchTopK) or a ReLU one"
@@ -301,9 +302,9 @@ def load_sae(text: str) -> FeatureSource:
     if suite == "saelens":
         arrays = SafetensorsArrays(_fetch(source, hub_folder))
         layout = _pick_layout(arrays, SAFETENSORS_LAYOUTS)
-        if layout is SAELENS and _saelens_architecture(source) == "standard":
-            layout = dataclasses.replace(layout, relu=True)  # SAELens' plain ReLU SAE
-        return DecoderSource(arrays, layout, _layer(layer, _saelens_layer, source), source.text)
+        source_layer = _layer(layer, _saelens_layer, source)
+        # SAELens' plain ReLU SAE says so in cfg.json, read only when an encoder is asked for.
+        return DecoderSource(arrays, layout, source_layer, source.text, relu=lambda: _saelens_architecture(source) == "standard")
     layout, reader, rule = SUITES[suite]
     found = _layer(layer, rule, source)  # before the weights: configs are small, and may refuse
     decoder = DecoderSource(reader(source.local_path()), layout, found, source.text)
