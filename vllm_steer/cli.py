@@ -12,6 +12,7 @@ does the same from a checkout).
     vllm-steer bench --quick              # steered vs unsteered throughput (see vllm_steer/benchmarks/run.py)
     vllm-steer model smollm2              # fetch + convert SmolLM2-135M-Instruct once, print its folder
                                           # (--model smollm2 / --model demo work in every command)
+    vllm-steer concepts                   # concept vectors for it (paris, ocean, ..., pirate, sad), cached
 """
 
 from __future__ import annotations
@@ -233,7 +234,15 @@ def model(argv: list[str]) -> None:
     models.main(argv)
 
 
-COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench, "model": model}
+def concepts(argv: list[str]) -> None:
+    """``vllm-steer concepts``: concept vectors for SmolLM2 (vllm_steer/concepts), cached next to it."""
+    from vllm_steer import concepts as concept_vectors
+
+    concept_vectors.main(argv)
+
+
+COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench, "model": model,
+            "concepts": concepts}
 
 
 def main(argv: list[str] | None = None) -> None:
