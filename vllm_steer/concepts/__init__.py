@@ -563,9 +563,22 @@ def run_measurement(model: str = "smollm2", cache_dir: str | Path | None = None,
         "coarse": {c.name: [row(r) for r in coarse if r.concept == c.name] for c in concepts},
         "fine": {c.name: [row(r) for r in fine if r.concept == c.name] for c in concepts},
     }
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    out.write_text(settings_json(result))
     _say(quiet, f"wrote {out} in {time.monotonic() - started:.0f} s")
     return {**result, "outputs": outputs}
+
+
+def settings_json(settings: dict[str, Any]) -> str:
+    """The settings file's text: indented, one measured row (or answer list) per line."""
+    def dump(value: Any, indent: str) -> str:
+        if isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values()):
+            inner = ",\n".join(f"{indent}  {json.dumps(k)}: {dump(v, indent + '  ')}" for k, v in value.items())
+            return "{\n" + inner + "\n" + indent + "}"
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return "[\n" + ",\n".join(f"{indent}  {json.dumps(v, ensure_ascii=False)}" for v in value) + "\n" + indent + "]"
+        return json.dumps(value, ensure_ascii=False)
+
+    return dump(settings, "") + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
