@@ -105,6 +105,14 @@ def test_model_names_in_the_command_line(monkeypatch, capsys, tmp_path):
     model, vectors = cli._model_and_vectors(args)
     assert model == str(models.model_path("demo")) and len(vectors) == 1 and args.model is None
 
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    seen = {}
+    monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
+    with scoped_environ({}):
+        cli.main(["serve", "--model", "smollm2"])
+    argv = seen["argv"]
+    assert argv[0] == str(tmp_path) and argv[argv.index("--served-model-name") + 1] == "smollm2"
+
 
 def test_the_concept_data():
     loaded = concept_data.load_concepts()
