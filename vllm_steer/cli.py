@@ -214,7 +214,7 @@ def sweep(argv: list[str]) -> None:
     engine = {} if torch.cuda.is_available() else {"dtype": "float32"}
     if args.model is None:
         engine["max_model_len"] = 1024
-    sweeps.main(args, model, vectors, demo=args.model is None, sae=args.sae, max_directions=args.max_directions,
+    sweeps.main(args, model, vectors, demo=args.model in (None, "demo"), sae=args.sae, max_directions=args.max_directions,
                  steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib, **engine)
 
 
