@@ -61,7 +61,10 @@ DEFAULT_MODEL_HINT = "llama"
 def read(path: Path, registry: VectorRegistry, *, name: str | None = None, source: str | None = None) -> None:
     from gguf import GGMLQuantizationType, GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as exc:  # a truncated or foreign file: say which
+        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
     architecture = _string_field(reader, KEY_ARCHITECTURE)
     if architecture is not None and architecture != ARCHITECTURE:
         raise ValueError(

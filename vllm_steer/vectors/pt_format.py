@@ -46,6 +46,8 @@ def safe_torch_load(path: Path, **kwargs):
             f"{path}: refused to load: it holds pickled objects other than tensors, dicts, lists, "
             f"tuples and numbers, which could run code; only weights_only loading is allowed{reason}"
         ) from None
+    except (EOFError, RuntimeError) as exc:  # empty, truncated or not a torch file at all
+        raise ValueError(f"{path}: not a readable PyTorch file ({exc or 'it ends early'})") from None
 
 
 def read(path: Path, registry: VectorRegistry, *, name: str | None = None, source: str | None = None) -> None:

@@ -32,12 +32,16 @@ def layer_tensor_name(name: str, layer: int) -> str:
 
 
 def read(path: Path, registry: VectorRegistry, *, name: str | None = None, source: str | None = None) -> None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     source = source or str(path)
     singles: dict[str, np.ndarray] = {}
     layered: dict[str, dict[int, np.ndarray]] = {}
-    with safe_open(str(path), framework="pt") as file:
+    try:
+        file = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:  # not a ValueError, which is what callers catch
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    with file:
         for key in file.keys():
             vector = as_vector(file.get_tensor(key), f"{path}[{key!r}]")
             match = LAYERED_NAME.fullmatch(key)
