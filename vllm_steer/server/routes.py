@@ -2,7 +2,8 @@
 
     GET    /v1/steering/vectors           every named vector: name, digest, dimension, norm, layers, source
     POST   /v1/steering/vectors           register one: inline floats/base64, {layer: floats}, a server
-                                          file (inside steering.file_dirs) or a loaded feature/SAE feature
+                                          file (inside steering.file_dirs), an uploaded file (its bytes,
+                                          base64) or a loaded feature/SAE feature
     DELETE /v1/steering/vectors/{name}
     GET    /v1/steering/stats             per worker: runner, slots in use, vectors, per-step histogram
 
@@ -12,7 +13,11 @@ worker before it is visible to requests; requests already accepted keep their ve
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +29,22 @@ from vllm_steer import control
 from vllm_steer.server.middleware import error_body
 from vllm_steer.spec import SteeringError, decode_b64
 from vllm_steer.vectors import VectorRegistry, load_vector_file
+from vllm_steer.vectors.files import format_for
 from vllm_steer.vectors.registry import ANY_LAYER
 
 router = APIRouter()
+
+
+class UploadedFile(BaseModel):
+    """A vector file sent in the request (the playground's upload), read like a server file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field(min_length=1, max_length=256, description="its suffix picks the format: .pt/.pth, .safetensors, .gguf")
+    content_b64: str = Field(min_length=1, description="the file's bytes, base64")
+
+
+SOURCES = ("vector", "vector_b64", "layers", "file", "upload", "feature")
 
 
 class VectorRegistration(BaseModel):
@@ -37,16 +55,17 @@ class VectorRegistration(BaseModel):
     vector_b64: str | None = None
     layers: dict[int, list[float] | str] | None = Field(default=None, description="one vector per layer: floats or base64")
     file: str | None = Field(default=None, description="a vector file inside the server's steering.file_dirs")
-    file_vector: str | None = Field(default=None, description="which vector of that file (when it holds several)")
+    upload: UploadedFile | None = Field(default=None, description="a vector file sent in the request")
+    file_vector: str | None = Field(default=None, description="which vector of the file or upload (when it holds several)")
     feature: tuple[int, int] | None = Field(default=None, description="[layer, feature_id] of a loaded feature or SAE")
     replace: bool = False
     source: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _one_source(self) -> VectorRegistration:
-        given = [k for k in ("vector", "vector_b64", "layers", "file", "feature") if getattr(self, k) is not None]
+        given = [k for k in SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of 'vector', 'vector_b64', 'layers', 'file' or 'feature'")
+            raise ValueError("give exactly one of " + ", ".join(f"'{k}'" for k in SOURCES[:-1]) + f" or '{SOURCES[-1]}'")
         return self
 
 
@@ -150,6 +169,8 @@ def _vector_of(body: VectorRegistration, frontend) -> tuple[Any, str]:
         if digest is None:
             raise SteeringError(f"no feature [{layer}, {feature_id}] is loaded or in a configured SAE", "feature")
         return frontend.registry.array(digest), f"feature {layer}/{feature_id}"
+    if body.upload is not None:
+        return _from_upload(body.upload, body.file_vector)
     return _from_file(body, frontend.settings.file_dirs)
 
 
@@ -167,14 +188,39 @@ def _from_file(body: VectorRegistration, file_dirs: tuple[str, ...]) -> tuple[An
     roots = [Path(os.path.realpath(d)) for d in file_dirs]
     if not any(path.is_relative_to(root) for root in roots):
         raise SteeringError(f"only files inside {', '.join(map(str, roots))} may be read", "file")
+    vector, choice = _read_file(path, body.file_vector, "file")
+    return vector, f"{path}:{choice}"
+
+
+def _from_upload(upload: UploadedFile, file_vector: str | None) -> tuple[Any, str]:
+    # Only a plain file name is kept: never a path, and no '#' (sources.py reads options there).
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", Path(upload.filename).name).lstrip(".")
+    try:
+        format_for(Path(filename).suffix, upload.filename)
+    except ValueError as exc:
+        raise SteeringError(str(exc), "upload.filename") from None
+    try:
+        content = base64.b64decode(upload.content_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SteeringError(f"not valid base64 ({exc})", "upload.content_b64") from None
+    with tempfile.TemporaryDirectory(prefix="vllm-steer-upload-") as folder:
+        path = Path(folder) / filename
+        path.write_bytes(content)
+        vector, choice = _read_file(path, file_vector, "upload", shown=upload.filename)
+    return vector, f"upload:{filename}:{choice}"
+
+
+def _read_file(path: Path, file_vector: str | None, field: str, shown: str | None = None) -> tuple[Any, str]:
+    """The vector ``file_vector`` names in a vector file (or its only one), and that name."""
     registry = VectorRegistry()
     try:
         load_vector_file(path, registry)
     except (OSError, ValueError) as exc:
-        raise SteeringError(str(exc), "file") from None
+        message = str(exc) if shown is None else str(exc).replace(str(path), shown)  # no temporary paths in errors
+        raise SteeringError(message, field) from None
     names = registry.names()
-    choice = body.file_vector or (names[0] if len(names) == 1 else None)
+    choice = file_vector or (names[0] if len(names) == 1 else None)
     if choice not in names:
         raise SteeringError(f"name the vector to take with 'file_vector'; the file holds: {', '.join(names[:20])}", "file_vector")
     arrays = registry.arrays_of(choice)
-    return (arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays), f"{path}:{choice}"
+    return (arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays), choice
