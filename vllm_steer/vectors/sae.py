@@ -12,7 +12,12 @@ the keys of its encoder weights, bias and threshold where the suite has them. ``
 (for ``feature_clamp``) reads feature ``f``'s encoder the same way, one row or column (a
 feature's encoder is a row where its decoder is a column and vice versa, in every suite
 below), with the biases and threshold read whole once; a suite whose activation cannot be
-computed per token from what it stores (TopK without a threshold) is refused.
+computed per token from what it stores (TopK without a threshold) is refused. For finding
+features (vllm_steer/features), ``encoding`` says how the SAE encodes (its activation: ReLU,
+JumpReLU/BatchTopK threshold, or TopK with its ``k``) and ``encoder_chunks()`` reads the whole
+encoder a bounded chunk of features at a time. A TopK SAE's ``k`` comes from ``#k=N``, a ``k``
+in the file (dictionary_learning), SAELens' ``cfg.json`` or a Qwen-Scope repo name (``-L0_{k}``,
+the model cards' Top-K).
 
 Which layout a source is follows from its file name or, for a local folder, the files in it;
 there is no guessing from tensor shapes. The layer comes from the path or config as each suite
@@ -119,7 +124,7 @@ from vllm_steer.vectors.sources import Source, int_option, parse_source
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = ("layer",)
+OPTIONS = ("layer", "k")
 AE_LAYER = re.compile(r"resid_post_layer_(\d+)")
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
@@ -130,11 +135,13 @@ GEMMA_SCOPE_2_CONFIG = "config.json"
 LLAMA_SCOPE_FILE = "checkpoints/final.safetensors"
 LLAMA_SCOPE_CONFIG = "hyperparams.json"
 QWEN_SCOPE_FILE = re.compile(r"layer(\d+)\.sae\.pt")
+QWEN_SCOPE_TOP_K = re.compile(r"SAE-Res-[^/]*-L0_(\d+)(?:/|$)")  # Qwen/SAE-Res-Qwen3-8B-Base-W64K-L0_50: Top-K 50
 GOODFIRE_LAYER = re.compile(r"-SAE-l(\d+)|model\.layers\.(\d+)")
 GEMMA_SCOPE_SITE = re.compile(r"gemma-scope-\d+b-(?:pt|it)-(res|mlp|att|transcoders)\b")
 GEMMA_SCOPE_LAYER = re.compile(r"(?:^|/)layer_(\d+)/")
 GEMMA_SCOPE_2_FOLDER = re.compile(r"(?:^|/)(\w+)/layer_(\d+)_width_")
 RESIDUAL_HOOKS = "blocks.L.hook_resid_post, blocks.L.hook_resid_pre or model.layers.L"
+ENCODER_CHUNK_BYTES = 64 << 20  # float32 encoder weights read at once by encoder_chunks
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,31 @@ class Layout:
     decoder_bias: str | None = None
     threshold: str | None = None
     relu: bool = False
+
+
+@dataclass(frozen=True)
+class EncoderHints:
+    """What a suite's config (not its weights) says about the encoder: ``relu``, without a
+    threshold the activation is a plain ReLU; ``k``, a TopK SAE's k; ``subtract_b_dec``, the
+    encoder reads ``h - b_dec`` (SAELens' ``apply_b_dec_to_input``)."""
+
+    relu: bool = False
+    k: int | None = None
+    subtract_b_dec: bool = True
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the SAE encodes a stream ``h``: ``pre = W_enc (h - b_dec) + b_enc``, then ``kind``:
+    "jumprelu" (``pre if pre > threshold else 0``; ReLU is threshold 0, "relu") or "topk"
+    (the ``k`` largest ``pre`` of each token, those above 0). ``b_dec`` is zeros for an SAE
+    that does not subtract it."""
+
+    kind: str
+    b_enc: np.ndarray  # [d_sae] float32
+    b_dec: np.ndarray  # [d_model] float64
+    threshold: np.ndarray  # [d_sae] float32 (zeros but for JumpReLU)
+    k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,7 +218,7 @@ SAFETENSORS_LAYOUTS = (SAELENS, DICTIONARY_LEARNING)
 class DecoderSource:
     """A feature source over the decoder of one SAE file, read a row/column at a time."""
 
-    def __init__(self, arrays, layout: Layout, layer: int, description: str, relu=None):
+    def __init__(self, arrays, layout: Layout, layer: int, description: str, hints=None, k: int | None = None):
         where = f"{arrays.path}[{layout.decoder!r}]"
         key = _find_key(arrays, layout.decoder)
         if key is None:
@@ -205,7 +237,8 @@ class DecoderSource:
         self.num_features = int(shape[1] if layout.columns else shape[0])
         self.d_model = int(shape[0] if layout.columns else shape[1])
         self.description = description
-        self._relu = relu  # () -> whether a source without a threshold is a ReLU (layout.relu otherwise)
+        self._hints = hints or (lambda: EncoderHints(relu=layout.relu))  # () -> EncoderHints, read when needed
+        self._k = k  # #k=N
         bias = layout.decoder_bias and _find_key(arrays, layout.decoder_bias)
         if bias and arrays.shape(bias) != (self.d_model,):
             expected = "[d_model, d_sae]" if layout.columns else "[d_sae, d_model]"
@@ -222,12 +255,28 @@ class DecoderSource:
     def encoder(self, feature_id: int) -> FeatureEncoder:
         """The encoder of one feature: its row of the encoder weights, read on demand (the
         encoder is never loaded whole), its offset and threshold. ValueError when this SAE's
-        encoder is missing or cannot be read as a (JumpReLU) ReLU."""
+        encoder is missing or its activation cannot be computed per token (TopK)."""
         self._check_id(feature_id)
-        weight, b_enc, b_dec, threshold = self._encoder
-        row = (self.arrays.row if self.columns else self.arrays.column)(weight, feature_id)
-        offset = float(b_enc[feature_id]) - float(np.dot(row.astype(np.float64), b_dec))
-        return FeatureEncoder(row, offset, float(threshold[feature_id] if threshold.size > 1 else threshold[0]))
+        encoding = self.encoding
+        if encoding.kind == "topk":
+            raise ValueError(
+                f"{self.description} ({self.layout.suite}): no threshold array, so its activation (TopK, k={encoding.k}) "
+                "cannot be computed per token; feature_clamp needs an SAE with a threshold (JumpReLU, BatchTopK) or a "
+                "ReLU one"
+            )
+        row = (self.arrays.row if self.columns else self.arrays.column)(self._encoder_weight, feature_id)
+        offset = float(encoding.b_enc[feature_id]) - float(np.dot(row.astype(np.float64), encoding.b_dec))
+        return FeatureEncoder(row, offset, float(encoding.threshold[feature_id]))
+
+    def encoder_chunks(self, features_per_chunk: int | None = None):
+        """The whole encoder, a chunk of features at a time: ``(start, weights)`` with
+        ``weights[i]`` (``[n, d_model]`` float32) the encoder row of feature ``start + i``.
+        Only one chunk (``ENCODER_CHUNK_BYTES`` by default) is in memory at once."""
+        weight = self._encoder_weight
+        size = features_per_chunk or max(1, ENCODER_CHUNK_BYTES // (4 * self.d_model))
+        for start in range(0, self.num_features, size):
+            stop = min(start + size, self.num_features)
+            yield start, self.arrays.rows(weight, start, stop) if self.columns else self.arrays.columns(weight, start, stop).T
 
     def _check_id(self, feature_id: int) -> None:
         if not 0 <= feature_id < self.num_features:
@@ -236,9 +285,8 @@ class DecoderSource:
             )
 
     @functools.cached_property
-    def _encoder(self):
-        """(encoder weight key, b_enc, b_dec, threshold): the biases and threshold are small
-        and read whole, once; the weight is read a feature at a time."""
+    def _encoder_weight(self) -> str:
+        """The encoder weights' key, checked against the decoder's shape."""
         layout = self.layout
         where = f"{self.description} ({layout.suite})"
         weight = layout.encoder and _find_key(self.arrays, layout.encoder)
@@ -250,35 +298,63 @@ class DecoderSource:
                 f"{where}: the encoder {weight!r} is {list(self.arrays.shape(weight))}, the decoder {self.key!r} "
                 f"{list(self.arrays.shape(self.key))}: expected the encoder as {list(expected)}"
             )
+        return weight
 
-        def vector(key: str | None, size: int, default: float | None) -> np.ndarray:
+    @functools.cached_property
+    def encoding(self) -> Encoding:
+        """How this SAE encodes (biases and threshold read whole, once). A threshold array wins
+        (JumpReLU, BatchTopK's inference threshold); else a known k makes it TopK; else the
+        suite's ReLU; else ValueError."""
+        where = f"{self.description} ({self.layout.suite})"
+        self._encoder_weight  # noqa: B018 - refuses an SAE without a usable encoder first
+
+        def vector(key: str | None, size: int) -> np.ndarray | None:
             found = key and _find_key(self.arrays, key)
             if not found:
-                if default is None:
-                    raise ValueError(f"{where}: no {key!r} in the file")
-                return np.full(1, default, np.float32)
+                return None
             values = self.arrays.vector(found)
             if values.size not in (1, size):
                 raise ValueError(f"{where}: {found!r} has {values.size} values; expected {size}")
-            return values
+            return np.broadcast_to(values, (size,)).astype(np.float32)
 
-        threshold = layout.threshold and _find_key(self.arrays, layout.threshold)
-        if not threshold and not (layout.relu or (self._relu is not None and self._relu())):
+        hints = self._hints()
+        threshold = vector(self.layout.threshold, self.num_features)
+        if threshold is not None and self.layout is DICTIONARY_LEARNING and threshold[0] < 0:
+            threshold = None  # dictionary_learning's -1: no threshold was learned
+        k = self._k or _stored_k(self.arrays) or hints.k
+        if threshold is not None:
+            kind = "jumprelu"
+        elif k is not None:
+            kind, threshold = "topk", np.zeros(self.num_features, np.float32)
+        elif hints.relu:
+            kind, threshold = "relu", np.zeros(self.num_features, np.float32)
+        else:
             raise ValueError(
-                f"{where}: no threshold array, so its activation (JumpReLU, TopK, ...) cannot be computed per "
-                "token; feature_clamp needs an SAE with a threshold (JumpReLU, BatchTopK) or a ReLU one"
+                f"{where}: no threshold array and no k, so its activation (JumpReLU, TopK, ...) cannot be computed; "
+                "feature_clamp needs an SAE with a threshold (JumpReLU, BatchTopK) or a ReLU one, and a TopK SAE "
+                "needs its k (add #k=N to the source)"
             )
-        b_enc = vector(layout.encoder_bias, self.num_features, 0.0)
-        if b_enc.size == 1:
-            b_enc = np.full(self.num_features, b_enc[0], np.float32)
-        b_dec = vector(layout.decoder_bias, self.d_model, 0.0)
-        return weight, b_enc, np.broadcast_to(b_dec.astype(np.float64), (self.d_model,)), vector(threshold, self.num_features, 0.0)
+        b_enc = vector(self.layout.encoder_bias, self.num_features)
+        b_dec = vector(self.layout.decoder_bias, self.d_model) if hints.subtract_b_dec else None
+        return Encoding(
+            kind,
+            np.zeros(self.num_features, np.float32) if b_enc is None else b_enc,
+            np.zeros(self.d_model) if b_dec is None else b_dec.astype(np.float64),
+            threshold,
+            k if kind == "topk" else None,
+        )
+
+
+def _stored_k(arrays) -> int | None:
+    """A ``k`` the weights file stores (dictionary_learning's TopK and BatchTopK buffers)."""
+    key = "k" in arrays.keys() and "k"
+    return int(arrays.vector(key)[0]) if key else None
 
 
 def load_sae(text: str) -> FeatureSource:
     """The feature source an SAE source string names (downloading hub files first)."""
     source = parse_source(text, OPTIONS)
-    layer = int_option(source, "layer")
+    layer, k = int_option(source, "layer"), int_option(source, "k")
     hub_folder = False
     if source.hub is None:
         path = source.local_path()
@@ -298,16 +374,17 @@ def load_sae(text: str) -> FeatureSource:
         arrays = TorchArrays(source.local_path())
         layout = _pick_layout(arrays, TORCH_LAYOUTS)
         rule = _goodfire_layer if layout is GOODFIRE else _ae_layer
-        return DecoderSource(arrays, layout, _layer(layer, rule, source), source.text)
+        return DecoderSource(arrays, layout, _layer(layer, rule, source), source.text, k=k)
     if suite == "saelens":
         arrays = SafetensorsArrays(_fetch(source, hub_folder))
         layout = _pick_layout(arrays, SAFETENSORS_LAYOUTS)
         source_layer = _layer(layer, _saelens_layer, source)
-        # SAELens' plain ReLU SAE says so in cfg.json, read only when an encoder is asked for.
-        return DecoderSource(arrays, layout, source_layer, source.text, relu=lambda: _saelens_architecture(source) == "standard")
+        # cfg.json says how it encodes; read only when the encoder is asked for.
+        return DecoderSource(arrays, layout, source_layer, source.text, hints=lambda: _saelens_hints(source), k=k)
     layout, reader, rule = SUITES[suite]
     found = _layer(layer, rule, source)  # before the weights: configs are small, and may refuse
-    decoder = DecoderSource(reader(source.local_path()), layout, found, source.text)
+    hints = (lambda: _qwen_scope_hints(source)) if suite == "qwen_scope" else None
+    decoder = DecoderSource(reader(source.local_path()), layout, found, source.text, hints=hints, k=k)
     if isinstance(decoder.arrays, NpzArrays) and decoder.arrays.compressed(decoder.key):
         logger.warning(
             "%s: %s is compressed in the archive, so each feature read decompresses it up to that feature "
@@ -501,13 +578,27 @@ def _saelens_layer(source: Source) -> int:
     return int(number)
 
 
-def _saelens_architecture(source: Source) -> str | None:
-    """SAELens' ``architecture`` ("standard" is a ReLU; "jumprelu", "topk", "gated", ...)."""
+def _saelens_hints(source: Source) -> EncoderHints:
+    """cfg.json's encoder: ``architecture`` "standard" is a ReLU unless its ``activation_fn``
+    is "topk" (older configs, k in ``activation_fn_kwargs``); "topk" has ``k``;
+    ``apply_b_dec_to_input`` false: the encoder reads ``h`` itself."""
     config_path = _beside(source, SAELENS_CONFIG)
-    if config_path is None:
-        return None
-    config = json.loads(config_path.read_text())
-    return config.get("architecture") or (config.get("meta") or config.get("metadata") or {}).get("architecture")
+    config = json.loads(config_path.read_text()) if config_path else {}
+    meta = config.get("meta") or config.get("metadata") or {}
+    architecture = config.get("architecture") or meta.get("architecture")
+    topk = architecture == "topk" or (config.get("activation_fn_str") or config.get("activation_fn")) == "topk"
+    k = config.get("k", (config.get("activation_fn_kwargs") or {}).get("k")) if topk else None
+    return EncoderHints(
+        relu=architecture == "standard" and not topk,
+        k=int(k) if k else None,
+        subtract_b_dec=config.get("apply_b_dec_to_input", True) is not False,
+    )
+
+
+def _qwen_scope_hints(source: Source) -> EncoderHints:
+    """Qwen-Scope SAEs are TopK with k the repo name's L0 (``SAE-Res-...-L0_50``: Top-K 50)."""
+    match = QWEN_SCOPE_TOP_K.search(_location(source))
+    return EncoderHints(k=int(match[1]) if match else None)
 
 
 def _hook_to_layer(hook: str, source: Source) -> int:

@@ -2,8 +2,10 @@
 time (sae.py decides which array and which axis a suite uses).
 
 Every reader answers ``keys()``, ``shape(key)``, ``floating(key)`` and ``row(key, i)`` /
-``column(key, i)``, which return a fresh 1-D float32 array, and ``vector(key)``, a whole 1-D
-(or 0-D) array such as a bias or a threshold; nothing loads a matrix whole:
+``column(key, i)``, which return a fresh 1-D float32 array, ``rows(key, start, stop)`` /
+``columns(key, start, stop)``, a fresh 2-D float32 block of them (the encoder read a chunk of
+features at a time), and ``vector(key)``, a whole 1-D (or 0-D) array such as a bias or a
+threshold; nothing loads a matrix whole:
 
 - ``TorchArrays`` -- a ``.pt``/``.pth`` state dict, ``torch.load(mmap=True, weights_only=True)``
   (files in torch's legacy, non-zip format cannot be memory-mapped: loaded whole, with a warning);
@@ -68,6 +70,12 @@ class TorchArrays:
     def column(self, key: str, index: int) -> np.ndarray:
         return _float32(self._tensors[key][:, index])
 
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        return _float32(self._tensors[key][start:stop])
+
+    def columns(self, key: str, start: int, stop: int) -> np.ndarray:
+        return _float32(self._tensors[key][:, start:stop])
+
     def vector(self, key: str) -> np.ndarray:
         return _float32(_small(self, key, self._tensors[key]).reshape(-1))
 
@@ -95,10 +103,16 @@ class SafetensorsArrays:
         return self._info[key][1] in ("F16", "BF16", "F32", "F64")
 
     def row(self, key: str, index: int) -> np.ndarray:
-        return self._read(key, (slice(index, index + 1),))
+        return self.rows(key, index, index + 1).reshape(-1)
 
     def column(self, key: str, index: int) -> np.ndarray:
-        return self._read(key, (slice(None), slice(index, index + 1)))
+        return self.columns(key, index, index + 1).reshape(-1)
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._read(key, (slice(start, stop),))
+
+    def columns(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._read(key, (slice(None), slice(start, stop)))
 
     def vector(self, key: str) -> np.ndarray:
         from safetensors import safe_open
@@ -112,7 +126,7 @@ class SafetensorsArrays:
 
         with safe_open(str(self.path), framework="pt") as file:
             part = file.get_slice(key)[where]
-        return _float32(part.reshape(-1))
+        return _float32(part)
 
 
 @dataclass
@@ -156,10 +170,16 @@ class NpzArrays:
         return not self._member(key).stored
 
     def row(self, key: str, index: int) -> np.ndarray:
-        return self._line(key, index, column=False)
+        return self._lines(key, index, index + 1, column=False).reshape(-1)
 
     def column(self, key: str, index: int) -> np.ndarray:
-        return self._line(key, index, column=True)
+        return self._lines(key, index, index + 1, column=True).reshape(-1)
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._lines(key, start, stop, column=False)
+
+    def columns(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._lines(key, start, stop, column=True)
 
     def vector(self, key: str) -> np.ndarray:
         from numpy.lib import format as npy
@@ -192,7 +212,8 @@ class NpzArrays:
             shape, fortran, dtype = _npy_header(stream, where)
             return _Member(info, shape, dtype, fortran, stream.tell())
 
-    def _line(self, key: str, index: int, *, column: bool) -> np.ndarray:
+    def _lines(self, key: str, start: int, stop: int, *, column: bool) -> np.ndarray:
+        """Rows ``start:stop`` (``[n, shape[1]]``) or columns (``[shape[0], n]``), float32."""
         member = self._member(key)
         if len(member.shape) != 2:
             raise ValueError(f"{self.path}[{key!r}]: shape {list(member.shape)}; expected 2-D")
@@ -202,7 +223,7 @@ class NpzArrays:
                 member.memmap = np.memmap(
                     self.path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order=order
                 )
-            part = member.memmap[:, index] if column else member.memmap[index]
+            part = member.memmap[:, start:stop] if column else member.memmap[start:stop]
             return np.array(part, dtype=np.float32)
         if column != member.fortran:  # rows of a C-order array and columns of a Fortran-order one are contiguous
             raise ValueError(
@@ -212,11 +233,12 @@ class NpzArrays:
         length = member.shape[0] if column else member.shape[1]
         size = length * member.dtype.itemsize
         with zipfile.ZipFile(self.path) as archive, archive.open(member.info) as stream:
-            stream.seek(member.offset + index * size)  # forward: decompresses and discards, in bounded chunks
-            raw = stream.read(size)
-        if len(raw) != size:
-            raise ValueError(f"{self.path}[{key!r}]: truncated: line {index} is past the member's end")
-        return np.frombuffer(raw, dtype=member.dtype).astype(np.float32)
+            stream.seek(member.offset + start * size)  # forward: decompresses and discards, in bounded chunks
+            raw = stream.read(size * (stop - start))
+        if len(raw) != size * (stop - start):
+            raise ValueError(f"{self.path}[{key!r}]: truncated: line {stop - 1} is past the member's end")
+        lines = np.frombuffer(raw, dtype=member.dtype).astype(np.float32).reshape(stop - start, length)
+        return lines.T if column else lines
 
 
 def _npy_header(file, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
