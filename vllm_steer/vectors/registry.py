@@ -75,6 +75,13 @@ class FeatureSource(Protocol):
         """The feature's encoder (vectors.sae.FeatureEncoder: row, offset, threshold); raises
         ValueError when the source has none it can use."""
 
+    @property
+    def encoding(self):
+        """How the SAE encodes (vectors.sae.Encoding), for finding features; raises
+        ValueError when it cannot."""
+
+    def encoder_chunks(self, features_per_chunk: int | None = None):
+        """The whole encoder as ``(start, [n, d_model] weights)``, a bounded chunk at a time."""
 
 class VectorRegistry:
     """Names and features -> digests -> float32 arrays.
