@@ -275,3 +275,18 @@ def test_the_capture_plan_takes_each_token_as_the_last_of_its_prefix():
     assert [s[:, 0].tolist() for s in plan.streams(rows)] == [[0, 1], [2], [3, 4]]
     assert CapturePlan.of([[1, 7, 8]], "last", 1, False).prefixes() == [[1, 7, 8]]
     assert CapturePlan.of([[1, 7, 8]], "token", 1, True).positions == [[0, 1, 2]]
+
+
+def test_the_cli_searches_labels_without_an_engine(tmp_path, capsys):
+    from vllm_steer import cli
+
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps(EXPLANATIONS))
+    cli.main(["features", "--query", "eiffel", "--explanations", str(path), "--top", "2"])
+    assert capsys.readouterr().out.splitlines() == [
+        "features labelled 'eiffel'",
+        "feature | label",
+        "--------+-------------------------------------",
+        "9       | eiffel",
+        "3       | the Eiffel Tower and Paris landmarks",
+    ]

@@ -13,6 +13,8 @@ does the same from a checkout).
     vllm-steer model smollm2              # fetch + convert SmolLM2-135M-Instruct once, print its folder
                                           # (--model smollm2 / --model demo work in every command)
     vllm-steer concepts                   # concept vectors for it (paris, ocean, ..., pirate, sad), cached
+    vllm-steer features --model M --sae SAE --prompt "The Eiffel Tower" --explanations np.json --top 20
+    vllm-steer features --query eiffel --explanations np.json   # search labels (no engine)
 """
 
 from __future__ import annotations
@@ -227,6 +229,52 @@ def bench(argv: list[str]) -> None:
     run.main(argv, program="vllm-steer bench")
 
 
+def features(argv: list[str]) -> None:
+    """``vllm-steer features``: an SAE's most active features on prompts (a table per prompt),
+    or, with ``--query``, features found by their labels in an explanations export."""
+    parser = argparse.ArgumentParser(prog="vllm-steer features", description="Find SAE features to steer.")
+    _steering_args(parser)
+    parser.add_argument("--prompt", action="append", default=[], help="a user message (chat template applied); repeatable")
+    parser.add_argument("--raw", action="store_true", help="prompts are plain text, not chat messages")
+    parser.add_argument("--top", type=int, default=20, help="features per prompt (or per token, or search results)")
+    parser.add_argument("--over", choices=["last", "mean", "token"], default="last",
+                        help="the last prompt token, the mean activation over the prompt's tokens, or each token")
+    parser.add_argument("--explanations", default=None, metavar="FILE",
+                        help="a Neuronpedia explanations export (JSON, JSONL, .gz, or a folder of them): labels")
+    parser.add_argument("--source", default=None, help="the export's SAE (Neuronpedia layer id), when it holds several")
+    parser.add_argument("--query", default=None, help="search the explanations' labels instead (no engine)")
+    args = parser.parse_args(argv)
+    from vllm_steer.features import load_explanations, search_features
+    from vllm_steer.features.table import features_table, matches_table
+
+    explanations = load_explanations(args.explanations, args.source) if args.explanations else None
+    if args.query is not None:
+        if explanations is None:
+            parser.error("--query searches labels: give --explanations FILE")
+        print(matches_table(args.query, search_features(args.query, explanations, limit=args.top)))
+        return
+    if not args.prompt or len(args.sae) != 1:
+        parser.error("give --prompt (repeatable) and one --sae, or --query with --explanations")
+    model, vectors = _model_and_vectors(args)
+    _cpu_defaults([])
+    from vllm_steer import SteeredLLM
+
+    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
+                     steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib, capture=True,
+                     max_model_len=1024 if args.model is None else None)
+    prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
+    from vllm_steer.spec import SteeringError
+
+    try:
+        results = llm.top_features(prompts, sae=args.sae[0], k=args.top, over=args.over, explanations=explanations)
+    except SteeringError as error:  # the user's choice (k, the SAE): no traceback
+        sys.exit(f"vllm-steer features: {error}")
+    finally:
+        llm.shutdown()
+    for prompt, result in zip(args.prompt, results):
+        print("\n" + features_table(prompt, result))
+
+
 def model(argv: list[str]) -> None:
     """``vllm-steer model NAME``: fetch and convert a named model once, print its folder."""
     from vllm_steer import models
@@ -242,7 +290,7 @@ def concepts(argv: list[str]) -> None:
 
 
 COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench, "model": model,
-            "concepts": concepts}
+            "concepts": concepts, "features": features}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,23 @@ def collect_captures(keys: list[str]) -> WorkerCall:
     return WorkerCall("collect_captures", (list(keys),))
 
 
+def merge_captures(worker_results: list, keys: list[str], layers: list[int]) -> list[dict]:
+    """Each key's captured rows ``{layer: float32 array}`` from every worker's
+    ``collect_captures`` answer (tensor-parallel ranks hold the same rows; pipeline ranks
+    their own layers); RuntimeError when one did not come back whole."""
+    import numpy as np
+
+    merged: dict[str, dict] = {key: {} for key in keys}
+    for worker in worker_results:
+        for key, rows in worker.items():
+            for layer, raw in rows.items():
+                merged[key].setdefault(int(layer), np.frombuffer(raw, dtype="<f4").copy())
+    missing = [key for key in keys if set(merged[key]) != set(layers)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(keys)} captures did not come back complete")
+    return [merged[key] for key in keys]
+
+
 def send(llm: Any, call: WorkerCall) -> list:
     """Run ``call`` on every worker of a ``vllm.LLM``; one result per worker."""
     return llm.collective_rpc(RPC_METHOD, args=call.rpc_args)

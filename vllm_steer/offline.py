@@ -166,16 +166,44 @@ class SteeredLLM:
         captures = [{"key": key, "layers": list(layers), "reduce": reduce} for key in keys]
         params = self._params(SamplingParams(max_tokens=1, temperature=0.0), len(prompts), steering, captures)
         self.llm.generate(prompts, params, use_tqdm=use_tqdm)
-        merged: dict[str, dict[int, np.ndarray]] = {key: {} for key in keys}
-        # Tensor parallel ranks hold the same rows; pipeline ranks hold their own layers.
-        for worker in control.send(self.llm, control.collect_captures(keys)):
-            for key, rows in worker.items():
-                for layer, raw in rows.items():
-                    merged[key].setdefault(int(layer), np.frombuffer(raw, dtype="<f4").copy())
-        missing = [key for key in keys if set(merged[key]) != set(layers)]
-        if missing:
-            raise RuntimeError(f"{len(missing)} of {len(keys)} captures did not come back complete")
-        return [merged[key] for key in keys]
+        return control.merge_captures(control.send(self.llm, control.collect_captures(keys)), keys, list(layers))
+
+    def top_features(
+        self,
+        prompts,
+        *,
+        sae: Any = None,
+        k: int = 20,
+        over: str = "last",
+        explanations: Any = None,
+        include_bos: bool = False,
+        use_tqdm: bool = False,
+    ) -> list:
+        """The ``k`` most active features of an SAE on each prompt (features.encode): over its
+        last token, the mean over its tokens, or per token (``over`` "last", "mean",
+        "token"), with activations, and labels when ``explanations`` (a Neuronpedia export's
+        path, or features.Explanations) is given. A prompt is text, token ids or a
+        conversation (list of messages, rendered with the chat template). ``sae``: a loaded
+        SAE's layer or source, another SAE source or a loaded ``vectors.load_sae`` object (its
+        layer is captured); None when one SAE is loaded. Needs ``capture=True``."""
+        from vllm_steer.features import finder
+        from vllm_steer.features.explanations import load_explanations
+
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
+        given = {"layer": sae} if isinstance(sae, int) else {"sae": sae} if isinstance(sae, str) else {}
+        query = finder.FeatureQuery.parse({"prompts": prompts, "k": k, "over": over, "include_bos": include_bos, **given})
+        if sae is None or isinstance(sae, (int, str)):
+            source = finder.choose_sae(self.frontend.registry, query, load=True)
+        else:
+            source = sae
+        finder.check_sae(self.frontend, source, query)
+        tokenizer = self.llm.get_tokenizer()
+        plan = finder.plan(tokenizer, query)
+        rows = self.capture([{"prompt_token_ids": p} for p in plan.prefixes()], [source.layer], use_tqdm=use_tqdm)
+        if isinstance(explanations, (str, Path)):
+            explanations = load_explanations(explanations)
+        return finder.results(source, plan, plan.streams([r[source.layer] for r in rows]), query, tokenizer, explanations)
 
     # ---- the notebook's shape -------------------------------------------------------------
     def notebook_spec(self, scale: float = 1.0, clamp_intensity: bool = False) -> dict[str, Any]:

@@ -30,13 +30,6 @@ from vllm_steer.vectors import absolute_source, load_sae
 MAX_TOP_K = 1000
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: str
-    content: str
-
-
 class FeatureQuery(BaseModel):
     """What to find: the prompts (text, token ids, or a conversation rendered with the
     model's chat template and its generation prompt), or ``messages``, one conversation;
@@ -44,8 +37,8 @@ class FeatureQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str | list[int] | list[ChatMessage]] | None = None
-    messages: list[ChatMessage] | None = None
+    prompts: list[str | list[int] | list[dict[str, str]]] | None = None
+    messages: list[dict[str, str]] | None = None  # {"role": ..., "content": ...}
     sae: str | None = None
     layer: int | None = None
     k: int = Field(default=20, ge=1, le=MAX_TOP_K)
@@ -152,9 +145,9 @@ def prompt_token_ids(tokenizer, prompt: Any) -> list[int]:
         return list(tokenizer.encode(prompt))
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         return list(prompt["prompt_token_ids"])
-    if prompt and all(isinstance(m, (dict, ChatMessage)) for m in prompt):
-        messages = [m.model_dump() if isinstance(m, ChatMessage) else m for m in prompt]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))  # the template has the special tokens
     return [int(t) for t in prompt]
 
 
