@@ -113,12 +113,16 @@ def test_table_bytes_formula():
     row = 4 * (9 * 2048 + 5 * 4 + 1)  # add + 4 directions (edit and probe), 5 params each, the count
     unbounded = common.steering_table_bytes(hidden=2048, steerable_layers=16, max_num_seqs=32, max_directions=4,
                                             max_num_batched_tokens=2048)
-    assert unbounded["rows"] == 1 + 32 * 16 and unbounded["pool"] == unbounded["rows"] * row
-    assert unbounded["index"] == 2048 * 8 * 17 + 33 * 8 * 18
+    # A row per layer and one for a condition, per request.
+    assert unbounded["rows"] == 1 + 32 * 17 and unbounded["pool"] == unbounded["rows"] * row
+    # Per token: token_slot and a token_row per layer. Per slot: two row_of_slot columns per
+    # layer, the phase bounds and prompt end (int64), the gate's 3 numbers and 2 sums (float32).
+    assert unbounded["index"] == 2048 * 8 * 17 + 33 * (8 * (2 * 16 + 3) + 4 * 5)
     assert unbounded["total"] == unbounded["pool"] + unbounded["index"]
     bounded = common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=100)
     assert bounded["rows"] == 100 and bounded["pool"] == 100 * row
-    assert common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=10**6)["rows"] == 1 + 32 * 16
+    assert common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=10**6)["rows"] == 1 + 32 * 17
+    assert common.steering_table_bytes(2048, 16, 32, 0, 2048)["rows"] == 1 + 32 * 16  # no directions: no conditions
 
 
 @pytest.mark.parametrize("max_directions", [0, 4])
@@ -137,7 +141,7 @@ def test_table_bytes_formula_matches_what_the_model_allocates(max_directions, ta
     shape = ModelShape(num_layers=4, hidden_size=64, steerable_layers=(0, 2, 3), max_directions=max_directions, table_rows=table_rows)
     runtime = SteeringRuntime(shape, VectorRegistry(), layers, num_slots=9, max_tokens=128)
     buffers = {id(b): b for layer in layers.values() for name, b in layer.named_buffers()}  # the pool is shared
-    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.phase)})
+    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.phase, runtime.gate, runtime.probe_end)})
     allocated = sum(b.numel() * b.element_size() for b in buffers.values())
     formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions, max_num_batched_tokens=128,
                                           table_rows=table_rows)
@@ -232,7 +236,7 @@ def test_markdown_rendering():
     assert "| 8 | 42.0 | 40.5 | 39.5 | 0.940 |" in text  # stock vs steerable
     assert "19.8x" in text and "9.9x" in text  # speedups over the notebook
     assert "| output_throughput | 100.0 | 95.0 | 0.950 |" in text
-    assert "a pool of 33 rows" in text and "+1024 MiB" in text
+    assert "a pool of 41 rows" in text and "+1024 MiB" in text
     assert "meets >= 0.95" in text and "within 0.02" in text and "(the target is at batch 32: >= 10x)" in text
     at_32 = {"speedup_vs_notebook_batch": 32, "speedup_vs_notebook": 9.5, "speedup_vs_notebook_ok": False}
     assert run._target_sentences(at_32) == ["batch 32 vs the notebook one chat at a time 9.5x (misses: >= 10x)"]

@@ -64,7 +64,7 @@ KERNEL_SCRIPT = textwrap.dedent("""
     outputs = [steer_triton(*args, max_block=block) for args, block in cases]
     steer_op()  # registered outside the compiled region, as the layer would
     args, block = cases[-1]
-    compiled = torch.compile(lambda *args: steer_triton(*args, max_block=block) * 1, backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled = torch.compile(lambda *args: steer_triton(*args, max_block=block)[0] * 1, backend="aot_eager", fullgraph=True, dynamic=True)
     compiled_outputs = [compiled(args[0][:n], args[1][:n], *args[2:]) for n in (len(args[0]), 3)]
     torch.save({"outputs": outputs, "compiled": compiled_outputs}, sys.argv[2])
 """)
@@ -87,9 +87,12 @@ def kernel_run(tmp_path_factory):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[case_id(case) for case in CASES])
 def test_kernel_matches_layer_math(kernel_run, index):
     inputs, results = kernel_run
-    args, out, (_, _, _, dtype) = inputs[index], results["outputs"][index], CASES[index]
+    args, (out, reading), (_, _, _, dtype) = inputs[index], results["outputs"][index], CASES[index]
     residual = args[1]
-    expected = steer_eager(*args)
+    expected, expected_reading = steer_eager(*args, reading=True)
+    # The first direction's reading (a condition's): the same float32 math, summed in another order.
+    torch.testing.assert_close(reading, expected_reading, rtol=1e-5, atol=1e-4)
+    assert torch.equal(reading[UNSTEERED], torch.zeros(int(UNSTEERED.sum())))
     assert out.dtype == dtype and out.shape == expected.shape
     # Row 0 and all-zero rows hand the residual back bit for bit, in every dtype.
     assert torch.equal(out[UNSTEERED], residual[UNSTEERED])
@@ -106,7 +109,7 @@ def test_kernel_matches_layer_math(kernel_run, index):
 def test_compiled_op_matches_eager_kernel(kernel_run):
     """The op traces whole under torch.compile (fullgraph, dynamic token count)."""
     _, results = kernel_run
-    full = results["outputs"][-1]
+    full = results["outputs"][-1][0]
     first, fewer = results["compiled"]
     assert torch.equal(first, full)
     assert torch.equal(fewer, full[:3])

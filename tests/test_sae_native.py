@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import CACHE, start_engine
-from helpers import Generation, assert_same_tokens_close_logprobs, run
+from helpers import Generation, assert_same_tokens_close_logprobs, reference, run
 from vllm_steer.reference import ReferenceSteerer, edit_layer_outputs
 
 HIDDEN, FEATURES, FEATURE = 256, 16, 3
@@ -84,9 +84,9 @@ def saes(hf_model, prompt_ids) -> dict[str, Sae]:
 @pytest.fixture(scope="module")
 def sae_engine(tiny_model, feature_file, saes, runner):
     """The session's tiny Llama with the three SAEs loaded (in-process and eager: starts in
-    seconds), for this module only."""
+    seconds), for this module only. 32 tokens per step: long prompts take several steps."""
     llm = start_engine(tiny_model, feature_file, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                       sae=[sae.source for sae in saes.values()], enforce_eager=True)
+                       sae=[sae.source for sae in saes.values()], enforce_eager=True, max_num_batched_tokens=32)
     yield llm
     llm.shutdown()
 
@@ -159,3 +159,76 @@ def test_feature_clamp_errors_name_the_field(sae_engine):
     assert info.value.field == "steering.vectors[0].feature" and "no SAE is loaded for layer 3" in str(info.value)
     with pytest.raises(SteeringError, match="out of range"):
         sae_engine.frontend.resolve({"vectors": [{"feature": [1, FEATURES], "mode": "feature_clamp"}]})
+
+
+# ---- conditions (CAST) -------------------------------------------------------------------
+def prompt_streams(hf_model, prompt: list[int], layer: int) -> torch.Tensor:
+    """The unsteered stream after ``layer`` at every prompt token."""
+    with torch.no_grad():
+        return hf_model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[layer + 1][0]
+
+
+@pytest.fixture(scope="module")
+def gated(sae_engine, saes, hf_model, prompt_ids, gen_len):
+    """Four gated requests and an unsteered one in one batch. The conditions' thresholds sit
+    halfway between two prompts' means, computed here from the formula: a vector's mean
+    projection at layer 2 (above), and the JumpReLU feature's mean activation (below), on a
+    short prompt and on a long one that takes several chunked-prefill steps."""
+    short, long = prompt_ids[1], (prompt_ids[2] + prompt_ids[0]) * 3
+    assert len(long) > 64
+    generator = torch.Generator().manual_seed(5)
+    probe = torch.randn(HIDDEN, generator=generator).double()
+    unit_probe = probe / probe.norm()
+    steer = (torch.randn(HIDDEN, generator=generator) * 0.5).tolist()
+
+    def projection(prompt):
+        return float((prompt_streams(hf_model, prompt, 2).double() @ unit_probe).mean())
+
+    def activation(prompt):
+        return float(saes["jumprelu"].activation(prompt_streams(hf_model, prompt, 1)).mean())
+
+    conditions = {
+        "vector": ({"vector": probe.tolist(), "layer": 2, "compare": "above"}, projection),
+        "feature": ({"feature": [1, FEATURE], "compare": "below"}, activation),
+    }
+    cases, specs, prompts = {}, [None], [short]
+    for kind, (condition, measure) in conditions.items():
+        means = {"short": measure(short), "long": measure(long)}
+        threshold = (means["short"] + means["long"]) / 2
+        assert abs(means["short"] - means["long"]) > 1e-3  # no rounding can flip the outcome
+        for name, prompt in (("short", short), ("long", long)):
+            holds = means[name] > threshold if condition["compare"] == "above" else means[name] < threshold
+            cases[f"{kind}, {name}"] = (prompt, holds)
+            prompts.append(prompt)
+            specs.append({"vectors": [{"vector": steer, "layers": [0, 2], "scale": 6.0}],
+                          "condition": {**condition, "threshold": threshold}})
+    outputs = run(sae_engine, prompts, specs, gen_len)
+    steered_spec = {"vectors": [{"vector": steer, "layers": [0, 2], "scale": 6.0}], "apply_to": "generated"}
+    return {name: (output, prompt, holds, steered_spec) for (name, (prompt, holds)), output in zip(cases.items(), outputs[1:])}
+
+
+@pytest.mark.parametrize("case", ["vector, short", "vector, long", "feature, short", "feature, long"])
+def test_a_condition_steers_only_the_prompts_that_match(gated, sae_engine, hf_model, gen_len, case):
+    output, prompt, holds, steered_spec = gated[case]
+    expected = reference(hf_model, sae_engine, prompt, steered_spec if holds else None, gen_len)
+    assert_same_tokens_close_logprobs(output, expected)
+    unsteered = reference(hf_model, sae_engine, prompt, None, gen_len)
+    assert (output.token_ids != unsteered.token_ids) == holds  # the steering changes the text
+
+
+def test_each_condition_holds_for_one_prompt_of_the_batch(gated):
+    outcomes = {name: holds for name, (_, _, holds, _) in gated.items()}
+    assert outcomes["vector, short"] != outcomes["vector, long"]
+    assert outcomes["feature, short"] != outcomes["feature, long"]
+
+
+def test_condition_errors_name_the_field(sae_engine):
+    from vllm_steer.spec import SteeringError
+
+    steer = {"vectors": [{"name": sae_engine.frontend.registry.names()[0], "layers": [1]}]}
+    with pytest.raises(SteeringError) as info:  # layer 3 has feature vectors, but no SAE: no encoder
+        sae_engine.frontend.resolve({**steer, "condition": {"feature": [3, 5], "threshold": 0.0}})
+    assert info.value.field == "steering.condition.feature" and "no SAE is loaded for layer 3" in info.value.reason
+    with pytest.raises(SteeringError) as info:
+        sae_engine.frontend.resolve({**steer, "condition": {"vector": [1.0] * HIDDEN, "layer": 9, "threshold": 0.0}})
+    assert info.value.field == "steering.condition.layer" and "out of range" in info.value.reason

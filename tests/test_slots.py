@@ -99,7 +99,7 @@ def test_identical_steering_shares_rows_and_release_returns_them(runtime):
     assert runtime.slots_in_use == SLOTS - 1
     # SPEC_A steers layers 0 and 1 differently: two rows, whatever the number of requests.
     assert runtime.pool.in_use == 2
-    assert runtime.row_of_slot[:, 1:].unique(dim=1).shape[1] == 1
+    assert runtime.row_of_slot[:, 1:SLOTS].unique(dim=1).shape[1] == 1
     runtime.release("r1")
     assert not runtime.row_of_slot[:, 2].any() and runtime.pool.in_use == 2
     assert runtime.admit("late", params(SPEC_B), prompt_len=1) == 2
@@ -341,3 +341,50 @@ def test_the_row_budget_follows_the_setting_or_the_device():
     assert SteeringConfig(table_budget_mib=1).model_shape(config, device_bytes=141 << 30).table_rows == (1 << 20) // row
     with pytest.raises(ValueError, match=f"holds no steering row: one row takes {row} bytes"):
         budget_rows(row, 4096, 4)
+
+
+@pytest.mark.parametrize("compare", ["above", "below"])
+def test_a_condition_reads_the_prompt_and_gates_the_generated_tokens(runtime, compare):
+    """Two requests with the same steering and condition: the prompt tokens of each read the
+    gate row at the condition's layer, the layer sums their projections per request, and
+    only the request whose mean projection passes steers its generated tokens."""
+    b_hat = unit(torch.from_numpy(FRONT_REGISTRY.array(FRONT_REGISTRY.digest_of("b")).copy()))
+    spec = {"vectors": [{"name": "a", "layers": [0, 2], "scale": 3.0}],
+            "condition": {"name": "b", "layer": 1, "threshold": 1.0, "compare": compare}}
+    high, low = runtime.admit("high", params(spec), prompt_len=3), runtime.admit("low", params(spec), prompt_len=2)
+    assert runtime.pool.in_use == 2  # the steering row (layers 0 and 2 alike) and one gate row, shared
+    # Prompts: high's mean projection on b is 2 (above 1), low's is 0.5 (below).
+    base = torch.randn(5, HIDDEN)
+    base -= (base @ b_hat).unsqueeze(-1) * b_hat
+    stream = base + torch.tensor([1.0, 2.0, 3.0, 0.0, 1.0]).unsqueeze(-1) * b_hat
+    runtime.fill_token_slot(torch.tensor([high, low]), torch.tensor([3, 2]), torch.tensor([0, 1, 2, 0, 1]), 5, 6)
+    gate_columns = [SLOTS + high] * 3 + [SLOTS + low] * 2
+    assert runtime.token_slot[:6].tolist() == gate_columns + [0]
+    hidden = torch.zeros(5, HIDDEN)
+    for layer in runtime.layers.values():
+        # The prompt is read, not steered, at every layer.
+        assert torch.equal(layer.steer(hidden, stream), stream)
+    torch.testing.assert_close(runtime.gate_sum[[SLOTS + high, SLOTS + low]], torch.tensor([6.0, 1.0]))
+
+    # Next step: one generated token each.
+    runtime.fill_token_slot(torch.tensor([high, low]), torch.tensor([1, 1]), torch.tensor([3, 2]), 2, 2)
+    passes = high if compare == "above" else low
+    assert runtime.token_slot[:2].tolist() == [high if passes == high else 0, low if passes == low else 0]
+    for index in (0, 2):
+        out = runtime.layers[index].steer(torch.zeros(2, HIDDEN), stream[:2])
+        steered = 0 if passes == high else 1
+        assert torch.equal(out[1 - steered], stream[1 - steered])
+        assert not torch.equal(out[steered], stream[steered])
+
+    runtime.release("high")
+    runtime.release("low")
+    assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any() and not runtime.probe_end.any()
+    assert runtime.stats()["conditions"] == {"held": 1, "not_held": 1}
+
+
+def test_a_readmitted_request_reads_its_prompt_again(runtime):
+    spec = {"vectors": [{"name": "a", "layers": [0], "scale": 3.0}], "condition": {"name": "b", "layer": 1, "threshold": 0.0}}
+    slot = runtime.admit("r", params(spec), prompt_len=2)
+    runtime.gate_sum[SLOTS + slot] = 123.0
+    assert runtime.admit("r", params(spec), prompt_len=2) == slot  # preempted and resumed: released first
+    assert runtime.gate_sum[SLOTS + slot] == 0

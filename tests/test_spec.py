@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve
+from vllm_steer.resolve import Gate, ModelShape, Op, ResolvedSteering, resolve
 from vllm_steer.spec import SteeringError, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors import VectorRegistry
 
@@ -22,6 +22,9 @@ def registry() -> VectorRegistry:
     registry.add_feature(2, 74457, np.ones(8, dtype=np.float32), source="test")
     registry.add("happy", {1: np.full(8, 1.0, np.float32), 2: np.full(8, 2.0, np.float32)}, source="control vector")
     return registry
+
+
+STEER = {"vectors": [{"name": "eiffel", "layers": [1]}]}
 
 
 def vec(*values: float) -> list[float]:
@@ -62,6 +65,15 @@ def vec(*values: float) -> list[float]:
         ({"vectors": [{"feature": [3, -7]}]}, "steering.vectors[0].feature", "non-negative"),
         ({"vectors": [{"feature": [3, 7], "name": "eiffel"}]}, "steering.vectors[0]", "got name, feature"),
         ({"vectors": [{"feature": [3, 7], "only_active": True}]}, "steering.vectors[0]", "'only_active' applies to mode 'feature_clamp' only"),
+        ({**STEER, "condition": {"name": "eiffel", "threshold": 1}}, "steering.condition", "'layer' is required"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": 1}}, "steering.condition.threshold", "Field required"),
+        ({**STEER, "condition": {"layer": 1, "threshold": 1}}, "steering.condition", "exactly one of 'name', 'vector'"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": 1, "threshold": math.nan}}, "steering.condition.threshold", "finite"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": 1, "threshold": 1, "compare": ">"}}, "steering.condition.compare", "'above' or 'below'"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": -1, "threshold": 1}}, "steering.condition.layer", "start at 0"),
+        ({**STEER, "condition": {"feature": [2, 5], "layer": 1, "threshold": 1}}, "steering.condition", "read at its own layer (2)"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": 1, "threshold": 1, "min": 0}}, "steering.condition.min", "allowed: compare, feature, layer, name, threshold"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": 1, "threshold": 1}, "apply_to": "all"}, "steering.apply_to", "gates generated tokens only"),
     ],
 )
 def test_shape_errors_name_the_field(spec, field, fragment):
@@ -87,6 +99,12 @@ def test_shape_errors_name_the_field(spec, field, fragment):
             "steering",
             "layer 1 has 3 clamp/ablate/range directions; this server allows at most 2 per layer",
         ),
+        ({**STEER, "condition": {"name": "tower", "layer": 1, "threshold": 1}}, "steering.condition.name", "unknown vector 'tower'"),
+        ({**STEER, "condition": {"name": "eiffel", "layer": 4, "threshold": 1}}, "steering.condition.layer", "layer 4 is out of range"),
+        ({**STEER, "condition": {"name": "happy", "layer": 3, "threshold": 1}}, "steering.condition.layer", "'happy' has directions for layers [1, 2]"),
+        ({**STEER, "condition": {"vector": [1.0], "layer": 1, "threshold": 1}}, "steering.condition.vector", "has 1 values"),
+        ({**STEER, "condition": {"vector": vec(), "layer": 1, "threshold": 1}}, "steering.condition.vector", "all zeros"),
+        ({**STEER, "condition": {"feature": [2, 74457], "threshold": 1}}, "steering.condition.feature", "no SAE is loaded for layer 2"),
     ],
 )
 def test_model_errors_name_the_field(spec, field, fragment, registry):
@@ -240,6 +258,26 @@ def test_layered_vector_steers_its_own_layers_with_their_own_directions(registry
     assert chosen.ops == (Op(2, "clamp", two, 1.0, True),)
     info = registry.info("happy")
     assert (info.layers, info.dimension, info.norm) == ((1, 2), 8, pytest.approx(np.sqrt(32)))
+
+
+def test_a_condition_travels_in_the_wire_form_and_changes_the_fingerprint(registry):
+    plain = resolve(STEER, SHAPE, registry)
+    gated = resolve({**STEER, "condition": {"name": "happy", "layer": 2, "threshold": 0.5, "compare": "below"}}, SHAPE, registry)
+    assert gated.apply_to == "generated" and plain.apply_to == "all"
+    assert gated.gate == Gate(2, registry.digest_of("happy", 2), True, 0.0, None, "below", 0.5)
+    assert ResolvedSteering.from_wire(gated.to_wire()) == gated
+    other = resolve({**STEER, "condition": {"name": "happy", "layer": 2, "threshold": 0.6, "compare": "below"}}, SHAPE, registry)
+    assert len({plain.fingerprint, gated.fingerprint, other.fingerprint}) == 3
+    # Gates on one direction share their row, whatever the threshold.
+    assert gated.rows == plain.rows | {gated.gate.row_key} and other.gate.row_key == gated.gate.row_key
+    inline = resolve({**STEER, "condition": {"vector": vec(0, 3), "layer": 1, "threshold": 0.5}}, SHAPE, registry)
+    assert set(inline.inline) == {inline.gate.digest}
+    no_directions = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=0)
+    with pytest.raises(SteeringError, match="max_directions is 0"):
+        resolve({**STEER, "condition": {"name": "eiffel", "layer": 1, "threshold": 1}}, no_directions, registry)
+    pipeline = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=2, pipeline_stages=2)
+    with pytest.raises(SteeringError, match="pipeline parallelism"):
+        resolve({**STEER, "condition": {"name": "eiffel", "layer": 1, "threshold": 1}}, pipeline, registry)
 
 
 def test_range_ops_carry_their_bounds_through_the_wire(registry):

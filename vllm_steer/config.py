@@ -54,7 +54,7 @@ class SteeringConfig(BaseModel):
     def from_hf_config(cls, hf_config: Any) -> SteeringConfig:
         return cls.model_validate(getattr(hf_config, "steering", None) or {})
 
-    def model_shape(self, hf_config: Any, dtype: str = "float32", device_bytes: int | None = None):
+    def model_shape(self, hf_config: Any, dtype: str = "float32", device_bytes: int | None = None, pipeline_stages: int = 1):
         """What validation needs to know about the served model (``dtype``: the one served;
         ``device_bytes``: the device's memory, for the default row budget; without it and
         without ``table_budget_mib`` the pool is not bounded)."""
@@ -69,6 +69,7 @@ class SteeringConfig(BaseModel):
             max_request_ops=self.max_request_ops,
             dtype=dtype,
             table_rows=self.table_rows(text.hidden_size, device_bytes),
+            pipeline_stages=pipeline_stages,
         )
 
     def table_rows(self, hidden: int, device_bytes: int | None) -> int | None:

@@ -68,9 +68,9 @@ class SteeringFrontend:
     """The front end's view of the served model: its shape, and a registry mirroring the
     workers' (plus, with ``registry_dir``, the run-time changes every front end shares)."""
 
-    def __init__(self, hf_config: Any, dtype: str = "float32"):
+    def __init__(self, hf_config: Any, dtype: str = "float32", pipeline_stages: int = 1):
         self.settings = SteeringConfig.from_hf_config(hf_config)
-        self.shape = self.settings.model_shape(hf_config, dtype, touchpoints.device_memory())
+        self.shape = self.settings.model_shape(hf_config, dtype, touchpoints.device_memory(), pipeline_stages)
         self.registry = self.settings.load_registry(hf_config)
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
         self._seal_key = secrets.token_bytes(32)
@@ -174,7 +174,9 @@ def frontend_of(input_processor: Any) -> SteeringFrontend | None:
             if frontend is None:
                 hf_config = touchpoints.served_hf_config(input_processor)
                 steerable = is_steered(getattr(hf_config, "architectures", None))
-                frontend = SteeringFrontend(hf_config, touchpoints.served_dtype(input_processor)) if steerable else False
+                frontend = SteeringFrontend(
+                    hf_config, touchpoints.served_dtype(input_processor), touchpoints.pipeline_stages(input_processor)
+                ) if steerable else False
                 input_processor._vllm_steer = frontend
     return frontend or None
 
@@ -212,6 +214,9 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
         raise SteeringRequestError(exc) from None
     if resolved is not None:
         extra["steering"] = resolved.to_wire()
+        if resolved.gate is not None:
+            # A condition reads every prompt token: none may come from the prefix cache.
+            params.skip_reading_prefix_cache = True
         request.cache_salt = steering_salt(resolved.cache_namespace(prompt_length(request)), request.cache_salt)
     else:  # nothing to apply: the request is unsteered, and shares its cache
         extra.pop("steering", None)

@@ -15,6 +15,7 @@ product differs):
         change = clip(a, lo, hi) - a if a > floor else 0     # floor 0: only where it fires
         delta += change * edit
     new_residual = (residual + delta).to(residual.dtype)
+    reading = the first direction's a (0 when the row uses none)   # a condition's (slots.py)
 
 A token pays only for the directions its row uses: an unsteered token (row 0) is one read of
 its residual and one write. One program per token. A row is read in blocks of ``BLOCK`` columns (any hidden size,
@@ -47,11 +48,13 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor, max_block: int = MAX_BLOCK) -> torch.Tensor:
-    """The new residual for ``hidden + residual`` steered by ``tables``: ``token_row, add, dirs,
-    count`` in the layout of ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long;
-    contiguous float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``, int32 ``count [R]``). ``hidden`` and ``residual`` may
-    have any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
+def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Tensor,
+                 max_block: int = MAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new residual for ``hidden + residual`` steered by ``tables``, and each token's
+    reading (float32 ``[n]``). ``tables``: ``token_row, add, dirs, count`` in the layout of
+    ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long; contiguous float32 ``add [R, H]``
+    and ``dirs [K, R, 2H + PARAMS]``, int32 ``count [R]``). ``hidden`` and ``residual`` may have
+    any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
     lower it to exercise the swept path)."""
     return steer_op()(hidden, residual, *tables, max_block)
 
@@ -86,25 +89,26 @@ def _register():
         dirs: torch.Tensor,
         count: torch.Tensor,
         max_block: int,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, width = residual.shape
         directions, rows = dirs.shape[0], dirs.shape[1]
         block = min(triton.next_power_of_2(width), triton.next_power_of_2(max_block))
         blocks = triton.cdiv(width, block)
         out = residual.new_empty((tokens, width))
+        reading = residual.new_empty(tokens, dtype=torch.float32)
         # Only a swept row (wider than one block) with directions needs the scratch delta.
         scratch = residual.new_empty((tokens if blocks > 1 and directions else 0, width), dtype=torch.float32)
         if tokens:
             kernel[(tokens,)](
-                hidden, residual, out, token_row, add, dirs, count, scratch,
+                hidden, residual, out, reading, token_row, add, dirs, count, scratch,
                 hidden.stride(0), residual.stride(0), width, rows,
                 K=directions, ENTRY=dirs.shape[-1], BLOCK=block, BLOCKS=blocks, num_warps=_num_warps(block),
             )
-        return out
+        return out, reading
 
     @steer.register_fake
     def _(hidden, residual, token_row, add, dirs, count, max_block):
-        return residual.new_empty(residual.shape)
+        return residual.new_empty(residual.shape), residual.new_empty(residual.shape[0], dtype=torch.float32)
 
     return steer
 
@@ -119,7 +123,7 @@ def _steer_kernel():
     # Module globals, defined here (not at import): Triton resolves the names a kernel calls
     # through the module's globals (its interpreter knows no closures), and decorating at
     # first use is what lets a test turn the interpreter on first.
-    global tl, load_f32, change, sweep
+    global tl, load_f32, activation, change, sweep
     import triton
     import triton.language as tl
 
@@ -128,11 +132,15 @@ def _steer_kernel():
         return tl.load(row_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
 
     @triton.jit
-    def change(param, dot):
-        """How far the stream moves along the edit direction, given ``dot = <x, probe>`` and
-        the direction's params (lo, hi, offset, threshold, floor)."""
+    def activation(param, dot):
+        """``a`` given ``dot = <x, probe>`` and the direction's params (lo, hi, offset,
+        threshold, floor)."""
         a = dot + tl.load(param + 2)
-        a = tl.where(a > tl.load(param + 3), a, 0.0)
+        return tl.where(a > tl.load(param + 3), a, 0.0)
+
+    @triton.jit
+    def change(param, a):
+        """How far the stream moves along the edit direction."""
         moved = tl.minimum(tl.maximum(a, tl.load(param)), tl.load(param + 1)) - a
         return tl.where(a > tl.load(param + 4), moved, 0.0)
 
@@ -159,7 +167,7 @@ def _steer_kernel():
         return along
 
     @triton.jit
-    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, token_row_ptr, add_ptr, dirs_ptr,
+    def steer_kernel(hidden_ptr, residual_ptr, out_ptr, reading_ptr, token_row_ptr, add_ptr, dirs_ptr,
                      count_ptr, scratch_ptr, hidden_stride, residual_stride, width, rows,
                      K: tl.constexpr, ENTRY: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
@@ -175,6 +183,7 @@ def _steer_kernel():
         param = dir_row + 2 * width
         step = rows * ENTRY
         used = tl.load(count_ptr + row)  # directions this row uses (0 when K is 0)
+        reading = 0.0
         if BLOCKS == 1:
             # The whole row in registers: read once, project once per used direction, write once.
             cols = tl.arange(0, BLOCK)
@@ -182,9 +191,10 @@ def _steer_kernel():
             delta = load_f32(add_row, cols, width)
             if K > 0:
                 stream = load_f32(h_row, cols, width) + residual
-                for _ in range(used):
-                    dot = tl.sum((stream + delta) * load_f32(probe_row, cols, width), axis=0)
-                    delta = delta + change(param, dot) * load_f32(dir_row, cols, width)
+                for k in range(used):
+                    a = activation(param, tl.sum((stream + delta) * load_f32(probe_row, cols, width), axis=0))
+                    reading = tl.where(k == 0, a, reading)
+                    delta = delta + change(param, a) * load_f32(dir_row, cols, width)
                     dir_row += step
                     probe_row += step
                     param += step
@@ -195,16 +205,18 @@ def _steer_kernel():
                 sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, dir_row, width,
                       True, True, BLOCK, BLOCKS)
             else:
-                dot = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, probe_row, width,
-                            True, False, BLOCK, BLOCKS)
+                a = activation(param, sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, 0.0, probe_row,
+                                            width, True, False, BLOCK, BLOCKS))
+                reading = a
                 for _ in range(1, used):
-                    coeff = change(param, dot)
-                    dot = sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, coeff,
-                                probe_row + step, width, False, False, BLOCK, BLOCKS)
+                    a = activation(param + step, sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row,
+                                                       change(param, a), probe_row + step, width, False, False,
+                                                       BLOCK, BLOCKS))
                     dir_row += step
                     probe_row += step
                     param += step
-                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, change(param, dot), probe_row,
+                sweep(h_row, r_row, add_row, scratch_row, out_row, dir_row, change(param, a), probe_row,
                       width, False, True, BLOCK, BLOCKS)
+        tl.store(reading_ptr + token, reading)
 
     return steer_kernel

@@ -34,12 +34,18 @@ class SteeringLayer:
     captures = False  # set by attach_capture
     kernel = "torch"  # or "triton": the fused kernel of kernels.py
 
-    def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch") -> None:
+    def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch",
+                        token_slot: torch.Tensor | None = None, gate_sum: torch.Tensor | None = None) -> None:
         """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``,
-        int32 ``count [R]``) at the rows ``token_row`` names per token."""
+        int32 ``count [R]``) at the rows ``token_row`` names per token, and add each token's
+        reading of its row's first direction into ``gate_sum[token_slot]`` (conditions:
+        slots.py)."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
         # shared with the runtime (token_row) and with every other steerable layer (pool).
         self.register_buffer("token_row", token_row, persistent=False)
+        self.register_buffer("token_slot", torch.zeros_like(token_row) if token_slot is None else token_slot, persistent=False)
+        gate_sum = torch.zeros(1, dtype=torch.float32) if gate_sum is None else gate_sum
+        self.register_buffer("gate_sum", gate_sum, persistent=False)
         self.register_buffer("steer_add", pool.add, persistent=False)
         self.register_buffer("steer_dirs", pool.dirs, persistent=False)
         self.register_buffer("steer_count", pool.count, persistent=False)
@@ -81,11 +87,15 @@ class SteeringLayer:
         or an SAE feature's activation (rows.Direction). Row 0 and unused directions are zero, so
         the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
         """
+        count = hidden.shape[0]
         if self.kernel == "triton":
             from vllm_steer.kernels import steer_triton
 
-            return steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_count)
-        row = self.token_row[: hidden.shape[0]]
+            residual, reading = steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_count)
+            if self.max_directions:
+                self.gate_sum.index_add_(0, self.token_slot[:count], reading)
+            return residual
+        row = self.token_row[:count]
         if not self.max_directions:
             delta = self.steer_add[row]
         else:
@@ -99,6 +109,10 @@ class SteeringLayer:
                 lo, hi, offset, threshold, floor = params.split(1, dim=-1)
                 along = (steered * probe).sum(dim=-1, keepdim=True) + offset
                 along = torch.where(along > threshold, along, 0.0)  # a feature's activation, or the projection
+                if k == 0:
+                    # A condition's reading: a gate row's only direction (every other row's
+                    # lands in a sum nobody reads; row 0 reads exactly 0).
+                    self.gate_sum.index_add_(0, self.token_slot[:count], along.view(-1))
                 change = torch.where(along > floor, torch.clamp(along, lo, hi) - along, 0.0)
                 steered = torch.addcmul(steered, change, direction)
             # Exactly 0 where nothing changed: (stream + 0) - stream.

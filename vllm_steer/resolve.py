@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from vllm_steer.spec import FLOAT32_MAX, ApplyTo, Mode, SteeringError, SteeringSpec, decode_b64, encode_b64, parse_spec, vector_digest
+from vllm_steer.spec import FLOAT32_MAX, ApplyTo, Compare, Condition, Mode, SteeringError, SteeringSpec, decode_b64, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors.registry import VectorRegistry, feature_name
 
 
@@ -34,6 +34,7 @@ class ModelShape:
     max_request_ops: int = 256  # (vector, layer) operations in one spec
     dtype: str = "float32"  # the served model's: what the steered stream must fit
     table_rows: int | None = None  # rows of the steering row pool, row 0 included (rows.py)
+    pipeline_stages: int = 1
 
     @property
     def dtype_max(self) -> float:
@@ -76,11 +77,43 @@ class Op:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A resolved condition: the mean over the prompt's tokens, at ``layer``, of
+    ``a = <x, probe> + offset`` (``probe`` the unit direction when ``normalize``, else a
+    feature's encoder row; a feature's ``a`` counts only above ``feature_threshold``), is
+    ``compare`` (above/below) ``threshold``."""
+
+    layer: int
+    digest: str
+    normalize: bool
+    offset: float
+    feature_threshold: float | None
+    compare: Compare
+    threshold: float
+
+    def as_list(self) -> list:
+        return [self.layer, self.digest, self.normalize, self.offset, self.feature_threshold, self.compare, self.threshold]
+
+    @classmethod
+    def from_list(cls, fields: list) -> Gate:
+        layer, digest, normalize, offset, feature_threshold, compare, threshold = fields
+        return cls(int(layer), digest, bool(normalize), float(offset),
+                   None if feature_threshold is None else float(feature_threshold), compare, float(threshold))
+
+    @property
+    def row_key(self) -> tuple:
+        """The content of the row that reads the condition (rows.build_gate_row): unlike a
+        steering row's, it does not depend on the threshold, so gates on one direction share it."""
+        return ("gate", self.digest, self.normalize, self.offset, self.feature_threshold)
+
+
+@dataclass(frozen=True)
 class ResolvedSteering:
     ops: tuple[Op, ...]
     apply_to: ApplyTo
     # Inline vectors (not in any registry) travel with the request.
     inline: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+    gate: Gate | None = None
 
     @cached_property
     def canonical(self) -> str:
@@ -88,6 +121,8 @@ class ResolvedSteering:
             "apply_to": self.apply_to,
             "ops": [op.as_list() for op in self.ops],
         }
+        if self.gate is not None:
+            body["condition"] = self.gate.as_list()
         return json.dumps(body, separators=(",", ":"))
 
     @cached_property
@@ -105,6 +140,11 @@ class ResolvedSteering:
             by_layer[op.layer] = by_layer.get(op.layer, ()) + ((op.mode, op.digest, op.coeff, op.normalize, op.bounds, op.probe, op.only_active),)
         return by_layer
 
+    @cached_property
+    def rows(self) -> frozenset:
+        """Every pool row the request holds: its steering rows and its gate's."""
+        return frozenset(self.row_keys.values()) | ({self.gate.row_key} if self.gate else set())
+
     def cache_namespace(self, prompt_len: int) -> str:
         """What a request's KV blocks depend on. A phase-limited spec steers positions by
         where the prompt ends, so the same tokens cached under another prompt length (the
@@ -113,7 +153,7 @@ class ResolvedSteering:
 
     def arrays(self, registry: VectorRegistry) -> dict[str, np.ndarray]:
         """digest -> float32 vector for every op (inline ones first, then the registry's)."""
-        digests = {digest for op in self.ops for digest in op.digests}
+        digests = {digest for op in self.ops for digest in op.digests} | ({self.gate.digest} if self.gate else set())
         return {digest: self.inline[digest] if digest in self.inline else registry.array(digest) for digest in digests}
 
     def to_wire(self) -> str:
@@ -123,6 +163,8 @@ class ResolvedSteering:
             "ops": [op.as_list() for op in self.ops],
             "inline": {digest: encode_b64(array) for digest, array in self.inline.items()},
         }
+        if self.gate is not None:
+            body["condition"] = self.gate.as_list()
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
@@ -130,7 +172,8 @@ class ResolvedSteering:
         """Decode ``to_wire``'s output. No validation: the front end resolved it."""
         body = json.loads(text)
         ops = tuple(Op.from_list(fields) for fields in body["ops"])
-        return cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()})
+        gate = Gate.from_list(body["condition"]) if "condition" in body else None
+        return cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()}, gate)
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
@@ -191,11 +234,50 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
     ops = [op for op in ops if op.mode != "add" or op.coeff != 0.0]
     if not ops:
         return None
-    used = {digest for op in ops for digest in op.digests}
-    resolved = ResolvedSteering(tuple(ops), spec.apply_to, {d: a for d, a in inline.items() if d in used})
+    gate = _resolve_condition(spec.condition, shape, registry, inline) if spec.condition is not None else None
+    used = {digest for op in ops for digest in op.digests} | ({gate.digest} if gate else set())
+    resolved = ResolvedSteering(tuple(ops), spec.phase, {d: a for d, a in inline.items() if d in used}, gate)
     _check_summed_adds(resolved, resolved.arrays(registry), shape)
     _check_rows(resolved, shape)
     return resolved
+
+
+def _resolve_condition(condition: Condition, shape: ModelShape, registry: VectorRegistry, inline: dict[str, np.ndarray]) -> Gate:
+    where = "steering.condition"
+    if not shape.max_directions:
+        raise SteeringError("a condition is read through a direction slot; this server has none "
+                            "(hf_overrides steering.max_directions is 0)", where)
+    if shape.pipeline_stages > 1:
+        # Each stage judges its own layers; the others would steer without knowing the outcome.
+        raise SteeringError("conditions are not supported with pipeline parallelism", where)
+    layer = condition.at_layer
+    layer_field = f"{where}.{'feature' if condition.feature is not None else 'layer'}"
+    check_layer(layer, shape, layer_field)
+    if condition.feature is not None:  # the feature's activation: its SAE's encoder row
+        try:
+            _, digest, offset, feature_threshold = registry.sae_feature(*condition.feature)
+        except (KeyError, ValueError) as exc:
+            raise SteeringError(f"feature {list(condition.feature)} has no usable encoder: {exc}", layer_field) from None
+        inline[digest] = registry.array(digest)
+        _check_vector(inline[digest], True, shape, layer_field)
+        return Gate(layer, digest, False, offset, feature_threshold, condition.compare, condition.threshold)
+    array = condition.inline_array()
+    if array is not None:
+        digest = vector_digest(array)
+        if registry.digest_of(digest) is None:
+            inline[digest] = array
+        vector_field = f"{where}.{'vector' if condition.vector is not None else 'vector_b64'}"
+    else:
+        digest = registry.digest_of(condition.name, layer)
+        vector_field = f"{where}.name"
+        if digest is None:
+            if registry.layers_of(condition.name) is not None:
+                raise SteeringError(f"{condition.name!r} has directions for layers {list(registry.layers_of(condition.name))}, "
+                                    f"none for layer {layer}", f"{where}.layer")
+            raise SteeringError(_unknown_name(condition.name, registry), vector_field)
+        array = registry.array(digest)
+    _check_vector(array, True, shape, vector_field)
+    return Gate(layer, digest, True, 0.0, None, condition.compare, condition.threshold)
 
 
 def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str):
@@ -317,10 +399,10 @@ def _check_summed_adds(resolved: ResolvedSteering, arrays: dict[str, np.ndarray]
 
 def _check_rows(resolved: ResolvedSteering, shape: ModelShape) -> None:
     """A request whose own rows exceed the whole pool would wait for capacity forever."""
-    needed = len(set(resolved.row_keys.values()))
+    needed = len(resolved.rows)
     if shape.table_rows is not None and needed > shape.table_rows - 1:
         raise SteeringError(
-            f"this steering needs {needed} table rows (one per layer it steers); this server's steering table "
+            f"this steering needs {needed} table rows (one per layer it steers, one for a condition); this server's steering table "
             f"budget holds {shape.table_rows - 1} (hf_overrides steering.table_budget_mib)"
         )
 

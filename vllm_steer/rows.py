@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vllm_steer.layer import PARAMS
-from vllm_steer.resolve import ResolvedSteering, unit
+from vllm_steer.resolve import Gate, ResolvedSteering, unit
 from vllm_steer.staging import to_device
 
 MAX_DEFAULT_BUDGET = 256 << 20  # bytes; the default budget is also at most 1% of the device
@@ -34,6 +34,12 @@ def row_bytes(hidden: int, max_directions: int) -> int:
     """One row: the add, and per direction its edit and probe vectors (float32 [H] each) and
     PARAMS scalars (float32); the count (int32)."""
     return 4 * ((1 + 2 * max_directions) * hidden + PARAMS * max_directions + 1)
+
+
+def worst_case_rows(requests: int, layers: int, max_directions: int) -> int:
+    """Rows (row 0 included) that ``requests`` requests can hold at most: a row per layer
+    each, and one for a condition (read through a direction, so only when there are any)."""
+    return 1 + requests * (layers + (1 if max_directions else 0))
 
 
 def default_budget(device_bytes: int) -> int:
@@ -106,6 +112,16 @@ def build_row(resolved: ResolvedSteering, layer: int, vectors: dict[str, np.ndar
         else:
             row.directions.append(Direction(direction, direction, *projection_bounds(op.mode, op.coeff, op.bounds)))
     return row
+
+
+def build_gate_row(gate: Gate, vectors: dict[str, np.ndarray], hidden: int) -> LayerRow:
+    """The row a gated request's prompt tokens read at the condition's layer: one direction
+    that only reads (``a``, which the layer sums per request) and moves nothing (zero edit,
+    unbounded)."""
+    probe = torch.from_numpy(vectors[gate.digest].copy())
+    direction = Direction(torch.zeros(hidden), unit(probe) if gate.normalize else probe, -math.inf, math.inf,
+                          gate.offset, gate.feature_threshold or 0.0, gate.feature_threshold is not None)
+    return LayerRow(torch.zeros(hidden), [direction])
 
 
 def projection_bounds(mode: str, coeff: float, bounds: tuple[float | None, float | None] | None) -> tuple[float, float]:

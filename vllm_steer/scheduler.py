@@ -18,6 +18,7 @@ from typing import Any
 from vllm_steer.config import SteeringConfig, text_config
 from vllm_steer.families import is_steered
 from vllm_steer.resolve import ResolvedSteering
+from vllm_steer.rows import worst_case_rows
 
 _ROWS = "_vllm_steer_rows"  # set on vLLM's Request: the row keys, decoded once
 
@@ -28,7 +29,7 @@ def request_rows(request: Any) -> frozenset:
     if rows is None:
         extra = getattr(request.sampling_params, "extra_args", None) or {}
         wire = extra.get("steering")
-        rows = frozenset(ResolvedSteering.from_wire(wire).row_keys.values()) if wire else frozenset()
+        rows = ResolvedSteering.from_wire(wire).rows if wire else frozenset()
         setattr(request, _ROWS, rows)
     return rows
 
@@ -42,8 +43,9 @@ def row_capacity(vllm_config: Any, device_bytes: int) -> int | None:
     settings = SteeringConfig.from_hf_config(hf_config)
     text = text_config(hf_config)
     rows = settings.table_rows(text.hidden_size, device_bytes)
-    worst_case = vllm_config.scheduler_config.max_num_seqs * len(settings.steerable_layers(text.num_hidden_layers))
-    return None if rows is None or rows - 1 >= worst_case else rows - 1
+    worst_case = worst_case_rows(vllm_config.scheduler_config.max_num_seqs,
+                                 len(settings.steerable_layers(text.num_hidden_layers)), settings.max_directions)
+    return None if rows is None or rows >= worst_case else rows - 1
 
 
 class SteeringScheduler:

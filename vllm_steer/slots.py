@@ -5,6 +5,12 @@ A slot is a running request's entry: its phase bounds and, per steerable layer, 
 the shared pool (rows.py) that holds its steering there (``row_of_slot[layer, slot]``).
 Slot 0 reads row 0 (zeros) everywhere: no steering. Rows are built once per distinct
 content, on admission; each step only maps tokens to slots to rows, with tensor ops.
+
+A request with a condition (resolve.Gate) has a second column, ``num_slots + slot``: its
+prompt tokens read the gate row there, whose first direction's reading the layer sums into
+``gate_sum[num_slots + slot]``. Its generated tokens come in later steps, after the whole
+prompt has been read, and read the steering column only where the mean passes: computed on
+the device when the step's index is written, so the host never waits for it.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import torch
 from vllm_steer.capture import CaptureTables
 from vllm_steer.control import WORKER_OPS
 from vllm_steer.resolve import ModelShape, ResolvedSteering
-from vllm_steer.rows import RowPool, build_row
+from vllm_steer.rows import RowPool, build_gate_row, build_row, worst_case_rows
 from vllm_steer.spec import CaptureSpec
-from vllm_steer.staging import to_device
+from vllm_steer.staging import HostCopy, to_device
 from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
@@ -57,21 +63,32 @@ class SteeringRuntime:
         self.num_slots = num_slots
         self.layer_order = tuple(sorted(layers))
         # Never more rows than every slot steering every local layer differently can use.
-        worst_case = 1 + (num_slots - 1) * len(layers)
+        worst_case = worst_case_rows(num_slots - 1, len(layers), shape.max_directions)
         self.pool = RowPool(min(shape.table_rows or worst_case, worst_case), shape.hidden_size, shape.max_directions)
-        # Which slot each token of the flattened batch belongs to (0 outside its phase), and
-        # per local layer the pool row each token reads (token_row[n] is layer_order[n]'s).
+        # Which column of row_of_slot each token of the flattened batch reads (its slot, the
+        # slot's gate column, or 0), and per local layer the pool row each token reads
+        # (token_row[n] is layer_order[n]'s).
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
         self.token_row = torch.zeros(len(layers), max_tokens, dtype=torch.int64)
-        self.row_of_slot = torch.zeros(len(layers), num_slots, dtype=torch.int64)
+        self.row_of_slot = torch.zeros(len(layers), 2 * num_slots, dtype=torch.int64)
         # Each slot's steered positions [lo, hi) (phase_bounds).
         self.phase = torch.zeros(num_slots, 2, dtype=torch.int64)
+        # Conditions: each slot's comparison (+1 above, -1 below, 0 none), threshold and prompt
+        # length; where its gate's reading ends (its prompt length, 0 without a condition);
+        # and what the layers sum per column (only the gate columns' sums are read).
+        self.gate = torch.zeros(num_slots, 3, dtype=torch.float32)
+        self.gate[:, 2] = 1.0
+        self.probe_end = torch.zeros(num_slots, dtype=torch.int64)
+        self.gate_sum = torch.zeros(2 * num_slots, dtype=torch.float32)
         for n, index in enumerate(self.layer_order):
-            layers[index].attach_steering(self.token_row[n], self.pool, kernel)
+            layers[index].attach_steering(self.token_row[n], self.pool, kernel, self.token_slot, self.gate_sum)
         self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of: dict[str, int] = {}
         self._keys_of: dict[int, tuple[Hashable, ...]] = {}  # the pool rows each slot holds
+        self._gated: set[int] = set()  # slots with a condition
+        self._gate_outcomes: list[HostCopy] = []  # of released gated requests, not yet counted
+        self._conditions = Counter()  # "held" / "not_held"
         self._peak_rows = 0
         self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
         # Requests that asked for steering or capture and run without it (see admit).
@@ -119,16 +136,33 @@ class SteeringRuntime:
 
     def _fill(self, slot: int, resolved: ResolvedSteering | None, capture: CaptureSpec | None, prompt_len: int) -> None:
         keys = {layer: key for layer, key in resolved.row_keys.items() if layer in self.layers} if resolved else {}
-        if keys:
+        gate = resolved.gate if resolved else None
+        if gate is not None and gate.layer not in self.layers:
+            raise RuntimeError(f"the condition's layer {gate.layer} is not steerable on this worker")
+        if keys or gate:
+            hidden = self.shape.hidden_size
+            needed = [*keys.values(), *([gate.row_key] if gate else [])]
             # Rows are built only for content the pool does not hold yet.
-            missing = {key: layer for layer, key in keys.items() if not self.pool.held(key)}
+            missing = {key for key in needed if not self.pool.held(key)}
             vectors = resolved.arrays(self.registry) if missing else {}
-            built = {key: build_row(resolved, layer, vectors, self.shape.hidden_size) for key, layer in missing.items()}
-            row_of = self.pool.acquire(keys.values(), built)
-            self._keys_of[slot] = tuple(keys.values())
+            built = {key: build_row(resolved, layer, vectors, hidden) for layer, key in keys.items() if key in missing}
+            if gate is not None and gate.row_key in missing:
+                built[gate.row_key] = build_gate_row(gate, vectors, hidden)
+            row_of = self.pool.acquire(needed, built)
+            self._keys_of[slot] = tuple(needed)
             self._peak_rows = max(self._peak_rows, self.pool.in_use)
-            column = torch.tensor([row_of[keys[index]] if index in keys else 0 for index in self.layer_order], dtype=torch.int64)
-            self.row_of_slot[:, slot] = to_device(column, self.row_of_slot.device)
+            # Per local layer: the row of the slot's steering, and of its gate (prompt tokens).
+            columns = torch.zeros(len(self.layer_order), 2, dtype=torch.int64)
+            for n, index in enumerate(self.layer_order):
+                columns[n, 0] = row_of[keys[index]] if index in keys else 0
+                columns[n, 1] = row_of[gate.row_key] if gate is not None and index == gate.layer else 0
+            self._columns(slot)[:] = to_device(columns, self.row_of_slot.device)
+        if gate is not None:
+            sign = 1.0 if gate.compare == "above" else -1.0
+            self.gate[slot] = to_device(torch.tensor([sign, gate.threshold, float(prompt_len)]), self.gate.device)
+            self.probe_end[slot] = prompt_len
+            self.gate_sum[self.num_slots + slot] = 0.0  # a resumed request reads its prompt again
+            self._gated.add(slot)
         bounds = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
         self.phase[slot] = to_device(torch.tensor(bounds, dtype=torch.int64), self.phase.device)
         if capture is not None:
@@ -142,6 +176,11 @@ class SteeringRuntime:
         if slot == 0:
             return
         try:
+            if slot in self._gated:
+                # Copied back without waiting; read by stats() (the control plane).
+                self._gate_outcomes.append(HostCopy(self._passes(slot)))
+                if len(self._gate_outcomes) > 1024:  # long since copied: counting waits for nothing
+                    self._condition_counts()
             if self.capture is not None:
                 self.capture.finish(slot)
         finally:
@@ -158,7 +197,23 @@ class SteeringRuntime:
         keys = self._keys_of.pop(slot, None)
         if keys:
             self.pool.release(keys)
-            self.row_of_slot[:, slot] = 0
+            self._columns(slot)[:] = 0
+        if slot in self._gated:
+            self._gated.discard(slot)
+            self.probe_end[slot] = 0
+            self.gate[slot, 0] = 0.0
+
+    def _passes(self, slots: torch.Tensor | int) -> torch.Tensor:
+        """Whether each slot's condition holds on the mean its gate has read (True without
+        a condition). On the device: the host never reads it in the step path."""
+        sign, threshold, prompt_len = self.gate[slots].unbind(-1)
+        mean = self.gate_sum[self.num_slots + slots] / prompt_len
+        return (sign == 0) | (sign * (mean - threshold) > 0)
+
+    def _columns(self, slot: int) -> torch.Tensor:
+        """A view of the slot's two columns of row_of_slot, ``[layers, 2]`` (a view, so writing
+        it is one copy or fill: no index tensor to move to the device)."""
+        return self.row_of_slot.view(len(self.layer_order), 2, self.num_slots)[:, :, slot]
 
     def slot_of(self, req_id: str) -> int | None:
         return self._slot_of.get(req_id)
@@ -191,7 +246,13 @@ class SteeringRuntime:
         slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
         phase = self.phase[slots]
-        self.token_slot[:num_tokens] = slots * ((pos >= phase[:, 0]) & (pos < phase[:, 1]))
+        steered = (pos >= phase[:, 0]) & (pos < phase[:, 1])
+        if self._gated:
+            steered &= self._passes(slots)
+            reading = pos < self.probe_end[slots]
+            self.token_slot[:num_tokens] = torch.where(steered, slots, torch.where(reading, slots + self.num_slots, 0))
+        else:
+            self.token_slot[:num_tokens] = slots * steered
         self.token_slot[num_tokens:num_padded] = 0
         # Slot 0 maps to row 0 at every layer, so the padded tail needs no write of its own.
         self.token_row[:, :num_padded] = self.row_of_slot[:, self.token_slot[:num_padded]]
@@ -221,6 +282,13 @@ class SteeringRuntime:
     def collect_captures(self, keys: list[str]) -> dict:
         return self.capture.collect(keys) if self.capture is not None else {}
 
+    def _condition_counts(self) -> dict[str, int]:
+        """Released requests with a condition: how many steered (it held) and how many not."""
+        for outcome in self._gate_outcomes:
+            self._conditions["held" if bool(outcome.numpy()) else "not_held"] += 1
+        self._gate_outcomes.clear()
+        return {"held": self._conditions["held"], "not_held": self._conditions["not_held"]}
+
     def stats(self) -> dict[str, Any]:
         return {
             "runner": self.runner,
@@ -228,6 +296,7 @@ class SteeringRuntime:
             "vectors": len(self.registry),
             "arrays": self.registry.content_size(),
             "unapplied_requests": self.unapplied,
+            "conditions": self._condition_counts(),
             "table_rows": {"in_use": self.pool.in_use, "peak": self._peak_rows, "capacity": self.pool.capacity},
             "step_distinct_configs": {"counts": list(self._step_counts), "sum": self._step_sum},
         }

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Mode = Literal["add", "clamp", "ablate", "range", "feature_clamp"]
 ApplyTo = Literal["all", "prompt", "generated"]
+Compare = Literal["above", "below"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -42,13 +43,10 @@ def _finite(value: float, what: str) -> float:
     return value
 
 
-class VectorEntry(BaseModel):
-    """One direction applied at one or more layers.
-
-    Exactly one of ``name`` (a vector the engine has loaded), ``vector`` (inline floats),
-    ``vector_b64`` (base64 of float32 little-endian bytes) or ``feature`` (``[layer,
-    feature_id]`` of a loaded SAE: its decoder direction, at its own layer) gives the direction.
-    """
+class DirectionSource(BaseModel):
+    """Where a direction comes from: exactly one of ``name`` (a vector the engine has loaded),
+    ``vector`` (inline floats), ``vector_b64`` (base64 of float32 little-endian bytes) or
+    ``feature`` (``[layer, feature_id]`` of a loaded SAE or feature file, at its own layer)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,6 +54,52 @@ class VectorEntry(BaseModel):
     vector: list[float] | None = Field(default=None, min_length=1)
     vector_b64: str | None = Field(default=None, min_length=1)
     feature: tuple[int, int] | None = None
+
+    @field_validator("vector")
+    @classmethod
+    def _vector_finite(cls, vector: list[float] | None) -> list[float] | None:
+        if vector is not None and not all(math.isfinite(x) for x in vector):
+            raise ValueError("vector contains NaN or inf")
+        if vector is not None and max(map(abs, vector)) > FLOAT32_MAX:
+            raise ValueError(f"vector values must fit float32 (|x| <= {FLOAT32_MAX:.4g})")
+        return vector
+
+    @field_validator("vector_b64")
+    @classmethod
+    def _b64_decodes(cls, text: str | None) -> str | None:
+        if text is not None:
+            decode_b64(text)
+        return text
+
+    @field_validator("feature")
+    @classmethod
+    def _feature_sane(cls, feature: tuple[int, int] | None) -> tuple[int, int] | None:
+        if feature is not None and min(feature) < 0:
+            raise ValueError(f"[layer, feature_id] needs non-negative numbers, got {list(feature)}")
+        return feature
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DirectionSource:
+        given = [k for k in ("name", "vector", "vector_b64", "feature") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'name', 'vector', 'vector_b64' or 'feature'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    def inline_array(self) -> np.ndarray | None:
+        """The inline direction as float32, or None for a named one."""
+        if self.vector is not None:
+            return np.asarray(self.vector, dtype=np.float32)
+        if self.vector_b64 is not None:
+            return decode_b64(self.vector_b64)
+        return None
+
+
+class VectorEntry(DirectionSource):
+    """One direction applied at one or more layers (a feature's: its decoder direction)."""
+
     # Layers to steer. May be left out only for a named *layered* vector (one direction per
     # layer, e.g. a control vector), which then steers all its layers.
     layers: list[int] | None = Field(default=None, min_length=1)
@@ -91,37 +135,8 @@ class VectorEntry(BaseModel):
     def _bound_finite(cls, bound: float | None, info) -> float | None:
         return None if bound is None else _finite(bound, info.field_name)
 
-    @field_validator("vector")
-    @classmethod
-    def _vector_finite(cls, vector: list[float] | None) -> list[float] | None:
-        if vector is not None and not all(math.isfinite(x) for x in vector):
-            raise ValueError("vector contains NaN or inf")
-        if vector is not None and max(map(abs, vector)) > FLOAT32_MAX:
-            raise ValueError(f"vector values must fit float32 (|x| <= {FLOAT32_MAX:.4g})")
-        return vector
-
-    @field_validator("vector_b64")
-    @classmethod
-    def _b64_decodes(cls, text: str | None) -> str | None:
-        if text is not None:
-            decode_b64(text)
-        return text
-
-    @field_validator("feature")
-    @classmethod
-    def _feature_sane(cls, feature: tuple[int, int] | None) -> tuple[int, int] | None:
-        if feature is not None and min(feature) < 0:
-            raise ValueError(f"[layer, feature_id] needs non-negative numbers, got {list(feature)}")
-        return feature
-
     @model_validator(mode="after")
-    def _one_source(self) -> VectorEntry:
-        given = [k for k in ("name", "vector", "vector_b64", "feature") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'name', 'vector', 'vector_b64' or 'feature'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
+    def _modes(self) -> VectorEntry:
         if self.feature is not None and self.layers not in (None, [self.feature[0]]):
             raise ValueError(f"a feature steers its own layer ({self.feature[0]}): leave out 'layers'")
         if self.layers is None and self.name is None and self.feature is None:
@@ -141,13 +156,41 @@ class VectorEntry(BaseModel):
             raise ValueError(f"'min'/'max' apply to mode 'range' only, not to mode {self.mode!r}")
         return self
 
-    def inline_array(self) -> np.ndarray | None:
-        """The inline direction as float32, or None for a named one."""
-        if self.vector is not None:
-            return np.asarray(self.vector, dtype=np.float32)
-        if self.vector_b64 is not None:
-            return decode_b64(self.vector_b64)
-        return None
+
+class Condition(DirectionSource):
+    """Steer only requests whose prompt matches (CAST, conditional activation steering): the
+    mean over the prompt's tokens of the stream's component along a unit direction, or of an
+    SAE feature's activation (``feature``: its encoder), at ``layer`` (a feature's own), is
+    ``above`` or ``below`` ``threshold``. The prompt is read unsteered, so a gated request
+    steers its generated tokens only."""
+
+    layer: int | None = None
+    threshold: float
+    compare: Compare = "above"
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_finite(cls, threshold: float) -> float:
+        return _finite(threshold, "threshold")
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_non_negative(cls, layer: int | None) -> int | None:
+        if layer is not None and layer < 0:
+            raise ValueError(f"layer numbers start at 0, got {layer}")
+        return layer
+
+    @model_validator(mode="after")
+    def _layer_given(self) -> Condition:
+        if self.feature is not None and self.layer not in (None, self.feature[0]):
+            raise ValueError(f"a feature is read at its own layer ({self.feature[0]}): leave out 'layer'")
+        if self.feature is None and self.layer is None:
+            raise ValueError("'layer' is required: the layer whose stream the condition reads")
+        return self
+
+    @property
+    def at_layer(self) -> int:
+        return self.feature[0] if self.feature is not None else self.layer
 
 
 Feature = tuple[int, int, float]
@@ -169,7 +212,9 @@ class SteeringSpec(BaseModel):
     scale: float = 1.0
     clamp: bool | None = None
     reduced_strengths: bool | None = None
-    apply_to: ApplyTo = "all"
+    condition: Condition | None = None
+    # Default: every token, or with a condition the generated ones.
+    apply_to: ApplyTo | None = None
 
     @field_validator("scale")
     @classmethod
@@ -198,6 +243,20 @@ class SteeringSpec(BaseModel):
                 "give each entry of 'vectors' a 'mode' instead"
             )
         return self
+
+    @field_validator("apply_to")
+    @classmethod
+    def _phase_fits_condition(cls, apply_to: ApplyTo | None, info) -> ApplyTo | None:
+        if info.data.get("condition") is not None and apply_to not in (None, "generated"):
+            raise ValueError(
+                f"a condition is judged on the whole prompt, so it gates generated tokens only: "
+                f"leave out 'apply_to' or give 'generated', not {apply_to!r}"
+            )
+        return apply_to
+
+    @property
+    def phase(self) -> ApplyTo:
+        return self.apply_to or ("generated" if self.condition is not None else "all")
 
     @property
     def use_clamp(self) -> bool:
@@ -275,7 +334,8 @@ def _parse(model: type[BaseModel], value: Any, root: str):
         first = exc.errors(include_url=False)[0]
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            fields = (VectorEntry if "vectors" in first["loc"] else model).model_fields
+            inner = {"vectors": VectorEntry, "condition": Condition}
+            fields = next((inner[part] for part in first["loc"] if part in inner), model).model_fields
             message = "unknown field; allowed: " + ", ".join(sorted(fields))
         more = len(exc.errors()) - 1
         if more:

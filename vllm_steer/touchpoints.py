@@ -121,6 +121,10 @@ def served_dtype(input_processor: Any) -> str:
     return str(input_processor.model_config.dtype).removeprefix("torch.")
 
 
+def pipeline_stages(input_processor: Any) -> int:
+    return input_processor.vllm_config.parallel_config.pipeline_parallel_size
+
+
 def prometheus_registry():
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 

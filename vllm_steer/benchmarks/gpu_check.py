@@ -84,11 +84,22 @@ class Tables:
         self.token_row, self.steer_add, self.steer_dirs, self.steer_count = token_row, steer_add, steer_dirs, steer_count
         self.max_directions = steer_dirs.shape[0]
         self.kernel = "torch"  # the torch ops: the kernel is timed on its own
+        # Each token's reading (a condition's) lands in its own entry.
+        self.token_slot = torch.arange(token_row.shape[0], device=token_row.device)
+        self.gate_sum = torch.zeros(token_row.shape[0], device=token_row.device)
 
 
-def steer_eager(hidden, residual, *tables):
-    """``SteeringLayer.steer`` on these tables (token_row, add, dirs, count)."""
-    return SteeringLayer.steer(Tables(*tables), hidden, residual)
+def steer_eager(hidden, residual, *tables, reading: bool = False):
+    """``SteeringLayer.steer`` on these tables (token_row, add, dirs, count): the new
+    residual, and with ``reading`` each token's reading too (as ``steer_triton`` returns)."""
+    layer = Tables(*tables)
+    out = SteeringLayer.steer(layer, hidden, residual)
+    return (out, layer.gate_sum[: hidden.shape[0]]) if reading else out
+
+
+def triton_residual(hidden, residual, *tables, **options):
+    """The kernel's new residual (what ``steer_eager`` returns)."""
+    return steer_triton(hidden, residual, *tables, **options)[0]
 
 
 def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0) -> list[torch.Tensor]:
@@ -201,7 +212,7 @@ def timing(device: torch.device, models: dict, tokens_list, calls: int, repeats:
     notes = [] if device.type == "cuda" else ["CPU: tiny sizes; these times only show that the check runs."]
     if triton_available():
         steer_op()  # registered outside the compiled region
-        variants["triton"] = steer_triton
+        variants["triton"] = triton_residual
     else:
         notes.append("triton: not run (no GPU and TRITON_INTERPRET is not 1, or Triton is missing)")
     # One compiled function: a graph per directions count, and one more for a single token.
@@ -252,7 +263,8 @@ SYNC_HIDDEN, SYNC_LAYERS, SYNC_SLOTS, SYNC_TOKENS = 512, 4, 17, 256
 
 def steered_params(shape: ModelShape, seed: int, capture: bool = False) -> SimpleNamespace:
     """Sampling params as the front end hands them on: several layers, add + clamp + ablate,
-    inline vectors (as floats and as base64)."""
+    inline vectors (as floats and as base64); odd seeds steer generated tokens only, seed 1
+    under a condition."""
     generator = np.random.default_rng(seed)
     first, second, third = (generator.standard_normal(shape.hidden_size).astype(np.float32) for _ in range(3))
     spec = {"vectors": [
@@ -260,6 +272,8 @@ def steered_params(shape: ModelShape, seed: int, capture: bool = False) -> Simpl
         {"vector_b64": encode_b64(second), "layers": [1, 3], "mode": "clamp", "scale": 2.0},
         {"vector_b64": encode_b64(third), "layers": [2], "mode": "ablate"},
     ], "apply_to": "generated" if seed % 2 else "all"}
+    if seed == 1:
+        spec["condition"] = {"vector": third.tolist(), "layer": 1, "threshold": 0.0}
     extra = {"steering": resolve(spec, shape, VectorRegistry()).to_wire()}
     if capture:
         extra["steering_capture"] = json.dumps({"key": f"k{seed}", "layers": [1, 2], "reduce": "mean"})
@@ -313,17 +327,17 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     def layer_math(kernel):
         def run():
             for layer in layers.values():
-                tables = (layer.token_row, layer.steer_add, layer.steer_dirs, layer.steer_count)
-                new_residual = kernel(hidden, residual, *tables)
-                layer.capture(hidden + new_residual)
+                layer.kernel = kernel
+                layer.capture(hidden + layer.steer(hidden, residual))
         return run
 
-    ops = [("admit 4 requests (add + clamp + ablate on 4 layers, inline vectors; one with capture)", admit),
+    ops = [("admit 4 requests (add + clamp + ablate on 4 layers, inline vectors; one with capture "
+            "and one with a condition)", admit),
            ("fill_token_slot (slots and rows) from device tensors (Model Runner V2)", fill),
-           ("layer math, eager (SteeringLayer.steer + capture)", layer_math(steer_eager))]
+           ("layer math, eager (SteeringLayer.steer + capture)", layer_math("torch"))]
     if triton_available():
         steer_op()
-        ops.append(("layer math, Triton kernel (+ capture)", layer_math(steer_triton)))
+        ops.append(("layer math, Triton kernel (+ capture)", layer_math("triton")))
     ops += [("release 4 requests (capture rows copied back asynchronously)",
              lambda: [runtime.release(req_id) for req_id in requests]),
             ("clear_step (dummy run / graph capture)", lambda: runtime.clear_step(num_padded))]
@@ -358,8 +372,8 @@ def memory() -> dict[str, Any]:
     stubs = {index: StubLayer() for index in range(layers)}
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
-    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase,
-               pool.add, pool.dirs, pool.count]
+    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase, runtime.gate,
+               runtime.probe_end, runtime.gate_sum, pool.add, pool.dirs, pool.count]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []
@@ -395,18 +409,20 @@ def kernel_checks(device: torch.device) -> dict[str, Any]:
     unsteered = (token_row == 0) | (token_row == pool_rows - 1)
     args = (torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(tokens, hidden, device=device, dtype=dtype),
             token_row, *tables)
-    expected, out = steer_eager(*args), steer_triton(*args)
-    swept = steer_triton(*args, max_block=block)
-    compiled = torch.compile(lambda: steer_triton(*args), fullgraph=True)()
+    (expected, expected_reading), (out, reading) = steer_eager(*args, reading=True), steer_triton(*args)
+    swept = triton_residual(*args, max_block=block)
+    compiled = torch.compile(lambda: triton_residual(*args), fullgraph=True)()
     checks = [
         {"check": "one block per row: within one rounding of eager", "gap": one_rounding_gap(out, expected)},
+        {"check": "first direction's reading (conditions): equal to eager's up to summation order",
+         "ok": torch.allclose(reading, expected_reading, rtol=1e-4, atol=1e-4)},
         {"check": f"row swept in blocks of {block}: within one rounding of eager",
          "gap": one_rounding_gap(swept, expected)},
         {"check": "row 0 and all-zero rows: residual bit for bit", "ok": torch.equal(out[unsteered], args[1][unsteered])},
         {"check": "torch.compile (Inductor, fullgraph): same bits as the eager op", "ok": torch.equal(compiled, out)},
     ]
     if device.type == "cuda":
-        graph, (graph_out,) = _capture(lambda: steer_triton(*args), 1)
+        graph, (graph_out,) = _capture(lambda: triton_residual(*args), 1)
         graph_out.zero_()
         graph.replay()
         torch.cuda.synchronize()
