@@ -88,10 +88,12 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
+        from vllm_steer.server import features
         from vllm_steer.server.middleware import SteeringFieldMiddleware
         from vllm_steer.server.routes import router
 
         app.include_router(router)
+        app.include_router(features.router)
         app.add_middleware(SteeringFieldMiddleware)
         document_steering_field(app)
 
