@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from vllm_steer.benchmarks import common, notebook, plots, run, serving
+from vllm_steer.resolve import ModelShape, resolve
+from vllm_steer.vectors.registry import VectorRegistry
 
 S, U = common.STEERED, common.UNSTEERED
 
@@ -70,7 +72,8 @@ def test_steered_rows_are_spread_over_the_batch():
 
 
 @pytest.mark.parametrize("configs, fraction, layers, mode", [(1, 1.0, "all", "add"), (8, 1.0, "one", "clamp"),
-                                                            (3, 0.5, "all", "add"), (8, 0.0, "all", "add")])
+                                                            (3, 0.5, "all", "add"), (8, 0.0, "all", "add"),
+                                                            (8, 1.0, "all", "range"), (4, 1.0, "one", "condition")])
 def test_scenario_specs(configs, fraction, layers, mode):
     scenario = common.Scenario(8, configs, layers, mode, fraction)
     specs = common.scenario_specs(scenario, hidden=16, num_layers=6)
@@ -80,10 +83,15 @@ def test_scenario_specs(configs, fraction, layers, mode):
     assert len(vectors) == scenario.distinct == min(configs, scenario.steered)
     for spec in steered:
         (entry,) = spec["vectors"]
-        assert entry["mode"] == mode
+        assert entry["mode"] == ("add" if mode == "condition" else mode)
+        assert ("condition" in spec) == (mode == "condition") and ("min" in entry) == (mode == "range")
         assert entry["layers"] == (list(range(6)) if layers == "all" else [3])
         assert len(np.frombuffer(__import__("base64").b64decode(entry["vector_b64"]), "<f4")) == 16
     # The specs are valid for the engine's resolver.
+    shape = ModelShape(num_layers=6, hidden_size=16, steerable_layers=tuple(range(6)), max_directions=4)
+    assert all(resolve(spec, shape, VectorRegistry()) is not None for spec in steered)
+    if mode in ("range", "condition"):
+        return  # the notebook baseline steers with add, clamp and ablate
     resolved, vectors_by_digest = notebook.resolve_specs(specs, num_layers=6, hidden=16)
     assert sum(r is not None for r in resolved) == len(steered)
     assert len(vectors_by_digest) == len(vectors)
@@ -101,9 +109,9 @@ def test_default_scenarios_vary_one_factor_around_the_base():
     assert [s.batch for s in factors["batch"]] == [1, 8, 32]
     assert [s.fraction for s in factors["fraction"]] == [0, 0.5, 1.0]
     assert common.Scenario(32, 32, layers="one") in factors["layers"]
-    assert common.Scenario(32, 32, mode="clamp") in factors["mode"]
+    assert [s.mode for s in factors["mode"]] == ["add", "clamp", "range", "condition"]
     unique = common.unique_scenarios(chosen)
-    assert len(unique) == len(set(unique)) == 3 + 1 + 1 + 2 + 2  # the base once
+    assert len(unique) == len(set(unique)) == 3 + 1 + 3 + 2 + 2  # the base once
     assert len({s.label for s in unique}) == len(unique)
     assert not any(f in ("layers", "mode") for f, _ in common.default_scenarios([4], [1], [], layers=False, modes=False))
 
@@ -232,7 +240,7 @@ def test_markdown_rendering():
     assert "| fraction | 8 | 4 | 50% | all | add |" in text
     rows = [line for line in text.splitlines() if line.count("|") == 12][2:]  # the engine table's body
     assert rows[0].startswith("| base | 8 | 8 | 100% | all | add | 40.5 | 39.5 | 0.975 | 0.975 |")
-    assert len(rows) == len({tuple(row.split("|")[2:7]) for row in rows}) == 6  # each scenario once
+    assert len(rows) == len({tuple(row.split("|")[2:7]) for row in rows}) == 8  # each scenario once
     assert "| 8 | 42.0 | 40.5 | 39.5 | 0.940 |" in text  # stock vs steerable
     assert "19.8x" in text and "9.9x" in text  # speedups over the notebook
     assert "| output_throughput | 100.0 | 95.0 | 0.950 |" in text

@@ -105,7 +105,7 @@ class Scenario:
     batch: int
     configs: int  # distinct steering configs among the steered requests (1: one shared spec)
     layers: str = "all"  # "all" steerable layers or "one" (the middle layer)
-    mode: str = "add"  # "add" or "clamp"
+    mode: str = "add"  # "add", "clamp", "range", or "condition" (add, under a condition)
     fraction: float = 1.0  # share of the batch that is steered
 
     @property
@@ -143,12 +143,20 @@ def scenario_specs(scenario: Scenario, hidden: int, num_layers: int, seed: int =
     generator = np.random.default_rng(seed)
     vectors = [encode_b64(generator.standard_normal(hidden)) for _ in range(max(1, scenario.distinct))]
     layers = steering_layers(scenario.layers, num_layers)
-    scale = 16.0 if scenario.mode == "add" else 8.0  # large enough to change greedy tokens of random models
     specs: list[dict | None] = [None] * scenario.batch
     for index, row in enumerate(steered_rows(scenario.batch, scenario.steered)):
-        entry = {"vector_b64": vectors[index % len(vectors)], "layers": layers, "mode": scenario.mode,
-                 "scale": scale, "normalize": True}
+        vector = vectors[index % len(vectors)]
+        # Scales large enough to change greedy tokens of random models.
+        entry = {"vector_b64": vector, "layers": layers, "mode": scenario.mode, "scale": 8.0, "normalize": True}
+        if scenario.mode in ("add", "condition"):
+            entry |= {"mode": "add", "scale": 16.0}
+        elif scenario.mode == "range":
+            entry |= {"min": -2.0, "max": 2.0}
+            del entry["scale"]
         specs[row] = {"vectors": [entry]}
+        if scenario.mode == "condition":
+            # Read at the middle layer, on the steering's own direction: about half the prompts pass.
+            specs[row]["condition"] = {"vector_b64": vector, "layer": num_layers // 2, "threshold": 0.0}
     return specs
 
 
@@ -165,7 +173,7 @@ def default_scenarios(batches: Sequence[int], configs: Sequence[int], fractions:
     if layers:
         chosen += [("layers", base), ("layers", Scenario(top, top, layers="one"))]
     if modes:
-        chosen += [("mode", base), ("mode", Scenario(top, top, mode="clamp"))]
+        chosen += [("mode", base)] + [("mode", Scenario(top, top, mode=mode)) for mode in ("clamp", "range", "condition")]
     for fraction in sorted(set(fractions) | {1.0}):
         chosen.append(("fraction", Scenario(top, top, fraction=fraction)))
     for batch in sorted(set(batches)):

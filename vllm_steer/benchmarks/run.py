@@ -63,7 +63,7 @@ def parse_args(argv: list[str], prog: str = "python -m vllm_steer.benchmarks.run
     parser.add_argument("--configs", type=int, nargs="+", default=None, help="distinct configs at the largest batch (1 = one shared spec)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="shares of the batch steered (1.0 is always run)")
     parser.add_argument("--no-layers", action="store_true", help="skip the 1-layer scenario")
-    parser.add_argument("--no-modes", action="store_true", help="skip the clamp scenario")
+    parser.add_argument("--no-modes", action="store_true", help="skip the clamp, range and condition scenarios")
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (ignore_eos)")
     parser.add_argument("--pairs", type=int, default=None, help="(unsteered, steered) pass pairs per scenario")
