@@ -249,6 +249,12 @@ def test_specs_for_features_and_named_vectors():
         "vectors": [{"name": "ocean", "layers": [1], "scale": 3.0, "mode": "add", "normalize": True}], "scale": 0.5}
     with pytest.raises(ValueError, match="mode"):
         named.spec("ablate", 1.0)
+    with pytest.raises(ValueError, match="--sae-feature"):
+        named.spec("feature_clamp", 1.0)
+    sae = sweep.Steering(sae_features=[[1, 3]], strength=2.0)
+    # feature_clamp: the scale is the activation the feature is set to.
+    assert sae.spec("feature_clamp", 4.0) == {"vectors": [{"feature": [1, 3], "mode": "feature_clamp", "scale": 4.0}]}
+    assert sae.spec("add", 0.5) == {"vectors": [{"feature": [1, 3], "mode": "add", "normalize": True, "scale": 2.0}], "scale": 0.5}
 
 
 def test_named_vector_entries_default_to_the_vectors_norm():

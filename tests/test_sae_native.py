@@ -232,3 +232,16 @@ def test_condition_errors_name_the_field(sae_engine):
     with pytest.raises(SteeringError) as info:
         sae_engine.frontend.resolve({**steer, "condition": {"vector": [1.0] * HIDDEN, "layer": 9, "threshold": 0.0}})
     assert info.value.field == "steering.condition.layer" and "out of range" in info.value.reason
+
+
+def test_the_sweep_sweeps_a_feature_clamp_target(sae_engine, gen_len):
+    """``vllm-steer sweep --sae-feature``: each scale is the activation the feature is set to."""
+    from vllm_steer import sweep
+
+    steering = sweep.Steering(sae_features=[[1, FEATURE]])
+    result = sweep.run_sweep(sae_engine, ["Who are you?", "The Eiffel Tower in Paris"], steering, scales=[0.0, 8.0],
+                             modes=["feature_clamp"], max_tokens=gen_len, capability_pairs=None)
+    assert [(row.mode, row.scale) for row in result.rows] == [("feature_clamp", 0.0), ("feature_clamp", 8.0)]
+    by_scale = {scale: [o.text for o in result.outputs if o.mode == "feature_clamp" and o.scale == scale] for scale in (0.0, 8.0)}
+    unsteered = [o.text for o in result.outputs if o.mode is None]
+    assert by_scale[8.0] != unsteered and by_scale[8.0] != by_scale[0.0]

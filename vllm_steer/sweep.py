@@ -42,8 +42,11 @@ unsteered model with the *plain* prompt (without the instruction), so it is comp
 the steered rows; capability with the instruction in the system prompt of the reference
 questions (what asking for the concept costs). It is never a sweet spot.
 
-The steering swept is either named vectors (``--vector NAME``, optional ``--layers``) or the
-notebook's features (``--features``). The sweep's scale is the spec's ``scale``. For features
+The steering swept is named vectors (``--vector NAME``, optional ``--layers``), the
+notebook's features (``--features``), or features of a loaded SAE (``--sae-feature LAYER
+ID``, with ``--sae``): by default in mode ``feature_clamp``, whose scale is the activation
+the SAE's feature is set to (``h += (scale - a(h)) d``); ``add``/``clamp`` move along its
+unit decoder direction with strength ``--strength`` (default 1) times the scale. The sweep's scale is the spec's ``scale``. For features
 it multiplies the strengths as the notebook did (``clamp`` selects the mode). A named vector
 is applied unit-normalized with strength ``--strength``, by default its own norm at each
 layer: at scale 1, ``add`` adds the vector itself and ``clamp`` sets the stream's component
@@ -63,7 +66,9 @@ from typing import Any
 import numpy as np
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0)
-MODES = ("add", "clamp")  # the modes a sweep can run (ablate has no scale), all by default
+MODES = ("add", "clamp")  # the modes swept by default (ablate has no scale)
+# feature_clamp sweeps an SAE feature's target activation (--sae-feature): the scale is the target.
+ALL_MODES = (*MODES, "feature_clamp")
 # Scores closer than this are a tie (the sweet spot is then the smaller scale).
 SCORE_TIE = 0.005
 PROMPTED = "prompted"  # the mode of the prompting baseline's outputs and row (no steering, no scale)
@@ -238,16 +243,27 @@ class Steering:
     features: list[list[float]] = field(default_factory=list)
     vectors: list[dict[str, Any]] = field(default_factory=list)
     reduced_strengths: bool = True
+    sae_features: list[list[int]] = field(default_factory=list)  # [layer, feature_id] of a loaded SAE
+    strength: float = 1.0  # of an SAE feature's unit decoder direction in add/clamp, at scale 1
 
     def spec(self, mode: str, scale: float) -> dict[str, Any]:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in ALL_MODES:
+            raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
+        if mode == "feature_clamp" and not self.sae_features:
+            raise ValueError("mode feature_clamp sets an SAE feature's activation: sweep --sae-feature LAYER ID")
+        if self.sae_features:
+            if mode == "feature_clamp":
+                return {"vectors": [{"feature": list(f), "mode": mode, "scale": scale} for f in self.sae_features]}
+            entries = [{"feature": list(f), "mode": mode, "normalize": True, "scale": self.strength} for f in self.sae_features]
+            return {"vectors": entries, "scale": scale}
         if self.features:
             return {"features": [list(f) for f in self.features], "reduced_strengths": self.reduced_strengths,
                     "scale": scale, "clamp": mode == "clamp"}
         return {"vectors": [{**entry, "mode": mode, "normalize": True} for entry in self.vectors], "scale": scale}
 
     def describe(self) -> dict[str, Any]:
+        if self.sae_features:
+            return {"sae_features": self.sae_features, "strength": self.strength}
         return {"features": self.features, "reduced_strengths": self.reduced_strengths} if self.features else {"vectors": self.vectors}
 
 
@@ -555,6 +571,9 @@ def add_arguments(parser) -> None:
                        help="strength of --vector at scale 1 (default: its norm, so add at scale 1 adds the vector)")
     group.add_argument("--features", default=None, metavar="JSON",
                        help="the notebook's features instead: [[layer, feature_id, strength], ...]")
+    group.add_argument("--sae-feature", type=int, nargs=2, action="append", default=None, metavar=("LAYER", "ID"),
+                       help="a feature of a loaded SAE (--sae) instead; repeatable. Default mode feature_clamp: "
+                            "the scales are the activations it is set to")
     group.add_argument("--no-reduced-strengths", action="store_true",
                        help="features: use strengths as given, not strength * layer")
     group.add_argument("--words", default=None,
@@ -562,7 +581,8 @@ def add_arguments(parser) -> None:
     group.add_argument("--prompt", action="append", default=None, help="a user message; repeatable (default: a built-in set)")
     group.add_argument("--prompts-file", default=None, help="user messages, one per line or a JSON list")
     group.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES))
-    group.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    group.add_argument("--modes", nargs="+", choices=ALL_MODES, default=None,
+                       help="default: add and clamp; feature_clamp with --sae-feature")
     group.add_argument("--max-tokens", type=int, default=48)
     group.add_argument("--system", default=None, help="a system prompt for every chat (the notebook used 'You are a helpful assistant.')")
     group.add_argument("--repetition-penalty", type=float, default=1.0, help="(the notebook used 1.2)")
@@ -628,11 +648,16 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
     from vllm_steer import SteeredLLM
     from vllm_steer.demo.corpus import CONCEPT_WORDS
 
-    if args.features and args.vector:
-        raise SystemExit("give --vector or --features, not both")
-    vector = args.vector or (None if args.features else ("paris" if demo else None))
-    if vector is None and not args.features:
-        raise SystemExit("what to sweep: --vector NAME (a loaded vector) or --features '[[layer, id, strength], ...]'")
+    if sum(map(bool, (args.features, args.vector, args.sae_feature))) > 1:
+        raise SystemExit("give one of --vector, --features or --sae-feature")
+    vector = args.vector or (None if args.features or args.sae_feature else ("paris" if demo else None))
+    if vector is None and not args.features and not args.sae_feature:
+        raise SystemExit("what to sweep: --vector NAME (a loaded vector), --features '[[layer, id, strength], ...]' "
+                         "or --sae-feature LAYER ID (with --sae)")
+    if args.modes is None:
+        args.modes = ["feature_clamp"] if args.sae_feature else list(MODES)
+    if "feature_clamp" in args.modes and not args.sae_feature:
+        raise SystemExit("mode feature_clamp sets an SAE feature's activation: give --sae-feature LAYER ID")
     demo_topics = [vector] if vector in CONCEPT_WORDS else []
     if demo and args.features:  # the demo's features L1/F{i} are the topics in corpus order
         from vllm_steer.demo.corpus import TOPICS
@@ -657,7 +682,10 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
         engine["max_num_seqs"] = min(256, runs)
     llm = SteeredLLM(model, vectors=vector_files, sae=sae, **engine)
     try:
-        if args.features:
+        if args.sae_feature:
+            steering = Steering(sae_features=[list(f) for f in args.sae_feature],
+                                strength=1.0 if args.strength is None else args.strength)
+        elif args.features:
             steering = Steering(features=[list(f) for f in json.loads(args.features)],
                                 reduced_strengths=not args.no_reduced_strengths)
         else:
