@@ -146,3 +146,9 @@ def test_server_touchpoints():
     assert parameters(EndpointPlugin.attach_router) == ["self", "app"]
     assert parameters(EndpointPlugin.init_state) == ["self", "engine_client", "state", "args"]
     assert {"subparser_init", "validate", "cmd"} <= set(dir(ServeSubcommand))
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    # POST /v1/steering/features: capture requests through the served engine, tokenized by its tokenizer.
+    assert parameters(AsyncLLM.generate)[:4] == ["self", "prompt", "sampling_params", "request_id"]
+    assert parameters(AsyncLLM.get_tokenizer) == ["self"]

@@ -38,8 +38,10 @@ Workers
 
 Server
 - Endpoint plugins (``attach_router(app)``, ``init_state(engine_client, state, args)``),
-  ``engine_client.input_processor`` and ``collective_rpc``; vLLM's Prometheus registry;
-  the ``serve`` subcommand (``ServeSubcommand``, ``cli_env_setup``, ``FlexibleArgumentParser``).
+  ``engine_client.input_processor`` and ``collective_rpc``; ``engine_client.generate`` and
+  ``get_tokenizer`` (``POST /v1/steering/features`` runs its captures through them); vLLM's
+  Prometheus registry; the ``serve`` subcommand (``ServeSubcommand``, ``cli_env_setup``,
+  ``FlexibleArgumentParser``).
 """
 
 from __future__ import annotations
@@ -226,6 +228,16 @@ def add_worker_method(name: str, method: Callable) -> None:
 
     if not hasattr(WorkerBase, name):
         setattr(WorkerBase, name, method)
+
+
+# ---- the server's engine ----------------------------------------------------------------------
+def engine_tokenizer(engine_client: Any) -> Any:
+    return engine_client.get_tokenizer()
+
+
+def engine_generate(engine_client: Any, token_ids: list[int], params: Any, request_id: str):
+    """The served engine's output stream (an async iterator) for one tokenized prompt."""
+    return engine_client.generate({"prompt_token_ids": token_ids}, params, request_id)
 
 
 # ---- the serve command ------------------------------------------------------------------------
