@@ -59,6 +59,16 @@ def _model_and_vectors(args) -> tuple[str, list[str]]:
     return str(demo_model_path()), [absolute_source(v) for v in args.vectors or [demo_vectors_path()]]
 
 
+def _steered_llm(args, model: str, vectors: list[str], **kwargs):
+    """A SteeredLLM with the steering flags (``_steering_args``); the demo's short context
+    when no --model is given."""
+    from vllm_steer import SteeredLLM
+
+    return SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
+                      steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib,
+                      max_model_len=1024 if args.model is None else None, **kwargs)
+
+
 def _cpu_defaults(extra: list[str]) -> list[str]:
     """On CPU, vLLM's default memory fraction does not fit small machines: reserve a KV cache
     of a few GiB instead, unless the user chose."""
@@ -142,10 +152,7 @@ def generate(argv: list[str]) -> None:
     _cpu_defaults([])
     from vllm import SamplingParams
 
-    from vllm_steer import SteeredLLM
-
-    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions, steerable_layers=args.steerable_layers,
-                     table_budget_mib=args.table_budget_mib, max_model_len=1024 if args.model is None else None)
+    llm = _steered_llm(args, model, vectors)
     spec = json.loads(args.steering)
     chats = [[{"role": "user", "content": p}] for p in args.prompt]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
@@ -172,13 +179,10 @@ def extract(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, vectors = _model_and_vectors(args)
     _cpu_defaults([])
-    from vllm_steer import SteeredLLM
     from vllm_steer.extract import extract as extract_vectors
     from vllm_steer.vectors import VectorRegistry, export_vectors
 
-    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
-                     steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib, capture=True,
-                     max_model_len=1024 if args.model is None else None)
+    llm = _steered_llm(args, model, vectors, capture=True)
     found = extract_vectors(llm, read_prompts(args.positive), read_prompts(args.negative), args.layers,
                             method=args.method, reduce=args.reduce)
     llm.shutdown()
@@ -257,11 +261,7 @@ def features(argv: list[str]) -> None:
         parser.error("give --prompt (repeatable) and one --sae, or --query with --explanations")
     model, vectors = _model_and_vectors(args)
     _cpu_defaults([])
-    from vllm_steer import SteeredLLM
-
-    llm = SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
-                     steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib, capture=True,
-                     max_model_len=1024 if args.model is None else None)
+    llm = _steered_llm(args, model, vectors, capture=True)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
     from vllm_steer.spec import SteeringError
 
