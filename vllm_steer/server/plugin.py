@@ -1,4 +1,5 @@
-"""vLLM endpoint plugin: the ``steering`` field, ``/v1/steering/*`` and steering metrics.
+"""vLLM endpoint plugin: the ``steering`` field, ``/v1/steering/*``, steering metrics and the
+browser playground (``/playground``).
 
 vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (they add HTTP routes);
 ``vllm-steer serve`` sets ``VLLM_PLUGINS=vllm_steer``. Without it, steering still works
@@ -88,12 +89,14 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
+        from vllm_steer.server import pages
         from vllm_steer.server import features
         from vllm_steer.server.middleware import SteeringFieldMiddleware
         from vllm_steer.server.routes import router
 
         app.include_router(router)
         app.include_router(features.router)
+        app.include_router(pages.router)
         app.add_middleware(SteeringFieldMiddleware)
         document_steering_field(app)
 
