@@ -29,5 +29,21 @@ for package in torchvision torchaudio torchcodec; do
   fi
 done
 
+# The playground's browser tests drive the system's Chromium through Playwright (Playwright's
+# own browser download is not reachable everywhere): install Debian's chromium where it is
+# missing and apt-get may run (as root, or with passwordless sudo); elsewhere those tests skip.
+install_chromium() {
+  local root=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null || return 1
+    root=(sudo -n)
+  fi
+  "${root[@]}" apt-get update -qq && "${root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+}
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Debian's chromium for the playground's browser tests"
+  install_chromium >/dev/null || echo "could not install chromium (needs root or passwordless sudo): the browser tests will skip"
+fi
+
 .venv/bin/python -c "import vllm, vllm_steer, transformers.models.llama; print('vllm', vllm.__version__, '($flavour) ready')"
 echo "$flavour" > .venv/.vllm-steer-installed
