@@ -1,6 +1,6 @@
 # make test-fast  the tests that start no engine or server (< 1 min)
 # make test       the whole suite on Model Runner V1, then the engine tests on V2
-# make serve      start the steering server
+# make serve      start the steering server on SmolLM2-135M-Instruct with its concept vectors
 # Each creates .venv on first use.
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,7 +27,7 @@ test-v2: $(STAMP)
 	$(V2_ON_CPU) $(PY) -m pytest --runner v2 -m runner $(PYTEST_ARGS)
 
 serve: $(STAMP)
-	$(PY) -m vllm_steer.cli serve $(ARGS)
+	$(PY) -m vllm_steer.cli serve --model smollm2 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

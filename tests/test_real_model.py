@@ -99,8 +99,12 @@ def test_model_names_in_the_command_line(monkeypatch, capsys, tmp_path):
         vectors = None
 
     args = Args()
-    args.model = "smollm2"
-    assert cli._model_and_vectors(args) == (str(tmp_path), [])
+    args.model = "smollm2"  # with its concept vectors (built once, cached)
+    monkeypatch.setattr("vllm_steer.concepts.concept_files", lambda model: {"default": tmp_path / "default.safetensors"})
+    assert cli._model_and_vectors(args) == (str(tmp_path), [str(tmp_path / "default.safetensors")])
+    args.vectors = ["mine.gguf"]
+    assert cli._model_and_vectors(args) == (str(tmp_path), [str(Path("mine.gguf").resolve())])
+    args.vectors = None
     args.model = "demo"  # the demo, as with no --model: its vectors too
     model, vectors = cli._model_and_vectors(args)
     assert model == str(models.model_path("demo")) and len(vectors) == 1 and args.model is None
@@ -301,3 +305,90 @@ def test_steering_toward_each_concept_brings_its_words(engine, concept_files, ru
             assert hits[concept.name] > len(prompts) / 2, f"{concept.name}: {hits[concept.name]}/{len(prompts)}: {steered}"
     print(f"\n{len(answers)} answers in {time.monotonic() - started:.1f} s; steered answers mentioning the concept: "
           + ", ".join(f"{name} {count}/{len(prompts)}" for name, count in hits.items()))
+
+
+def test_the_capability_metric_at_scale_0_is_unsteered(engine, concept_files):
+    """The sweep's capability metric on the real model: at scale 0 the steering is nothing,
+    so the neutral reference answers are exactly as likely as unsteered (capability 1);
+    toward Paris at its measured default they are less likely."""
+    from vllm_steer import sweep
+    from vllm_steer.vectors import VectorRegistry, load_vector_file
+
+    default = VectorRegistry()
+    load_vector_file(concept_files["default"], default)
+    ((layer, paris),) = default.arrays_of("paris").items()
+    engine.register_vector("paris@default", paris, replace=True)
+    steering = sweep.Steering(vectors=[{"name": "paris@default", "layers": [layer], "scale": float(np.linalg.norm(paris))}])
+    result = sweep.run_sweep(engine, ["Who are you?"], steering, scales=[0.0, 1.0], modes=["add"], max_tokens=4,
+                             capability_pairs=sweep.CAPABILITY_PAIRS[:4], system_prompt=concept_data.SYSTEM_PROMPT)
+    at = {row.scale: row for row in result.rows}
+    assert at[0.0].capability == 1.0 and at[0.0].capability_logprob == result.baseline["capability_logprob"]
+    assert at[1.0].capability < 0.95
+
+
+# ---- the notebook's interface on the real model ------------------------------------------------------
+def notebook_hooks_generate(hf_model, tokenizer, chat, features, vectors, scale, clamp, max_new_tokens) -> str:
+    """The notebook's method as seed.md describes it, written here from that text: a forward
+    hook on ``model.model.layers[L]`` per distinct layer, that layer's features one after
+    another (``s = strength * layer * scale``, ``v̂ = v / (||v|| + 1e-12)``; add ``h + s v̂`` or
+    clamp ``h - <h, v̂> v̂ + s v̂``) at every position; greedy with repetition_penalty 1.2; the
+    answer decoded without special tokens and stripped."""
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    def hook_for(layer):
+        rows = [(strength, vectors[(layer, fid)]) for at, fid, strength in features if at == layer]
+
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            for strength, v in rows:
+                unit = v / (v.norm() + 1e-12)
+                s = strength * layer * scale
+                h = h - (h @ unit).unsqueeze(-1) * unit + s * unit if clamp else h + s * unit
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    handles = [hf_model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in sorted({f[0] for f in features})]
+    try:
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                    repetition_penalty=1.2, pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def notebook_engine(smollm2, concept_files, tmp_path_factory):
+    """A second engine, started with a steering_vectors.pt in the notebook's layout (keyed by
+    (layer, feature_id)): the concept vectors paris at layer 18 and ocean at layer 10; and the
+    notebook's features, reduced strengths (strength x layer = the vector's measured default)."""
+    from vllm_steer.vectors import VectorRegistry, load_vector_file
+
+    default = VectorRegistry()
+    load_vector_file(concept_files["default"], default)
+    paris, ocean = default.arrays_of("paris")[18], default.arrays_of("ocean")[10]
+    vectors = {(18, 0): torch.from_numpy(paris.copy()), (10, 1): torch.from_numpy(ocean.copy())}
+    path = tmp_path_factory.mktemp("notebook") / "steering_vectors.pt"
+    torch.save(vectors, path)
+    features = [[18, 0, float(np.linalg.norm(paris)) / 18], [10, 1, 0.5 * float(np.linalg.norm(ocean)) / 10]]
+    with scoped_environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        llm = concept_data.start_engine(smollm2, vectors=[str(path)], kv_cache_memory_bytes=1 << 28, max_num_seqs=4)
+    llm.cfg["features"] = features
+    yield llm, vectors, features
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("steer, scale, clamp", [(False, 1.0, False), (True, 0.8, True), (True, 1.0, False)])
+def test_the_notebooks_generate_chat_equals_its_hooks(notebook_engine, smol_hf, smol_tokenizer, runner, steer, scale, clamp):
+    llm, vectors, features = notebook_engine
+    max_new_tokens = 24 if runner == "v1" else 8
+    chat = [{"role": "user", "content": "Give me three business ideas."}]
+    got = llm.generate_chat(chat, max_new_tokens=max_new_tokens, steer=steer, scale=scale, clamp_intensity=clamp)
+    system_chat = [{"role": "system", "content": "You are a helpful assistant."}, *chat]
+    expected = notebook_hooks_generate(smol_hf, smol_tokenizer, system_chat, features if steer else [], vectors,
+                                       scale, clamp, max_new_tokens)
+    assert got == expected
+    if steer:
+        assert got != llm.generate_chat(chat, max_new_tokens=max_new_tokens)

@@ -46,12 +46,18 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
 def _model_and_vectors(args) -> tuple[str, list[str]]:
     """The user's model and vectors, or the bundled demo model and its topic vectors
     (committed under vllm_steer/demo/; ``--vectors`` replaces the demo vectors). A named
-    model (``vllm_steer.models``) becomes its local folder; ``--model demo`` is the default."""
+    model (``vllm_steer.models``) becomes its local folder; ``--model demo`` is the default.
+    ``--model smollm2`` comes with its concept vectors (vllm_steer/concepts: paris, ocean,
+    ..., each at its measured layer and scale) unless ``--vectors`` is given."""
     from vllm_steer.models import resolve_model
     from vllm_steer.vectors import absolute_source
 
     if args.model == "demo":  # the same as no --model (its vectors, its short context, its name)
         args.model = None
+    if args.model == "smollm2" and args.vectors is None:
+        from vllm_steer.concepts import concept_files
+
+        return resolve_model(args.model), [str(concept_files("smollm2")["default"])]
     if args.model is not None:
         return resolve_model(args.model), [absolute_source(v) for v in args.vectors or []]
     from vllm_steer.demo import demo_model_path, demo_vectors_path

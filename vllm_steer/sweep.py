@@ -630,11 +630,23 @@ def read_capability_pairs(path: str | Path) -> list[tuple[str, str]]:
     return [(question, answer) for question, answer in pairs]
 
 
-def _prompt_baseline(args, demo: bool, demo_topics: Sequence[str]) -> str | None:
+def _shipped_concept(args, vector: str | None):
+    """The shipped concept a vector of ``--model smollm2``'s own concept vectors is (its words
+    and description give the sweep's defaults), or None."""
+    from vllm_steer import concepts
+
+    if getattr(args, "model", None) != "smollm2" or args.vectors is not None or vector not in concepts.NAMES:
+        return None
+    return concepts.load_concepts([vector])[0]
+
+
+def _prompt_baseline(args, demo: bool, demo_topics: Sequence[str], concept=None) -> str | None:
     if args.no_prompt_baseline:
         return None
     if args.prompt_baseline is not None:
         return args.prompt_baseline.strip() or None
+    if concept is not None:
+        return concept_instruction(concept.description)
     topics = list(dict.fromkeys(demo_topics))
     if demo and len(topics) == 1:  # the persona the demo model learned to follow
         from vllm_steer.demo.corpus import PERSONA_SYSTEM, TOPIC_BY_NAME
@@ -659,6 +671,7 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
     if "feature_clamp" in args.modes and not args.sae_feature:
         raise SystemExit("mode feature_clamp sets an SAE feature's activation: give --sae-feature LAYER ID")
     demo_topics = [vector] if vector in CONCEPT_WORDS else []
+    concept = _shipped_concept(args, vector)
     if demo and args.features:  # the demo's features L1/F{i} are the topics in corpus order
         from vllm_steer.demo.corpus import TOPICS
 
@@ -667,11 +680,13 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
         words = [w.strip() for w in args.words.split(",") if w.strip()]
     elif demo and demo_topics:
         words = [word for topic in dict.fromkeys(demo_topics) for word in CONCEPT_WORDS[topic]]
+    elif concept is not None:
+        words = list(concept.words)
     else:
         words = None
         print("no --words: concept inclusion is not measured (fluency and repetition only)")
     prompts = _prompts(args, demo)
-    prompt_baseline = _prompt_baseline(args, demo, demo_topics)
+    prompt_baseline = _prompt_baseline(args, demo, demo_topics, concept)
     capability_pairs = None if args.no_capability else (
         read_capability_pairs(args.capability_file) if args.capability_file
         else demo_capability_pairs() if demo else CAPABILITY_PAIRS)
@@ -697,7 +712,8 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
             print(f"prompting baseline: {prompt_baseline!r} in the system prompt")
         result = run_sweep(
             llm, prompts, steering, words=words, scales=args.scales, modes=args.modes, max_tokens=args.max_tokens,
-            system_prompt=args.system, repetition_penalty=args.repetition_penalty, model_name=model if not demo else "demo",
+            system_prompt=args.system, repetition_penalty=args.repetition_penalty,
+            model_name="demo" if demo else "smollm2" if args.model == "smollm2" else model,
             prompt_baseline=prompt_baseline, capability_pairs=capability_pairs,
         )
     finally:
