@@ -234,8 +234,10 @@ class SteeringRuntime:
         num_tokens: int,
         num_padded: int,
     ) -> None:
-        """token_slot[:num_tokens] = each token's request slot, 0 outside the slot's phase,
-        and token_row = each layer's row of that slot; the padded tail reads slot and row 0."""
+        """token_slot[:num_tokens] = each token's column of row_of_slot: its request's slot
+        inside the slot's phase (under a condition, once the condition holds), the slot's
+        gate column while a gated prompt is read, else 0; and token_row = each layer's row of
+        that column. The padded tail reads column and row 0."""
         distinct = len(self._live_configs)
         self._step_counts[bisect_left(STEP_BUCKETS, distinct)] += 1
         self._step_sum += distinct
