@@ -126,6 +126,15 @@ def scoped_environ(values: dict[str, str]):
         os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def keep_the_environment():
+    """Each test's changes to os.environ end with it. Commands set process defaults
+    (VLLM_CPU_KVCACHE_SPACE=4, VLLM_PLUGINS): leaked, every engine a later test starts would
+    take a 4 GiB KV cache (the machine runs out of memory; a cramped engine never preempts)."""
+    with scoped_environ({}):
+        yield
+
+
 def start_engine(model: Path, vector_file: Path, env: dict[str, str] | None = None, **overrides):
     from vllm_steer import SteeredLLM
 

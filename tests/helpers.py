@@ -61,3 +61,50 @@ def slots_in_use(llm) -> list[int]:
     workers about finished requests with the next step, so run one unsteered token first."""
     run(llm, [[1, 2, 3]], [None], 1)
     return [stats["slots_in_use"] for stats in llm.steering_stats()]
+
+
+# ---- memory -------------------------------------------------------------------------------------
+MEMORY_PROBE = """
+import json, sys
+
+def private_memory():
+    # Anonymous resident memory: what the process itself holds (touched pages of a
+    # memory-mapped file are page cache, counted as RssFile).
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) * 1024 for line in file if line.startswith("RssAnon:"))
+"""
+MEMORY_MEASURE = """
+before = private_memory()
+result = run()
+grew = private_memory() - before
+before = private_memory()
+whole = b"x" * CHECK_BYTES  # the measurement must see this much new memory
+print(json.dumps({"grew": grew, "seen": private_memory() - before, "result": result}))
+"""
+CHECK_BYTES = 64 << 20
+
+
+def memory_growth(code: str) -> tuple[int, object]:
+    """The anonymous resident memory that ``code``'s ``run()`` adds, and run()'s (JSON) result,
+    measured in a fresh interpreter: in a long test process the allocator hands back pages
+    freed earlier, so what a call reads need not show as new memory. Skips the calling test
+    where this machine's /proc does not see 64 MiB of new memory (some sandboxes report a
+    stale RssAnon), so the test cannot pass without measuring."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import pytest
+
+    repo = Path(__file__).resolve().parent.parent
+    script = MEMORY_PROBE + f"CHECK_BYTES = {CHECK_BYTES}\n" + textwrap.dedent(code) + MEMORY_MEASURE
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    if measured["seen"] <= CHECK_BYTES // 2:
+        pytest.skip(f"RssAnon grew by {measured['seen']} bytes when {CHECK_BYTES} bytes were written: "
+                    "this machine's /proc cannot measure what a call brings into memory")
+    return measured["grew"], measured["result"]
+

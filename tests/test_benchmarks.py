@@ -343,7 +343,8 @@ def test_end_to_end_on_the_tiny_model(runner, tmp_path, monkeypatch):
     (entry,) = report["models"]
     engine = entry["engine"]
     labels = [r["scenario"]["label"] for r in engine["scenarios"]]
-    assert len(labels) == len(set(labels)) == 5  # shared, all distinct (base), clamp, 1 of 3 steered, batch 1
+    # shared, all distinct (base), clamp, range, condition, 1 of 3 steered, batch 1
+    assert len(labels) == len(set(labels)) == 7
     for result in engine["scenarios"]:
         assert [p["kind"] for p in result["passes"]] == [U, S]
         assert all(p["output_tokens"] == 3 * result["scenario"]["batch"] * p["repeats"] for p in result["passes"])

@@ -8,17 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, scoped_environ
+from conftest import REPO
 
 from vllm_steer import cli
-
-
-@pytest.fixture(autouse=True)
-def keep_the_environment():
-    """Commands set process defaults (VLLM_CPU_KVCACHE_SPACE=4, VLLM_PLUGINS): they must not
-    leak into the engines later tests start (a 4 GiB KV cache each runs the machine out of memory)."""
-    with scoped_environ({}):
-        yield
 
 
 def test_no_command_prints_usage_and_exits_2(capsys):

@@ -4,7 +4,6 @@ feature labels from Neuronpedia's explanation exports, and search by label."""
 
 from __future__ import annotations
 
-import gc
 import gzip
 import json
 import sys
@@ -12,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_sae import _private_memory
+from helpers import memory_growth
 from test_sae_suites import write_gemma_scope
 
 from vllm_steer.features import load_explanations, search_features, top_features_of_streams
@@ -162,19 +161,17 @@ def test_the_encoder_is_read_a_chunk_at_a_time(tmp_path):
     path = tmp_path / "ae.pt"
     torch.save({"encoder.weight": encoder, "decoder.weight": torch.zeros(d_model, d_sae)}, path)
     del encoder
-    gc.collect()
-    before = _private_memory()
-    whole = path.read_bytes()  # first: does this machine's RssAnon see a read at all?
-    seen = _private_memory() - before
-    del whole
-    gc.collect()
-    if seen <= path.stat().st_size // 2:
-        pytest.skip(f"RssAnon did not grow ({seen} bytes) on reading the file: /proc cannot measure this here")
-    sae = load_sae(f"{path}#layer=1")
-    before = _private_memory()
-    (result,) = top_features_of_streams([np.ones((1, d_model))], sae, 1, features_per_chunk=1024)
-    grew = _private_memory() - before
-    assert [(f.feature, f.activation) for f in result.features] == [(77, 128.0)]
+    grew, found = memory_growth(f"""
+        import numpy as np
+        from vllm_steer.features import top_features_of_streams
+        from vllm_steer.vectors import load_sae
+
+        def run():
+            sae = load_sae({f"{path}#layer=1"!r})
+            (result,) = top_features_of_streams([np.ones((1, {d_model}))], sae, 1, features_per_chunk=1024)
+            return [[f.feature, f.activation] for f in result.features]
+        """)
+    assert found == [[77, 128.0]]
     assert grew < 16 * 2**20, f"resident memory grew by {grew / 2**20:.1f} MiB encoding with a 64 MiB encoder"
 
 

@@ -3,13 +3,13 @@ SAELens sae_weights.safetensors + cfg.json. Every SAE is built by the test with 
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import memory_growth
 from safetensors.numpy import save_file
 
 from vllm_steer.resolve import ModelShape, resolve
@@ -154,17 +154,6 @@ def test_feature_is_a_fresh_copy_of_one_row(tmp_path, layout):
         source.feature(D_SAE)
 
 
-def _private_memory() -> int:
-    """Anonymous resident memory: what the process itself holds. (Touched pages of a
-    memory-mapped file are page cache, counted as RssFile, and the kernel maps them in
-    page-cache folios, so RSS as a whole grows by more than the bytes read.)"""
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("layout", ["ae.pt", "saelens"])
 def test_only_requested_features_are_read(tmp_path, layout):
@@ -176,35 +165,24 @@ def test_only_requested_features_are_read(tmp_path, layout):
         decoder[:, 5] = torch.arange(d_model, dtype=torch.float32)
         path = tmp_path / "ae.pt"
         torch.save({"decoder.weight": decoder}, path)
-        text = f"{path}#layer=1"
     else:
         decoder = np.zeros((d_sae, d_model), np.float32)  # W_dec [d_sae, d_model]: feature = row
         decoder[5] = np.arange(d_model, dtype=np.float32)
         path = tmp_path / "sae_weights.safetensors"
         save_file({"W_dec": decoder}, str(path))
-        text = f"{path}#layer=1"
     del decoder
-    gc.collect()
     file_size = path.stat().st_size
     assert file_size >= 64 * 2**20
+    grew, five = memory_growth(f"""
+        from vllm_steer.vectors import load_registry
 
-    # First make sure this machine's counters see a full read of the file at all: some
-    # sandboxes report a stale RssAnon, and there the test would pass whatever happened.
-    before = _private_memory()
-    whole = path.read_bytes()
-    seen = _private_memory() - before
-    del whole
-    gc.collect()
-    if seen <= file_size // 2:
-        pytest.skip(f"RssAnon did not grow ({seen} bytes) on reading {file_size} bytes: "
-                    "this machine's /proc cannot measure what a read brings into memory")
-
-    before = _private_memory()
-    registry = load_registry(sae=[text])
-    five = registry.array(registry.feature_digest(1, 5))
-    registry.feature_digest(1, d_sae - 1)
-    grew = _private_memory() - before
-    assert five.tobytes() == np.arange(d_model, dtype=np.float32).tobytes()
+        def run():
+            registry = load_registry(sae=[{f"{path}#layer=1"!r}])
+            five = registry.array(registry.feature_digest(1, 5))
+            registry.feature_digest(1, {d_sae - 1})
+            return five.tolist()
+        """)
+    assert five == list(range(d_model))
     assert grew < 16 * 2**20, f"resident memory grew by {grew / 2**20:.1f} MiB reading 2 features"
 
 

@@ -5,7 +5,6 @@ exact layout (file and folder names, keys, orientation, dtype) with a known deco
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_sae import _private_memory
+from helpers import memory_growth
 
 from vllm_steer.resolve import ModelShape, resolve
 from vllm_steer.spec import SteeringError
@@ -418,14 +417,14 @@ def test_gemma_scope_features_do_not_bring_the_decoder_into_memory(tmp_path, com
     path.parent.mkdir()
     (np.savez_compressed if compressed else np.savez)(path, W_dec=decoder, b_dec=np.zeros(d_model, np.float32))
     del decoder
-    gc.collect()
+    grew, (five, last_any) = memory_growth(f"""
+        from vllm_steer.vectors import load_sae
 
-    before = _private_memory()
-    source = load_sae(str(path))
-    five = source.feature(5)
-    last = source.feature(d_sae - 1)
-    grew = _private_memory() - before
-    assert five.tobytes() == np.arange(d_model, dtype=np.float32).tobytes() and not last.any()
+        def run():
+            source = load_sae({str(path)!r})
+            return source.feature(5).tolist(), bool(source.feature({d_sae - 1}).any())
+        """)
+    assert five == list(range(d_model)) and not last_any
     assert grew < 16 * 2**20, f"resident memory grew by {grew / 2**20:.1f} MiB reading 2 features"
 
 
