@@ -307,10 +307,12 @@ def test_steering_toward_each_concept_brings_its_words(engine, concept_files, ru
           + ", ".join(f"{name} {count}/{len(prompts)}" for name, count in hits.items()))
 
 
-def test_the_capability_metric_at_scale_0_is_unsteered(engine, concept_files):
+def test_the_capability_metric_at_scale_0_is_unsteered(engine, concept_files, runner):
     """The sweep's capability metric on the real model: at scale 0 the steering is nothing,
     so the neutral reference answers are exactly as likely as unsteered (capability 1);
     toward Paris at its measured default they are less likely."""
+    if runner == "v2":
+        pytest.skip("the metric's logic does not depend on the runner (2 min on V2's interpreter); V1 covers it")
     from vllm_steer import sweep
     from vllm_steer.vectors import VectorRegistry, load_vector_file
 
