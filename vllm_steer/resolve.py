@@ -263,10 +263,7 @@ def _resolve_condition(condition: Condition, shape: ModelShape, registry: Vector
         return Gate(layer, digest, False, offset, feature_threshold, condition.compare, condition.threshold)
     array = condition.inline_array()
     if array is not None:
-        digest = vector_digest(array)
-        if registry.digest_of(digest) is None:
-            inline[digest] = array
-        vector_field = f"{where}.{'vector' if condition.vector is not None else 'vector_b64'}"
+        digest, vector_field = _inline_digest(condition, array, registry, inline, where)
     else:
         digest = registry.digest_of(condition.name, layer)
         vector_field = f"{where}.name"
@@ -280,6 +277,15 @@ def _resolve_condition(condition: Condition, shape: ModelShape, registry: Vector
     return Gate(layer, digest, True, 0.0, None, condition.compare, condition.threshold)
 
 
+def _inline_digest(source, array: np.ndarray, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str) -> tuple[str, str]:
+    """An inline direction's digest (carried with the request unless the registry holds the
+    same content) and the field it came from."""
+    digest = vector_digest(array)
+    if registry.digest_of(digest) is None:
+        inline[digest] = array
+    return digest, f"{where}.{'vector' if source.vector is not None else 'vector_b64'}"
+
+
 def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray], where: str):
     """(layer, its field, digest, the vector's field) for each layer an entry steers."""
     if entry.feature is not None:
@@ -291,10 +297,7 @@ def _entry_vectors(entry, registry: VectorRegistry, inline: dict[str, np.ndarray
         return [(layer, f"{where}.feature", digest, f"{where}.feature")]
     array = entry.inline_array()
     if array is not None:
-        digest = vector_digest(array)
-        if registry.digest_of(digest) is None:
-            inline[digest] = array
-        field = f"{where}.{'vector' if entry.vector is not None else 'vector_b64'}"
+        digest, field = _inline_digest(entry, array, registry, inline, where)
         return [(layer, f"{where}.layers[{i}]", digest, field) for i, layer in enumerate(entry.layers)]
     own_layers = registry.layers_of(entry.name)
     if registry.digest_of(entry.name) is None and own_layers is None:
