@@ -4,6 +4,7 @@ usage, argument parsing and prompt files. No engine starts here."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,20 @@ def test_serve_picks_the_models_family_and_merges_the_users_hf_overrides(tmp_pat
     assert argv.count("--hf-overrides") == 1 and argv[argv.index("--revision") + 1] == "main" and "--port" in argv
     assert overrides["architectures"] == ["SteeredGemma2ForCausalLM"] and overrides["rope_theta"] == 5.0
     assert overrides["steering"]["max_request_ops"] == 8 and overrides["steering"]["table_budget_mib"] == 64
+
+
+@pytest.mark.parametrize("flag, kv_space", [([], "4"), (["--kv-cache-memory-bytes", "268435456"], None),
+                                             (["--kv-cache-memory-bytes=1G"], None)])
+def test_serve_reserves_a_cpu_kv_cache_only_when_the_user_sized_none(flag, kv_space, tmp_path, monkeypatch):
+    """vLLM's VLLM_CPU_KVCACHE_SPACE overrides --kv-cache-memory-bytes: setting it by default
+    would silently give a server that asked for 256 MiB a 4 GiB cache."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    seen = {}
+    monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
+    cli.main(["serve", "--model", str(tmp_path), *flag])
+    assert "argv" in seen and os.environ.get("VLLM_CPU_KVCACHE_SPACE") == kv_space
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])

@@ -77,12 +77,14 @@ def _steered_llm(args, model: str, vectors: list[str], **kwargs):
 
 def _cpu_defaults(extra: list[str]) -> list[str]:
     """On CPU, vLLM's default memory fraction does not fit small machines: reserve a KV cache
-    of a few GiB instead, unless the user chose."""
+    of a few GiB instead, unless the user chose (vLLM lets VLLM_CPU_KVCACHE_SPACE override
+    ``--kv-cache-memory-bytes``, so it is set only without that flag)."""
     import torch
 
     if torch.cuda.is_available():
         return []
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if not any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--kv_cache_memory_bytes") for a in extra):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     return [] if any(a.startswith("--dtype") for a in extra) else ["--dtype", "float32"]
 
 
