@@ -10,6 +10,7 @@ already accepted, and no check runs twice on two different forms.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -38,7 +39,12 @@ class ModelShape:
 
     @property
     def dtype_max(self) -> float:
-        return float(torch.finfo(getattr(torch, self.dtype)).max)
+        return _dtype_max(self.dtype)
+
+
+@functools.cache  # read per vector and layer of every request
+def _dtype_max(dtype: str) -> float:
+    return float(torch.finfo(getattr(torch, dtype)).max)
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ class ResolvedSteering:
             "apply_to": self.apply_to,
             "ops": [op.as_list() for op in self.ops],
             "inline": {digest: encode_b64(array) for digest, array in self.inline.items()},
+            "fingerprint": self.fingerprint,
         }
         if self.gate is not None:
             body["condition"] = self.gate.as_list()
@@ -173,7 +180,10 @@ class ResolvedSteering:
         body = json.loads(text)
         ops = tuple(Op.from_list(fields) for fields in body["ops"])
         gate = Gate.from_list(body["condition"]) if "condition" in body else None
-        return cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()}, gate)
+        resolved = cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()}, gate)
+        # Computed once, by the front end: admission is on the step path.
+        resolved.__dict__["fingerprint"] = body["fingerprint"]
+        return resolved
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:

@@ -142,21 +142,24 @@ class SteeringRuntime:
         if keys or gate:
             hidden = self.shape.hidden_size
             needed = [*keys.values(), *([gate.row_key] if gate else [])]
-            # Rows are built only for content the pool does not hold yet.
-            missing = {key for key in needed if not self.pool.held(key)}
-            vectors = resolved.arrays(self.registry) if missing else {}
-            built = {key: build_row(resolved, layer, vectors, hidden) for layer, key in keys.items() if key in missing}
-            if gate is not None and gate.row_key in missing:
-                built[gate.row_key] = build_gate_row(gate, vectors, hidden)
+            # Rows are built only for content the pool does not hold yet, once per content
+            # (layers steered alike share a row).
+            built = {}
+            if any(not self.pool.held(key) for key in needed):
+                vectors = resolved.arrays(self.registry)
+                for layer, key in keys.items():
+                    if key not in built and not self.pool.held(key):
+                        built[key] = build_row(resolved, layer, vectors, hidden)
+                if gate is not None and not self.pool.held(gate.row_key):
+                    built[gate.row_key] = build_gate_row(gate, vectors, hidden)
             row_of = self.pool.acquire(needed, built)
             self._keys_of[slot] = tuple(needed)
             self._peak_rows = max(self._peak_rows, self.pool.in_use)
             # Per local layer: the row of the slot's steering, and of its gate (prompt tokens).
-            columns = torch.zeros(len(self.layer_order), 2, dtype=torch.int64)
-            for n, index in enumerate(self.layer_order):
-                columns[n, 0] = row_of[keys[index]] if index in keys else 0
-                columns[n, 1] = row_of[gate.row_key] if gate is not None and index == gate.layer else 0
-            self._columns(slot)[:] = to_device(columns, self.row_of_slot.device)
+            gate_layer = gate.layer if gate is not None else None
+            columns = [[row_of[keys[index]] if index in keys else 0, row_of[gate.row_key] if index == gate_layer else 0]
+                       for index in self.layer_order]
+            self._columns(slot)[:] = to_device(torch.tensor(columns, dtype=torch.int64), self.row_of_slot.device)
         if gate is not None:
             sign = 1.0 if gate.compare == "above" else -1.0
             self.gate[slot] = to_device(torch.tensor([sign, gate.threshold, float(prompt_len)]), self.gate.device)
