@@ -194,9 +194,8 @@ def alternation(pairs: int) -> list[str]:
     return [UNSTEERED, STEERED] * pairs
 
 
-def pass_record(kind: str, index: int, seconds: float, prompt_tokens: int, output_tokens: int,
-                cpu_seconds: float | None = None) -> dict[str, Any]:
-    record = {
+def pass_record(kind: str, index: int, seconds: float, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
         "kind": kind,
         "index": index,
         "seconds": seconds,
@@ -205,19 +204,10 @@ def pass_record(kind: str, index: int, seconds: float, prompt_tokens: int, outpu
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (prompt_tokens + output_tokens) / seconds,
     }
-    if cpu_seconds:
-        record |= {"cpu_seconds": cpu_seconds, "output_tok_per_cpu_s": output_tokens / cpu_seconds}
-    return record
 
 
-RATE_METRICS = ("output_tok_s", "total_tok_s", "output_tok_per_cpu_s")
-
-
-def summarize(passes: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
-    """Medians per side and steered/unsteered ratios of the medians (by default of each of
-    ``RATE_METRICS`` that every pass has)."""
-    if metrics is None:
-        metrics = [metric for metric in RATE_METRICS if passes and all(metric in p for p in passes)]
+def summarize(passes: Sequence[dict[str, Any]], metrics: Sequence[str] = ("output_tok_s", "total_tok_s")) -> dict[str, Any]:
+    """Medians per side and steered/unsteered ratios of the medians."""
     median = {
         kind: {metric: statistics.median(p[metric] for p in passes if p["kind"] == kind) for metric in metrics}
         for kind in (UNSTEERED, STEERED)
@@ -255,22 +245,6 @@ def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, 
     pool = rows * row_bytes(hidden, max_directions)
     index = max_num_batched_tokens * 8 * (1 + steerable_layers) + slots * (8 * (2 * steerable_layers + 3) + 4 * 5)
     return {"rows": rows, "worst_case_rows": worst_case, "pool": pool, "index": index, "total": pool + index}
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds a process tree (this process by default: with the engine's
-    processes) has used so far. A pass's share is the work it took, which a busy or noisy
-    machine changes much less than the pass's wall time."""
-    import psutil
-
-    total = 0.0
-    for process in _tree(pid or os.getpid()):
-        try:
-            times = process.cpu_times()
-        except psutil.Error:  # ended between listing and reading
-            continue
-        total += times.user + times.system
-    return total
 
 
 def _tree(pid: int):

@@ -281,16 +281,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{settings['pairs']} unsteered/steered pass pairs per row, medians.")
         engine = entry.get("engine")
         if engine:
-            lines += ["", "Engine, one process, alternating passes (ratio = steered / unsteered median; per CPU s = "
-                          "the same ratio of output tokens per CPU second of the engine's processes, which machine noise "
-                          "moves less; spread = the widest (max - min) / median of either side's passes):", "",
+            lines += ["", "Engine, one process, alternating passes (ratio = steered / unsteered median; spread = the "
+                          "widest (max - min) / median of either side's passes):", "",
                       common.markdown_table(
                 ["varies", "batch", "distinct configs", "steered", "layers", "mode", "unsteered tok/s", "steered tok/s",
-                 "ratio (output)", "ratio (total)", "ratio (per CPU s)", "spread"],
+                 "ratio (output)", "ratio (total)", "spread"],
                 [[factor, r["scenario"]["batch"], r["scenario"]["distinct"], f"{r['scenario']['fraction']:.0%}",
                   r["scenario"]["layers"], r["scenario"]["mode"], r["median"][U]["output_tok_s"],
                   r["median"][S]["output_tok_s"], r["ratio"]["output_tok_s"], r["ratio"]["total_tok_s"],
-                  r["ratio"].get("output_tok_per_cpu_s"), _spread(r)]
+                  _spread(r)]
                  for factor, r in unique_rows(entry)])]
         stock = entry.get("stock")
         if stock and engine:

@@ -99,7 +99,7 @@ def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index
     """One pass: the batch generated once, or repeated until ``min_seconds`` have passed (so a
     small model's pass is long enough to time); tokens and seconds are summed."""
     before = engine.step_configs()
-    start, cpu_start = time.perf_counter(), common.cpu_seconds()
+    start = time.perf_counter()
     prompt_tokens = output_tokens = repeats = 0
     while True:
         outputs = engine.generate(prompts, max_tokens, specs)
@@ -109,7 +109,7 @@ def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index
         seconds = time.perf_counter() - start
         if seconds >= min_seconds:
             break
-    record = common.pass_record(kind, index, seconds, prompt_tokens, output_tokens, common.cpu_seconds() - cpu_start)
+    record = common.pass_record(kind, index, seconds, prompt_tokens, output_tokens)
     record["repeats"] = repeats
     after = engine.step_configs()
     if before is not None and after is not None and after[0] > before[0]:
@@ -147,8 +147,7 @@ def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens:
     }
     log(f"  {scenario.label}: unsteered {summary['median'][common.UNSTEERED]['output_tok_s']:.1f} tok/s, "
         f"steered {summary['median'][common.STEERED]['output_tok_s']:.1f} tok/s, "
-        f"ratio {summary['ratio']['output_tok_s']:.3f}, per CPU second {summary['ratio'].get('output_tok_per_cpu_s', float('nan')):.3f} "
-        f"(changed {changed}/{len(rows)})")
+        f"ratio {summary['ratio']['output_tok_s']:.3f} (changed {changed}/{len(rows)})")
     return result
 
 
