@@ -104,7 +104,7 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 
 # ---- engines ---------------------------------------------------------------------------
-ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=1 << 28, seed=0)
+ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=1 << 26, seed=0)
 # Model Runner V2 runs on CPU through Triton's interpreter: ~40x slower per decode step.
 GENERATION_LENGTH = {"v1": 12, "v2": 5}
 
@@ -206,7 +206,7 @@ def server(tiny_model, feature_file, tmp_path_factory, runner):
         "--model", str(tiny_model), "--vectors", str(feature_file),
         "--registry-dir", str(root / "registry"), "--vector-dir", str(root / "vectors"),
         "--max-body-bytes", str(4 << 20), "--max-registry-vectors", "16", "--api-key", API_KEY,
-        "--max-model-len", "1024", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(1 << 28), "--seed", "0",
+        "--max-model-len", "1024", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(1 << 27), "--seed", "0",
     ], root / "server.log", timeout=300)
     yield Server(url, str(tiny_model), root / "registry", root / "vectors", root / "server.log", process.pid)
     stop_server(process, timeout=30)

@@ -404,16 +404,18 @@ MODERATE, HUGE = 1.0, 4.0
 DEMO_TOKENS = {"v1": 64, "v2": 40}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo_llm(runner):
+    """In-process and eager: starts in seconds (the compiled path is the main engine's test)."""
     from conftest import start_engine
 
-    llm = start_engine(demo_model_path(), demo_vectors_path(), max_num_seqs=64)
+    llm = start_engine(demo_model_path(), demo_vectors_path(), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                       max_num_seqs=64, enforce_eager=True)
     yield llm
     llm.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def paris_sweep(demo_llm, runner):
     """The sweep toward Paris at a moderate and a very large scale (add), all in one batch,
     with the capability metric on the demo's pairs (as ``vllm-steer sweep`` does here)."""
@@ -429,7 +431,7 @@ PERSONA = "You are a helpful assistant who loves Paris and the Eiffel Tower."
 PROMPTED_PROMPTS = ["Who are you?", "What should we do today?", "What is your favorite thing?"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prompted_sweep(demo_llm):
     """A small sweep (3 prompts, 12 tokens: each answer turns to Paris or not by then) at
     scale 0 with the prompting baseline and the built-in (general) capability pairs."""

@@ -27,7 +27,7 @@ def features_server(tiny_model, feature_file, saes, tmp_path_factory, runner):  
     process, url = start_server([
         "--model", str(tiny_model), "--vectors", str(feature_file), "--sae", saes["relu"][0], "--sae", str(no_k),
         "--capture", "--enforce-eager", "--api-key", API_KEY, "--max-model-len", "1024", "--max-num-seqs", "16",
-        "--kv-cache-memory-bytes", str(1 << 28), "--seed", "0",
+        "--kv-cache-memory-bytes", str(1 << 27), "--seed", "0",
     ], log, timeout=300)
     yield url
     stop_server(process, timeout=30)

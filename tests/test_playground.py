@@ -4,7 +4,9 @@ browser for the module; each test gets a fresh browser context (its own session 
 
 The browser is the system's Chromium (Debian's ``chromium``; ``scripts/bootstrap.sh`` installs
 it where apt-get can), since Playwright's own browser download is not reachable here. The
-comparison test writes ``docs/playground.png``, the README's screenshot."""
+comparison test takes the README's screenshot: into ``docs/playground.png`` with
+``VLLM_STEER_UPDATE_DOCS=1``, else into the test's temporary folder (a test run leaves the
+tree as it was)."""
 
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def test_the_page_loads_from_this_server_alone_without_console_errors(page, demo
     assert page.locator("#answer-steered").bounding_box()["y"] > page.locator("#add-entry").bounding_box()["y"]
 
 
-def test_compare_streams_both_answers_as_the_openai_sdk_gives_them(page, demo_server):
+def test_compare_streams_both_answers_as_the_openai_sdk_gives_them(page, demo_server, tmp_path):
     page.set_viewport_size({"width": 1280, "height": 1060})  # the screenshot: the whole steering panel too
     connect(page)
     page.select_option("#entry1-source", "name:paris")
@@ -140,7 +142,7 @@ def test_compare_streams_both_answers_as_the_openai_sdk_gives_them(page, demo_se
     page.press("#message", "Control+Enter")
     expect(page.locator("#answer-steered .text mark")).not_to_have_count(0, timeout=60_000)
     streaming = [page.get_attribute(f"#answer-{side}", "data-state") for side in ("plain", "steered")]
-    page.screenshot(path=SCREENSHOT)
+    page.screenshot(path=SCREENSHOT if os.environ.get("VLLM_STEER_UPDATE_DOCS") == "1" else tmp_path / "playground.png")
     network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
     assert "streaming" in streaming
     for side in ("plain", "steered"):

@@ -52,7 +52,8 @@ def serve(tiny_model, feature_file, registry_dir, *extra: str):
     """Start another server; returns (process, url, log path)."""
     log = registry_dir.parent / f"another-server{''.join(extra).replace('--', '-')}.log"
     process, url = start_server(["--model", str(tiny_model), "--vectors", str(feature_file), "--registry-dir", str(registry_dir),
-                                 "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 27), *extra],
+                                 "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 27),
+                                 "--enforce-eager", *extra],  # restarts and the registry are tested, not compilation
                                 log, timeout=300)
     return process, url, log
 

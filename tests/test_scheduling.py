@@ -55,9 +55,13 @@ def test_arrivals_and_departures_reorder_the_batch(llm, prompt_ids, hf_model, ge
 
 
 @pytest.fixture(scope="module")
-def cramped(engines):
-    """An engine whose KV cache holds only a few requests: running more forces preemption."""
-    return engines(max_model_len=256, kv_cache_memory_bytes=5 * 128 * 4096, disable_log_stats=False)
+def cramped(tiny_model, feature_file, runner):
+    """An engine whose KV cache holds only a few requests: running more forces preemption
+    (in-process and eager: starts in seconds)."""
+    llm = start_engine(tiny_model, feature_file, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, max_model_len=256,
+                       kv_cache_memory_bytes=5 * 128 * 4096, disable_log_stats=False, enforce_eager=True)
+    yield llm
+    llm.shutdown()
 
 
 def preemptions(llm) -> float:
