@@ -32,6 +32,7 @@ def steered_layer(directions: list[tuple[torch.Tensor, float]], add: torch.Tenso
     pool = RowPool(2, HIDDEN, len(directions))
     clamps = [Direction(direction, direction, target, target) for direction, target in directions]
     pool.acquire(["row"], {"row": LayerRow(torch.zeros(HIDDEN) if add is None else add, clamps)})
+    pool.flush()
     layer.attach_steering(torch.ones(TOKENS, dtype=torch.int64), pool)
     return layer
 

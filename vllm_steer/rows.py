@@ -150,7 +150,8 @@ class RowPool:
     ``dirs [K, R, 2H + PARAMS]`` (float32; a row's k-th direction is ``dirs[k, row]``: its edit
     vector, its probe vector and its params side by side, so one gather of contiguous rows
     reads a direction whole) and ``count [R]`` (int32). Rows are refcounted by content key; a
-    row whose last user leaves is free again."""
+    row whose last user leaves is free again. New rows are written by ``flush``, before the
+    step that reads them: requests admitted together cost one copy per table."""
 
     def __init__(self, rows: int, hidden: int, max_directions: int):
         self.hidden, self.max_directions = hidden, max_directions
@@ -160,6 +161,7 @@ class RowPool:
         self._free = list(range(rows - 1, 0, -1))
         self._row_of: dict[Hashable, int] = {}
         self._users: Counter[Hashable] = Counter()
+        self._unwritten: dict[int, LayerRow] = {}  # row -> its content, until flush
 
     @property
     def capacity(self) -> int:
@@ -173,23 +175,31 @@ class RowPool:
         return key in self._row_of
 
     def acquire(self, keys: Iterable[Hashable], contents: dict[Hashable, LayerRow]) -> dict[Hashable, int]:
-        """The row of each key (one more user each), writing ``contents`` into new rows for
-        the keys not held yet (``contents`` must cover those). All or nothing: raises
-        ``PoolFull`` before changing anything."""
+        """The row of each key (one more user each), giving the keys not held yet new rows that
+        will hold ``contents`` (which must cover those) from the next ``flush``. All or
+        nothing: raises ``PoolFull`` before changing anything."""
         keys = set(keys)
         new = [key for key in keys if key not in self._row_of]
         if len(new) > len(self._free):
             raise PoolFull(f"{len(new)} new steering rows needed, {len(self._free)} of {self.capacity} free (steering.table_budget_mib)")
-        if new:
-            rows = [self._free.pop() for _ in new]
-            device = self.add.device
-            index = to_device(torch.tensor(rows, dtype=torch.int64), device)
-            adds, directions, counts = stack_rows([contents[k] for k in new], self.max_directions, self.hidden)
-            for table, values, dim in ((self.add, adds, 0), (self.dirs, directions, 1), (self.count, counts, 0)):
-                table.index_copy_(dim, index, to_device(values, device))
-            self._row_of.update(zip(new, rows))
+        for key in new:
+            row = self._free.pop()
+            self._row_of[key] = row
+            self._unwritten[row] = contents[key]  # a row freed and taken again keeps its newest content
         self._users.update(keys)
         return {key: self._row_of[key] for key in keys}
+
+    def flush(self) -> None:
+        """Write the rows acquired since the last flush, one copy per table."""
+        if not self._unwritten:
+            return
+        rows, contents = list(self._unwritten), list(self._unwritten.values())
+        self._unwritten.clear()
+        device = self.add.device
+        index = to_device(torch.tensor(rows, dtype=torch.int64), device)
+        adds, directions, counts = stack_rows(contents, self.max_directions, self.hidden)
+        for table, values, dim in ((self.add, adds, 0), (self.dirs, directions, 1), (self.count, counts, 0)):
+            table.index_copy_(dim, index, to_device(values, device))
 
     def release(self, keys: Iterable[Hashable]) -> None:
         """One user fewer for each key (the keys of one ``acquire``)."""

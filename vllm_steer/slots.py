@@ -241,6 +241,7 @@ class SteeringRuntime:
         inside the slot's phase (under a condition, once the condition holds), the slot's
         gate column while a gated prompt is read, else 0; and token_row = each layer's row of
         that column. The padded tail reads column and row 0."""
+        self.pool.flush()  # the rows of requests admitted since the last step
         distinct = len(self._live_configs)
         self._step_counts[bisect_left(STEP_BUCKETS, distinct)] += 1
         self._step_sum += distinct
