@@ -249,19 +249,22 @@ class SteeringRuntime:
             # Nothing steered: one cheap fill keeps every token (and padding) on slot 0.
             self.clear_step(num_padded)
             return
+        # Every op here runs each step: index_select and out= spare torch's advanced-indexing
+        # path and a copy each (a decode step's fill is a few dozen microseconds on a CPU).
         slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
-        phase = self.phase[slots]
+        phase = self.phase.index_select(0, slots)
         steered = (pos >= phase[:, 0]) & (pos < phase[:, 1])
         if self._gated:
             steered &= self._passes(slots)
             reading = pos < self.probe_end[slots]
             self.token_slot[:num_tokens] = torch.where(steered, slots, torch.where(reading, slots + self.num_slots, 0))
         else:
-            self.token_slot[:num_tokens] = slots * steered
-        self.token_slot[num_tokens:num_padded] = 0
+            torch.mul(slots, steered, out=self.token_slot[:num_tokens])
+        if num_padded > num_tokens:
+            self.token_slot[num_tokens:num_padded] = 0
         # Slot 0 maps to row 0 at every layer, so the padded tail needs no write of its own.
-        self.token_row[:, :num_padded] = self.row_of_slot[:, self.token_slot[:num_padded]]
+        self.token_row[:, :num_padded] = self.row_of_slot.index_select(1, self.token_slot[:num_padded])
         if self.capture is not None:
             self.capture.fill(slots, pos, num_tokens, num_padded)
 
