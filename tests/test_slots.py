@@ -15,6 +15,7 @@ from torch import nn
 from vllm_steer.layer import SteeringLayer
 from vllm_steer.reference import layer_ops, phase_mask, steer_stream
 from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
+from vllm_steer.rows import LayerRow, RowPool
 from vllm_steer.runners import V2SlotWriter, release_v1, write_v1
 from vllm_steer.slots import SteeringRuntime
 from vllm_steer.vectors import VectorRegistry
@@ -388,3 +389,17 @@ def test_a_readmitted_request_reads_its_prompt_again(runtime):
     runtime.gate_sum[SLOTS + slot] = 123.0
     assert runtime.admit("r", params(spec), prompt_len=2) == slot  # preempted and resumed: released first
     assert runtime.gate_sum[SLOTS + slot] == 0
+
+
+def test_new_rows_are_written_at_the_next_step_with_their_newest_content():
+    """Admission stages rows; the step's writer writes them all at once. A row freed and taken
+    again before that step holds its newest content, never the earlier one."""
+    pool = RowPool(3, HIDDEN, 1)
+    row = pool.acquire(["a"], {"a": LayerRow(torch.ones(HIDDEN))})["a"]
+    assert not pool.add[row].any()  # nothing written before the step
+    pool.release(["a"])
+    assert pool.acquire(["b"], {"b": LayerRow(torch.full((HIDDEN,), 2.0))})["b"] == row
+    pool.flush()
+    assert torch.equal(pool.add[row], torch.full((HIDDEN,), 2.0))
+    pool.flush()  # nothing left to write
+    assert torch.equal(pool.add[row], torch.full((HIDDEN,), 2.0))

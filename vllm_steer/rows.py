@@ -193,13 +193,12 @@ class RowPool:
         """Write the rows acquired since the last flush, one copy per table."""
         if not self._unwritten:
             return
-        rows, contents = list(self._unwritten), list(self._unwritten.values())
-        self._unwritten.clear()
         device = self.add.device
-        index = to_device(torch.tensor(rows, dtype=torch.int64), device)
-        adds, directions, counts = stack_rows(contents, self.max_directions, self.hidden)
+        index = to_device(torch.tensor(list(self._unwritten), dtype=torch.int64), device)
+        adds, directions, counts = stack_rows(list(self._unwritten.values()), self.max_directions, self.hidden)
         for table, values, dim in ((self.add, adds, 0), (self.dirs, directions, 1), (self.count, counts, 0)):
             table.index_copy_(dim, index, to_device(values, device))
+        self._unwritten.clear()  # only once written: a failed step (run unsteered) tries again
 
     def release(self, keys: Iterable[Hashable]) -> None:
         """One user fewer for each key (the keys of one ``acquire``)."""
