@@ -403,3 +403,19 @@ def test_new_rows_are_written_at_the_next_step_with_their_newest_content():
     assert torch.equal(pool.add[row], torch.full((HIDDEN,), 2.0))
     pool.flush()  # nothing left to write
     assert torch.equal(pool.add[row], torch.full((HIDDEN,), 2.0))
+
+
+def test_rows_a_failed_step_could_not_write_are_written_at_the_next(monkeypatch):
+    """A step whose writer fails runs unsteered; the rows it should have written must not be
+    lost, or their requests would later read zeros as their steering."""
+    import vllm_steer.rows as rows
+
+    pool = RowPool(3, HIDDEN, 1)
+    row = pool.acquire(["a"], {"a": LayerRow(torch.ones(HIDDEN))})["a"]
+    stack_rows = rows.stack_rows
+    monkeypatch.setattr(rows, "stack_rows", lambda *args: (_ for _ in ()).throw(RuntimeError("device busy")))
+    with pytest.raises(RuntimeError, match="device busy"):
+        pool.flush()
+    monkeypatch.setattr(rows, "stack_rows", stack_rows)
+    pool.flush()
+    assert torch.equal(pool.add[row], torch.ones(HIDDEN))

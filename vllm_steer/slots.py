@@ -144,14 +144,14 @@ class SteeringRuntime:
             needed = [*keys.values(), *([gate.row_key] if gate else [])]
             # Rows are built only for content the pool does not hold yet, once per content
             # (layers steered alike share a row).
+            missing = {key for key in needed if not self.pool.held(key)}
+            vectors = resolved.arrays(self.registry) if missing else {}
             built = {}
-            if any(not self.pool.held(key) for key in needed):
-                vectors = resolved.arrays(self.registry)
-                for layer, key in keys.items():
-                    if key not in built and not self.pool.held(key):
-                        built[key] = build_row(resolved, layer, vectors, hidden)
-                if gate is not None and not self.pool.held(gate.row_key):
-                    built[gate.row_key] = build_gate_row(gate, vectors, hidden)
+            for layer, key in keys.items():
+                if key in missing and key not in built:
+                    built[key] = build_row(resolved, layer, vectors, hidden)
+            if gate is not None and gate.row_key in missing:
+                built[gate.row_key] = build_gate_row(gate, vectors, hidden)
             row_of = self.pool.acquire(needed, built)
             self._keys_of[slot] = tuple(needed)
             self._peak_rows = max(self._peak_rows, self.pool.in_use)
