@@ -190,8 +190,9 @@ def unique_scenarios(chosen: Iterable[tuple[str, Scenario]]) -> list[Scenario]:
 
 # ---- the pass schedule and its statistics -------------------------------------------------------
 def alternation(pairs: int) -> list[str]:
-    """Unsteered, steered, unsteered, steered, ...: drift hits both sides alike."""
-    return [UNSTEERED, STEERED] * pairs
+    """Unsteered, steered, ..., steered, unsteered: every steered pass sits between two
+    unsteered ones, so a drift of the machine's speed cancels in its ratio (see summarize)."""
+    return [UNSTEERED, STEERED] * pairs + [UNSTEERED] if pairs else []
 
 
 def pass_record(kind: str, index: int, seconds: float, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
@@ -207,16 +208,40 @@ def pass_record(kind: str, index: int, seconds: float, prompt_tokens: int, outpu
 
 
 def summarize(passes: Sequence[dict[str, Any]], metrics: Sequence[str] = ("output_tok_s", "total_tok_s")) -> dict[str, Any]:
-    """Medians per side and steered/unsteered ratios of the medians."""
+    """Medians per side, and per metric the steered/unsteered ratio: the median, over steered
+    passes, of each one over the mean of the unsteered passes either side of it (``ratio``),
+    with the interquartile range of those per-pass ratios (``ratio_iqr``).
+
+    Bracketing each steered pass cancels the drift these machines show (a pass can run 30%
+    slower than the one before it, for reasons outside the benchmark); the ratio of the two
+    sides' medians would carry that drift whole."""
     median = {
         kind: {metric: statistics.median(p[metric] for p in passes if p["kind"] == kind) for metric in metrics}
         for kind in (UNSTEERED, STEERED)
         if any(p["kind"] == kind for p in passes)
     }
-    ratio = {}
-    if UNSTEERED in median and STEERED in median:
-        ratio = {metric: median[STEERED][metric] / median[UNSTEERED][metric] for metric in metrics}
-    return {"median": median, "ratio": ratio}
+    ratio, iqr = {}, {}
+    for metric in metrics:
+        ratios = bracketed_ratios(passes, metric)
+        if ratios:
+            ratio[metric] = statistics.median(ratios)
+            iqr[metric] = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else [ratios[0]] * 2
+    return {"median": median, "ratio": ratio, "ratio_iqr": iqr}
+
+
+def bracketed_ratios(passes: Sequence[dict[str, Any]], metric: str) -> list[float]:
+    """Per steered pass: its ``metric`` over the mean of the unsteered passes run just before
+    and just after it (one of them at either end of the schedule)."""
+    ordered = sorted(passes, key=lambda p: p["index"])
+    ratios = []
+    for at, record in enumerate(ordered):
+        if record["kind"] != STEERED:
+            continue
+        around = [ordered[i][metric] for i in (at - 1, at + 1)
+                  if 0 <= i < len(ordered) and ordered[i]["kind"] == UNSTEERED]
+        if around:
+            ratios.append(record[metric] / statistics.fmean(around))
+    return ratios
 
 
 def spread(passes: Sequence[dict[str, Any]], kind: str, metric: str = "output_tok_s") -> float:

@@ -1,10 +1,10 @@
 """Engine throughput, steered vs unsteered, measured side by side in one process.
 
 One engine per model (``max_num_seqs`` = the largest batch), reused by every scenario. In
-each scenario, passes alternate (unsteered, steered, unsteered, ...) over the same prompts
-and output lengths (``ignore_eos``, fixed ``max_tokens``, greedy), so the machine's drift
-hits both sides alike; the report is each side's median output and total tok/s and their
-ratio. Prefix caching is off so no pass reuses another's KV. Scenarios vary one factor at a
+each scenario, passes alternate (unsteered, steered, ..., unsteered) over the same prompts
+and output lengths (``ignore_eos``, fixed ``max_tokens``, greedy); the report is each side's
+median output and total tok/s, and the median of each steered pass's ratio to the unsteered
+passes either side of it (common.summarize), which cancels the machine's drift. Prefix caching is off so no pass reuses another's KV. Scenarios vary one factor at a
 time around the base (largest batch, every request steered with its own vector on every
 layer, add): one shared spec vs distinct configs, 1 layer vs every layer, add vs clamp,
 0/25/50/100% steered, batch size.
@@ -18,6 +18,7 @@ baseline, the server and the report); every flag of ``vllm_steer.benchmarks.run`
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -95,20 +96,16 @@ class Engine:
 
 
 def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index: int,
-               min_seconds: float = 0.0) -> tuple[dict[str, Any], list]:
-    """One pass: the batch generated once, or repeated until ``min_seconds`` have passed (so a
-    small model's pass is long enough to time); tokens and seconds are summed."""
+               repeats: int = 1) -> tuple[dict[str, Any], list]:
+    """One pass: the batch generated ``repeats`` times (pass_repeats); tokens and seconds are summed."""
     before = engine.step_configs()
     start = time.perf_counter()
-    prompt_tokens = output_tokens = repeats = 0
-    while True:
+    prompt_tokens = output_tokens = 0
+    for _ in range(repeats):
         outputs = engine.generate(prompts, max_tokens, specs)
         prompt_tokens += sum(len(o.prompt_token_ids) for o in outputs)
         output_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-        repeats += 1
-        seconds = time.perf_counter() - start
-        if seconds >= min_seconds:
-            break
+    seconds = time.perf_counter() - start
     record = common.pass_record(kind, index, seconds, prompt_tokens, output_tokens)
     record["repeats"] = repeats
     after = engine.step_configs()
@@ -119,6 +116,17 @@ def timed_pass(engine: Engine, prompts, max_tokens: int, specs, kind: str, index
     return record, [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def pass_repeats(engine: Engine, prompts, max_tokens: int, min_seconds: float) -> int:
+    """How many generations of the batch make a pass of at least ``min_seconds`` (so a small
+    model's pass is long enough to time), from one untimed unsteered generation. Fixed per
+    scenario: every pass of both sides does the same work."""
+    if min_seconds <= 0:
+        return 1
+    start = time.perf_counter()
+    engine.generate(prompts, max_tokens, None)
+    return max(1, math.ceil(min_seconds / (time.perf_counter() - start)))
+
+
 def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens: int, pairs: int,
                  log: Callable[[str], None] = print, min_seconds: float = 0.0) -> dict[str, Any]:
     """Alternating passes of one scenario; also checks that steering took effect (greedy
@@ -126,10 +134,11 @@ def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens:
     config = engine.config
     specs = common.scenario_specs(scenario, config.hidden_size, config.num_hidden_layers)
     batch = prompts[: scenario.batch]
+    repeats = pass_repeats(engine, batch, max_tokens, min_seconds)
     passes, unsteered_tokens, steered_tokens = [], None, None
     for index, kind in enumerate(common.alternation(pairs)):
         record, tokens = timed_pass(engine, batch, max_tokens, specs if kind == common.STEERED else None, kind, index,
-                                    min_seconds)
+                                    repeats)
         passes.append(record)
         if kind == common.UNSTEERED:
             unsteered_tokens = tokens
@@ -141,13 +150,15 @@ def run_scenario(engine: Engine, scenario: common.Scenario, prompts, max_tokens:
     result = {
         "scenario": scenario.as_dict(),
         "passes": passes,
+        "repeats": repeats,
         **summary,
         "spread": {kind: common.spread(passes, kind) for kind in (common.UNSTEERED, common.STEERED)},
         "steered_requests_changed": f"{changed}/{len(rows)}",
     }
+    iqr = summary["ratio_iqr"]["output_tok_s"]
     log(f"  {scenario.label}: unsteered {summary['median'][common.UNSTEERED]['output_tok_s']:.1f} tok/s, "
         f"steered {summary['median'][common.STEERED]['output_tok_s']:.1f} tok/s, "
-        f"ratio {summary['ratio']['output_tok_s']:.3f} (changed {changed}/{len(rows)})")
+        f"ratio {summary['ratio']['output_tok_s']:.3f} (IQR {iqr[0]:.3f}-{iqr[1]:.3f}; changed {changed}/{len(rows)})")
     return result
 
 
@@ -164,7 +175,8 @@ def run_stock(engine: Engine, batches: Sequence[int], prompts, max_tokens: int, 
     """Stock vLLM (no steerable layers at all), unsteered passes per batch size."""
     results = []
     for batch in sorted(batches):
-        records = [timed_pass(engine, prompts[:batch], max_tokens, None, common.UNSTEERED, i, min_seconds)[0]
+        repeats = pass_repeats(engine, prompts[:batch], max_tokens, min_seconds)
+        records = [timed_pass(engine, prompts[:batch], max_tokens, None, common.UNSTEERED, i, repeats)[0]
                    for i in range(passes)]
         summary = common.summarize(records)
         results.append({"batch": batch, "passes": records, **summary})
