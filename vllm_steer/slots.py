@@ -251,7 +251,10 @@ class SteeringRuntime:
             return
         # Every op here runs each step: index_select and out= spare torch's advanced-indexing
         # path and a copy each (a decode step's fill is a few dozen microseconds on a CPU).
-        slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
+        if num_tokens == slot_per_request.shape[0]:
+            slots = slot_per_request  # a token per request (a step's requests each have >= 1): decode
+        else:
+            slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
         phase = self.phase.index_select(0, slots)
         steered = (pos >= phase[:, 0]) & (pos < phase[:, 1])
