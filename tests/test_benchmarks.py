@@ -125,9 +125,10 @@ def test_table_bytes_formula():
                                             max_num_batched_tokens=2048)
     # A row per layer and one for a condition, per request.
     assert unbounded["rows"] == 1 + 32 * 17 and unbounded["pool"] == unbounded["rows"] * row
-    # Per token: token_slot and a token_row per layer. Per slot: two row_of_slot columns per
-    # layer, the phase bounds and prompt end (int64), the gate's 3 numbers and 2 sums (float32).
-    assert unbounded["index"] == 2048 * 8 * 17 + 33 * (8 * (2 * 16 + 3) + 4 * 5)
+    # The 4 directions' numbers. Per token: token_slot and a token_row per layer. Per slot: two
+    # row_of_slot columns per layer, the phase bounds and prompt end (int64), the gate's 3
+    # numbers and 2 sums (float32).
+    assert unbounded["index"] == 4 * 8 + 2048 * 8 * 17 + 33 * (8 * (2 * 16 + 3) + 4 * 5)
     assert unbounded["total"] == unbounded["pool"] + unbounded["index"]
     bounded = common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=100)
     assert bounded["rows"] == 100 and bounded["pool"] == 100 * row

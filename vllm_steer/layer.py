@@ -37,7 +37,7 @@ class SteeringLayer:
     def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch",
                         token_slot: torch.Tensor | None = None, gate_sum: torch.Tensor | None = None) -> None:
         """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``,
-        int32 ``count [R]``) at the rows ``token_row`` names per token, and add each token's
+        int32 ``count [R]``, and ``direction_index`` ``[K, 1]``, 0..K-1) at the rows ``token_row`` names per token, and add each token's
         reading of its row's first direction into ``gate_sum[token_slot]`` (conditions:
         slots.py)."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
@@ -50,6 +50,7 @@ class SteeringLayer:
         self.register_buffer("steer_dirs", pool.dirs, persistent=False)
         self.register_buffer("steer_count", pool.count, persistent=False)
         self.max_directions = pool.dirs.shape[0]
+        self.register_buffer("direction_index", pool.direction_index, persistent=False)
         self.kernel = kernel
         if kernel == "triton":
             from vllm_steer.kernels import steer_op
@@ -102,10 +103,15 @@ class SteeringLayer:
             stream = hidden.float() + residual.float()
             steered = stream + self.steer_add[row]
             width = stream.shape[-1]
+            # A direction a token's row leaves unused is zero there and in row 0 alike: reading
+            # row 0 gives the same result from one row that stays in cache, not from every
+            # request's own (the rows of distinct requests are megabytes, read each step).
+            used = self.steer_count.index_select(0, row)
+            direction_rows = torch.where(self.direction_index < used, row, 0)  # [K, tokens]
             for k in range(self.max_directions):
                 # One gather per direction (all K at once would hold K times the prefill's
                 # stream in float32); its edit, probe and params are views of it.
-                direction, probe, params = self.steer_dirs[k].index_select(0, row).split([width, width, PARAMS], dim=-1)
+                direction, probe, params = self.steer_dirs[k].index_select(0, direction_rows[k]).split([width, width, PARAMS], dim=-1)
                 lo, hi, offset, threshold, floor = params.split(1, dim=-1)
                 along = (steered * probe).sum(dim=-1, keepdim=True) + offset
                 along = torch.where(along > threshold, along, 0.0)  # a feature's activation, or the projection

@@ -158,6 +158,7 @@ class RowPool:
         self.add = torch.zeros(rows, hidden, dtype=torch.float32)
         self.dirs = torch.zeros(max_directions, rows, 2 * hidden + PARAMS, dtype=torch.float32)
         self.count = torch.zeros(rows, dtype=torch.int32)
+        self.direction_index = torch.arange(max_directions).unsqueeze(-1)  # [K, 1]: compared with count
         self._free = list(range(rows - 1, 0, -1))
         self._row_of: dict[Hashable, int] = {}
         self._users: Counter[Hashable] = Counter()

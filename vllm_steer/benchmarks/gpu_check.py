@@ -83,6 +83,7 @@ class Tables:
     def __init__(self, token_row, steer_add, steer_dirs, steer_count):
         self.token_row, self.steer_add, self.steer_dirs, self.steer_count = token_row, steer_add, steer_dirs, steer_count
         self.max_directions = steer_dirs.shape[0]
+        self.direction_index = torch.arange(self.max_directions, device=steer_dirs.device).unsqueeze(-1)
         self.kernel = "torch"  # the torch ops: the kernel is timed on its own
         # Each token's reading (a condition's) lands in its own entry.
         self.token_slot = torch.arange(token_row.shape[0], device=token_row.device)
@@ -373,7 +374,7 @@ def memory() -> dict[str, Any]:
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
     buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase, runtime.gate,
-               runtime.probe_end, runtime.gate_sum, pool.add, pool.dirs, pool.count]
+               runtime.probe_end, runtime.gate_sum, pool.add, pool.dirs, pool.count, pool.direction_index]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []
