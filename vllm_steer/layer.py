@@ -37,9 +37,9 @@ class SteeringLayer:
     def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch",
                         token_slot: torch.Tensor | None = None, gate_sum: torch.Tensor | None = None) -> None:
         """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``,
-        int32 ``count [R]``, and ``direction_index`` ``[K, 1]``, 0..K-1) at the rows ``token_row`` names per token, and add each token's
-        reading of its row's first direction into ``gate_sum[token_slot]`` (conditions:
-        slots.py)."""
+        int32 ``count [R]``, and ``direction_index [K, 1]``, 0..K-1) at the rows ``token_row``
+        names per token, and add each token's reading of its row's first direction into
+        ``gate_sum[token_slot]`` (conditions: slots.py)."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
         # shared with the runtime (token_row) and with every other steerable layer (pool).
         self.register_buffer("token_row", token_row, persistent=False)
