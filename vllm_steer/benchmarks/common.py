@@ -260,9 +260,8 @@ def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, 
     (``rows.worst_case_rows``); a row is one summed add and ``max_directions`` directions of
     ``hidden`` float32 values, the targets and a direction count. The index buffers: the
     directions' numbers, ``token_slot`` and each layer's ``token_row`` (int64 per batched
-    token); per slot, each
-    layer's two ``row_of_slot`` columns and its phase bounds and prompt end (int64), its
-    condition's three numbers and two sums (float32)."""
+    token); per slot, each layer's two ``row_of_slot`` columns and its phase bounds and prompt
+    end (int64), its condition's three numbers and two sums (float32)."""
     from vllm_steer.rows import row_bytes, worst_case_rows
 
     slots = max_num_seqs + 1

@@ -66,9 +66,10 @@ def parse_args(argv: list[str], prog: str = "python -m vllm_steer.benchmarks.run
     parser.add_argument("--no-modes", action="store_true", help="skip the clamp, range and condition scenarios")
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (ignore_eos)")
-    parser.add_argument("--pairs", type=int, default=None, help="(unsteered, steered) pass pairs per scenario")
+    parser.add_argument("--pairs", type=int, default=None, help="steered passes per scenario, each between two unsteered ones")
     parser.add_argument("--min-pass-seconds", type=float, default=2.0,
-                        help="repeat a pass's batch until this long (small models finish a batch in ms)")
+                        help="a pass repeats its batch often enough to last this long, counted once per scenario "
+                             "(small models finish a batch in ms); 0: one generation per pass")
     parser.add_argument("--max-directions", type=int, default=4)
     parser.add_argument("--engine-args", default="{}", help="JSON of extra vllm.LLM keyword arguments")
     parser.add_argument("--chats", type=int, default=None, help="prompts the notebook generates one at a time")

@@ -4,10 +4,11 @@ One engine per model (``max_num_seqs`` = the largest batch), reused by every sce
 each scenario, passes alternate (unsteered, steered, ..., unsteered) over the same prompts
 and output lengths (``ignore_eos``, fixed ``max_tokens``, greedy); the report is each side's
 median output and total tok/s, and the median of each steered pass's ratio to the unsteered
-passes either side of it (common.summarize), which cancels the machine's drift. Prefix caching is off so no pass reuses another's KV. Scenarios vary one factor at a
-time around the base (largest batch, every request steered with its own vector on every
-layer, add): one shared spec vs distinct configs, 1 layer vs every layer, add vs clamp,
-0/25/50/100% steered, batch size.
+passes either side of it (common.summarize), which cancels the machine's drift. Prefix
+caching is off so no pass reuses another's KV. Scenarios vary one factor at a time around
+the base (largest batch, every request steered with its own vector on every layer, add): one
+shared spec vs distinct configs, 1 layer vs every layer, add vs clamp, 0/25/50/100% steered,
+batch size.
 
     python -m vllm_steer.benchmarks.throughput --model llama-1b --batches 1 8 32 --max-tokens 64
 
