@@ -110,7 +110,7 @@ def test_resolution_yields_finite_steering_or_one_clear_error(value):
     if resolved is not None:
         for op in resolved.ops:
             assert np.isfinite(op.coeff) and 0 <= op.layer < 4
-        assert ResolvedSteering.from_wire(resolved.to_wire()) == resolved
+        assert ResolvedSteering.from_wire(resolved.wire) == resolved
 
 
 @SETTINGS
@@ -135,5 +135,5 @@ def test_well_formed_specs_resolve_and_round_trip(value):
     if resolved is None:  # only adds, all with strength 0
         assert all(e.get("mode", "add") == "add" for e in value["vectors"])
         return
-    again = ResolvedSteering.from_wire(resolved.to_wire())
+    again = ResolvedSteering.from_wire(resolved.wire)
     assert again == resolved and again.fingerprint == resolved.fingerprint

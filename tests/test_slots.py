@@ -56,7 +56,7 @@ def params(spec=None, capture=None):
     """Sampling params as the front end hands them on: the resolved wire form."""
     extra = {}
     if spec is not None:
-        extra["steering"] = resolve(spec, SHAPE, FRONT_REGISTRY).to_wire()
+        extra["steering"] = resolve(spec, SHAPE, FRONT_REGISTRY).wire
     if capture is not None:
         extra["steering_capture"] = json.dumps(capture)
     return SimpleNamespace(extra_args=extra or None)
@@ -146,7 +146,7 @@ def test_a_full_pool_admits_nothing_partially():
 
 
 def test_exhausted_or_unresolvable_specs_degrade_to_unsteered_and_are_counted(runtime, caplog):
-    ghost = ResolvedSteering((Op(1, "add", "sha256:" + "0" * 64, 1.0, False),), "all").to_wire()
+    ghost = ResolvedSteering((Op(1, "add", "sha256:" + "0" * 64, 1.0, False),), "all").wire
     with caplog.at_level(logging.WARNING, logger="vllm_steer"):
         assert runtime.admit("ghost", SimpleNamespace(extra_args={"steering": ghost}), 1) == 0
         assert runtime.admit("garbage", SimpleNamespace(extra_args={"steering": "{not json"}), 1) == 0

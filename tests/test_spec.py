@@ -198,7 +198,7 @@ def test_wire_form_decodes_to_the_same_ops_and_vectors_after_the_name_moves(regi
     )
     before = resolved.arrays(registry)
     registry.add("eiffel", np.ones(8, np.float32), replace=True)  # the name moves on
-    again = ResolvedSteering.from_wire(resolved.to_wire())
+    again = ResolvedSteering.from_wire(resolved.wire)
     assert again == resolved and again.fingerprint == resolved.fingerprint
     assert again.inline.keys() == resolved.inline.keys()
     after = again.arrays(registry)  # the replaced content is retired, still held for this request
@@ -265,7 +265,7 @@ def test_a_condition_travels_in_the_wire_form_and_changes_the_fingerprint(regist
     gated = resolve({**STEER, "condition": {"name": "happy", "layer": 2, "threshold": 0.5, "compare": "below"}}, SHAPE, registry)
     assert gated.apply_to == "generated" and plain.apply_to == "all"
     assert gated.gate == Gate(2, registry.digest_of("happy", 2), True, 0.0, None, "below", 0.5)
-    assert ResolvedSteering.from_wire(gated.to_wire()) == gated
+    assert ResolvedSteering.from_wire(gated.wire) == gated
     other = resolve({**STEER, "condition": {"name": "happy", "layer": 2, "threshold": 0.6, "compare": "below"}}, SHAPE, registry)
     assert len({plain.fingerprint, gated.fingerprint, other.fingerprint}) == 3
     # Gates on one direction share their row, whatever the threshold.
@@ -287,7 +287,7 @@ def test_range_ops_carry_their_bounds_through_the_wire(registry):
     resolved = resolve(spec, SHAPE, registry)
     # Bounds are absolute: the spec's scale does not move them.
     assert resolved.ops == (Op(1, "range", eiffel, 0.0, True, (None, 2.5)), Op(2, "range", eiffel, 0.0, True, (-1.0, 4.0)))
-    assert ResolvedSteering.from_wire(resolved.to_wire()).ops == resolved.ops
+    assert ResolvedSteering.from_wire(resolved.wire).ops == resolved.ops
     other = resolve({"vectors": [{"name": "eiffel", "layers": [1], "mode": "range", "max": 2.0}]}, SHAPE, registry)
     assert other.fingerprint != resolve({"vectors": spec["vectors"][:1]}, SHAPE, registry).fingerprint
     with pytest.raises(SteeringError) as info:

@@ -87,7 +87,7 @@ class SteeringFrontend:
 
     # ---- the middleware's hand-off to prepare_request (same process) ---------------------
     def seal(self, resolved: ResolvedSteering) -> str:
-        wire = resolved.to_wire()
+        wire = resolved.wire
         return f"{SEAL_PREFIX}{self._mac(wire)}:{wire}"
 
     def accept(self, value: Any) -> ResolvedSteering | None:
@@ -213,7 +213,7 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
     except SteeringError as exc:
         raise SteeringRequestError(exc) from None
     if resolved is not None:
-        extra["steering"] = resolved.to_wire()
+        extra["steering"] = resolved.wire
         if resolved.gate is not None:
             # A condition reads every prompt token: none may come from the prefix cache.
             params.skip_reading_prefix_cache = True

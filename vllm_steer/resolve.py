@@ -3,7 +3,7 @@ the front end.
 
 ``resolve`` validates a spec against the model's shape and the front end's registry and
 returns a ``ResolvedSteering``: every vector a ``sha256:`` digest (or inline bytes for
-vectors no other process holds). Its wire form (``to_wire``/``from_wire``) is what travels
+vectors no other process holds). Its wire form (``wire``/``from_wire``) is what travels
 to the workers, which only decode it: a re-registered name can never change a request
 already accepted, and no check runs twice on two different forms.
 """
@@ -162,7 +162,8 @@ class ResolvedSteering:
         digests = {digest for op in self.ops for digest in op.digests} | ({self.gate.digest} if self.gate else set())
         return {digest: self.inline[digest] if digest in self.inline else registry.array(digest) for digest in digests}
 
-    def to_wire(self) -> str:
+    @cached_property
+    def wire(self) -> str:
         """The form the workers receive (JSON): ops by digest, inline vectors as base64."""
         body = {
             "apply_to": self.apply_to,
@@ -176,13 +177,14 @@ class ResolvedSteering:
 
     @classmethod
     def from_wire(cls, text: str) -> ResolvedSteering:
-        """Decode ``to_wire``'s output. No validation: the front end resolved it."""
+        """Decode ``wire``. No validation: the front end resolved it."""
         body = json.loads(text)
         ops = tuple(Op.from_list(fields) for fields in body["ops"])
         gate = Gate.from_list(body["condition"]) if "condition" in body else None
         resolved = cls(ops, body["apply_to"], {digest: decode_b64(b64) for digest, b64 in body["inline"].items()}, gate)
         # Computed once, by the front end: admission is on the step path.
         resolved.__dict__["fingerprint"] = body["fingerprint"]
+        resolved.__dict__["wire"] = text  # handed on as it came
         return resolved
 
 

@@ -275,7 +275,7 @@ def steered_params(shape: ModelShape, seed: int, capture: bool = False) -> Simpl
     ], "apply_to": "generated" if seed % 2 else "all"}
     if seed == 1:
         spec["condition"] = {"vector": third.tolist(), "layer": 1, "threshold": 0.0}
-    extra = {"steering": resolve(spec, shape, VectorRegistry()).to_wire()}
+    extra = {"steering": resolve(spec, shape, VectorRegistry()).wire}
     if capture:
         extra["steering_capture"] = json.dumps({"key": f"k{seed}", "layers": [1, 2], "reduce": "mean"})
     return SimpleNamespace(extra_args=extra)
