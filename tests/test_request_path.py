@@ -114,3 +114,45 @@ def test_registering_and_deleting_many_vectors_keeps_every_registry_bounded(llm)
     for sizes in [llm.frontend.registry.content_size()] + [stats["arrays"] for stats in llm.steering_stats()]:
         assert sizes["live"] <= before + 1 and sizes["retired"] <= RETIRED_LIMIT, sizes
     assert not any(name.startswith("churn-") for name in llm.frontend.registry.names())
+
+
+def offline_llm(frontend):
+    """A SteeredLLM over ``frontend`` without an engine (what _params needs of one)."""
+    from vllm_steer import SteeredLLM
+
+    llm = SteeredLLM.__new__(SteeredLLM)
+    llm.llm = SimpleNamespace(llm_engine=SimpleNamespace(input_processor=SimpleNamespace(_vllm_steer=frontend)))
+    return llm
+
+
+def test_steered_llm_resolves_each_distinct_spec_once_and_hands_it_on_sealed(frontend, monkeypatch):
+    from vllm import SamplingParams
+
+    resolved = []
+    resolve = frontend.resolve
+    monkeypatch.setattr(frontend, "resolve", lambda spec: resolved.append(spec) or resolve(spec))
+    other = {"vectors": [{"name": "v", "layers": [2], "scale": 1.0}]}
+    zero = {**SPEC, "scale": 0.0}
+    params = offline_llm(frontend)._params(SamplingParams(), 5, [SPEC, None, dict(SPEC), other, zero])
+    assert len(resolved) == 3  # SPEC once for two requests, other, zero
+    steering = [(p.extra_args or {}).get("steering") for p in params]
+    assert steering[0] == steering[2] and steering[1] is None and steering[4] is None  # scale 0: unsteered
+    monkeypatch.setattr(frontend, "resolve", lambda spec: pytest.fail("resolved again"))
+    for sealed, spec in ((steering[0], SPEC), (steering[3], other)):
+        req = request(sealed)
+        prepare_request(frontend, req)
+        assert ResolvedSteering.from_wire(req.sampling_params.extra_args["steering"]) == resolve(spec)
+        assert req.cache_salt.startswith("vllm-steer:")
+
+
+def test_a_bad_spec_fails_the_whole_batch_naming_its_request(frontend):
+    from vllm import SamplingParams
+
+    llm = offline_llm(frontend)
+    bad = {"vectors": [{"name": "v", "layers": [9]}]}
+    with pytest.raises(SteeringRequestError, match=r"^steering\[2\]\.vectors\[0\]\.layers\[0\]: layer 9 is out of range") as caught:
+        llm._params(SamplingParams(), 3, [SPEC, None, bad])
+    assert caught.value.field == "steering[2].vectors[0].layers[0]"
+    # One spec for every request: its field is the spec's own.
+    with pytest.raises(SteeringRequestError, match=r"^steering\.vectors\[0\]\.layers\[0\]: layer 9"):
+        llm._params(SamplingParams(), 3, bad)

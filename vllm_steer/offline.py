@@ -11,6 +11,7 @@ same front-end validation and cache isolation as the server's.
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,8 @@ import numpy as np
 from vllm_steer import control
 from vllm_steer.config import hf_overrides
 from vllm_steer.families import architecture_for
-from vllm_steer.frontend import SteeringFrontend, frontend_of
-from vllm_steer.spec import SteeringSpec
+from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, frontend_of
+from vllm_steer.spec import SteeringError, SteeringSpec
 from vllm_steer.vectors import absolute_source
 
 SpecLike = SteeringSpec | dict[str, Any] | str | None
@@ -38,10 +39,16 @@ NOTEBOOK_CFG: dict[str, Any] = {
 }
 
 
-def _spec_payload(spec: SpecLike) -> dict[str, Any] | str | None:
-    if isinstance(spec, SteeringSpec):
-        return spec.model_dump(exclude_none=True)
-    return spec
+def _spec_key(spec: SpecLike) -> Any:
+    """Equal keys are equal specs (JSON text as given; a dict by its JSON); a spec JSON cannot
+    write (numpy arrays, say) is its own key."""
+    if isinstance(spec, str):
+        return spec
+    try:
+        payload = spec.model_dump(exclude_none=True) if isinstance(spec, SteeringSpec) else spec
+        return json.dumps(payload, sort_keys=True)
+    except (TypeError, ValueError):
+        return id(spec)
 
 
 class SteeredLLM:
@@ -116,22 +123,48 @@ class SteeredLLM:
 
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params or SamplingParams()] * count
-        if steering is None or isinstance(steering, (SteeringSpec, dict, str)):
+        listed = not (steering is None or isinstance(steering, (SteeringSpec, dict, str)))
+        if not listed:
             steering = [steering] * count
         if len(sampling_params) != count or len(steering) != count:
             raise ValueError(
                 f"got {count} prompts, {len(sampling_params)} sampling params and {len(steering)} steering specs"
             )
+        steering = self._resolve_all(steering, listed)
         out = []
         for index, (params, spec) in enumerate(zip(sampling_params, steering)):
             params = copy.copy(params)
             extra = dict(params.extra_args or {})
             if spec is not None:
-                extra["steering"] = _spec_payload(spec)
+                extra["steering"] = spec
             if captures is not None:
                 extra["steering_capture"] = captures[index]
             params.extra_args = extra or None
             out.append(params)
+        return out
+
+    def _resolve_all(self, steering: Sequence[SpecLike], listed: bool) -> list[str | None]:
+        """Every request's steering, resolved before any request is queued (a bad spec fails
+        the whole call, naming its request, with nothing run) and each distinct spec once;
+        handed on sealed, as the server's middleware does, so the front-end hook decodes it.
+        None: unsteered (no spec, or one that changes nothing)."""
+        frontend = self.frontend
+        sealed: dict[Any, str | None] = {}
+        out = []
+        for index, spec in enumerate(steering):
+            if spec is None:
+                out.append(None)
+                continue
+            key = _spec_key(spec)
+            if key not in sealed:
+                try:
+                    resolved = frontend.resolve(spec)
+                except SteeringError as exc:
+                    if listed:  # which request: steering[3].vectors[0].scale
+                        exc = SteeringError(exc.reason, f"steering[{index}]{exc.field.removeprefix('steering')}")
+                    raise SteeringRequestError(exc) from None
+                sealed[key] = None if resolved is None else frontend.seal(resolved)
+            out.append(sealed[key])
         return out
 
     def generate(self, prompts, sampling_params=None, *, steering: SpecLike | Sequence[SpecLike] = None, use_tqdm=True):
