@@ -126,9 +126,9 @@ def test_table_bytes_formula():
     # A row per layer and one for a condition, per request.
     assert unbounded["rows"] == 1 + 32 * 17 and unbounded["pool"] == unbounded["rows"] * row
     # The 4 directions' numbers. Per token: token_slot and a token_row per layer. Per slot: two
-    # row_of_slot columns per layer, the phase bounds and prompt end (int64), the gate's 3
-    # numbers and 2 sums (float32).
-    assert unbounded["index"] == 4 * 8 + 2048 * 8 * 17 + 33 * (8 * (2 * 16 + 3) + 4 * 5)
+    # row_of_slot columns per layer, the 4 stages numbers (int64), the gate's 2 numbers and 2
+    # sums (float32).
+    assert unbounded["index"] == 4 * 8 + 2048 * 8 * 17 + 33 * (8 * (2 * 16 + 4) + 4 * 4)
     assert unbounded["total"] == unbounded["pool"] + unbounded["index"]
     bounded = common.steering_table_bytes(2048, 16, 32, 4, 2048, table_rows=100)
     assert bounded["rows"] == 100 and bounded["pool"] == 100 * row
@@ -152,7 +152,7 @@ def test_table_bytes_formula_matches_what_the_model_allocates(max_directions, ta
     shape = ModelShape(num_layers=4, hidden_size=64, steerable_layers=(0, 2, 3), max_directions=max_directions, table_rows=table_rows)
     runtime = SteeringRuntime(shape, VectorRegistry(), layers, num_slots=9, max_tokens=128)
     buffers = {id(b): b for layer in layers.values() for name, b in layer.named_buffers()}  # the pool is shared
-    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.phase, runtime.gate, runtime.probe_end)})
+    buffers.update({id(t): t for t in (runtime.token_slot, runtime.row_of_slot, runtime.stages, runtime.gate)})
     allocated = sum(b.numel() * b.element_size() for b in buffers.values())
     formula = common.steering_table_bytes(64, 3, max_num_seqs=8, max_directions=max_directions, max_num_batched_tokens=128,
                                           table_rows=table_rows)

@@ -177,10 +177,20 @@ def test_phase_masks_and_padding(runtime):
     runtime.fill_token_slot(torch.tensor([prompt_only, generated_only]), torch.tensor([2, 2]), positions, 4, 6)
     assert runtime.token_slot[:7].tolist() == [prompt_only, 0, 0, generated_only, 0, 0, 99]
     # Each layer's rows follow the slots (both requests share SPEC_A's rows); padding reads row 0.
-    rows = runtime.row_of_slot[:, prompt_only]
+    rows = runtime.row_of_slot[:, prompt_only].clone()
     assert rows[0] != 0 and rows[1] != 0 and rows[2] == 0
     expected = torch.stack([rows, 0 * rows, 0 * rows, rows, 0 * rows, 0 * rows, torch.full_like(rows, 99)], dim=1)
     assert torch.equal(runtime.token_row[:, :7], expected)
+    # Beside a phase-limited request, one steering every position reads its slot everywhere;
+    # once the phase-limited ones leave, so does it (and nothing of their masks stays).
+    everywhere = runtime.admit("e", params(SPEC_A), prompt_len=2)
+    runtime.fill_token_slot(torch.tensor([everywhere, generated_only]), torch.tensor([2, 2]), positions, 4, 4)
+    assert runtime.token_slot[:4].tolist() == [everywhere, everywhere, 0, generated_only]
+    runtime.release("p")
+    runtime.release("g")
+    runtime.fill_token_slot(torch.tensor([everywhere]), torch.tensor([2]), positions, 2, 2)
+    assert runtime.token_slot[:2].tolist() == [everywhere, everywhere]
+    assert torch.equal(runtime.token_row[:, :2], torch.stack([rows, rows], dim=1))
 
 
 class FakeV1Runner:
@@ -379,7 +389,7 @@ def test_a_condition_reads_the_prompt_and_gates_the_generated_tokens(runtime, co
 
     runtime.release("high")
     runtime.release("low")
-    assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any() and not runtime.probe_end.any()
+    assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any() and not runtime.stages.any()
     assert runtime.stats()["conditions"] == {"held": 1, "not_held": 1}
 
 

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from vllm_steer.resolve import ResolvedSteering, unit
-from vllm_steer.slots import phase_bounds
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+def phase_bounds(apply_to: str, prompt_len: int) -> tuple[int, int]:
+    """Positions [lo, hi) a spec steers: prompt tokens, generated tokens, or all."""
+    return {"all": (0, NEVER), "prompt": (0, prompt_len), "generated": (prompt_len, NEVER)}[apply_to]
 
 
 @dataclass

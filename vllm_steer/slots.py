@@ -1,10 +1,11 @@
 """Worker side: admit a request into a slot, give it its rows, and fill each step's
 token -> row index.
 
-A slot is a running request's entry: its phase bounds and, per steerable layer, the row of
-the shared pool (rows.py) that holds its steering there (``row_of_slot[layer, slot]``).
-Slot 0 reads row 0 (zeros) everywhere: no steering. Rows are built once per distinct
-content, on admission; each step only maps tokens to slots to rows, with tensor ops.
+A slot is a running request's entry: per steerable layer, the row of the shared pool
+(rows.py) that holds its steering there (``row_of_slot[layer, slot]``), and which positions
+read it (``stages``). Slot 0 reads row 0 (zeros) everywhere: no steering. Rows are built
+once per distinct content, on admission; each step only maps tokens to slots to rows, with
+tensor ops.
 
 A request with a condition (resolve.Gate) has a second column, ``num_slots + slot``: its
 prompt tokens read the gate row there, whose first direction's reading the layer sums into
@@ -34,14 +35,21 @@ from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
 
-NEVER = torch.iinfo(torch.int64).max
 # Histogram bounds for "distinct steering configs among the admitted requests, per step".
 STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def phase_bounds(apply_to: str, prompt_len: int) -> tuple[int, int]:
-    """Positions [lo, hi) a slot steers: prompt tokens, generated tokens, or all."""
-    return {"all": (0, NEVER), "prompt": (0, prompt_len), "generated": (prompt_len, NEVER)}[apply_to]
+NO_CONDITION = (0.0, -1.0)  # (gate_scale, gate_bound) of a slot without one: 0 > -1 holds
+
+
+def slot_stages(apply_to: str, slot: int, prompt_len: int) -> tuple[int, int, int, int]:
+    """The position where a slot's second stage starts, and the columns its tokens read
+    before it, from it on, and from it on while its condition holds."""
+    if apply_to == "prompt":
+        return prompt_len, slot, 0, 0
+    if apply_to == "generated":
+        return prompt_len, 0, slot, slot
+    return 0, 0, slot, slot  # "all"
 
 
 class SteeringRuntime:
@@ -71,14 +79,19 @@ class SteeringRuntime:
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
         self.token_row = torch.zeros(len(layers), max_tokens, dtype=torch.int64)
         self.row_of_slot = torch.zeros(len(layers), 2 * num_slots, dtype=torch.int64)
-        # Each slot's steered positions [lo, hi) (phase_bounds).
-        self.phase = torch.zeros(num_slots, 2, dtype=torch.int64)
-        # Conditions: each slot's comparison (+1 above, -1 below, 0 none), threshold and prompt
-        # length; where its gate's reading ends (its prompt length, 0 without a condition);
-        # and what the layers sum per column (only the gate columns' sums are read).
-        self.gate = torch.zeros(num_slots, 3, dtype=torch.float32)
-        self.gate[:, 2] = 1.0
-        self.probe_end = torch.zeros(num_slots, dtype=torch.int64)
+        # A slot's tokens read one column of row_of_slot before a position and another from it
+        # on (slot_stages; a gated prompt is read through the gate column). Per slot: that
+        # position, the two columns, and the column read from it on while the slot's condition
+        # holds. One tensor, so admission writes a slot's entry in one copy.
+        self.stages = torch.zeros(4, num_slots, dtype=torch.int64)
+        self.switch, self.column_before, self.column_after, self.column_if_held = self.stages.unbind(0)
+        self.stage_column = self.stages[1:3].reshape(-1)  # a view: every slot's before, then after
+        # Conditions: a slot's holds where ``gate_scale * sum > gate_bound``, its gate column's
+        # sum scaled to the mean (the sign flips a "below"); no condition: 0 > -1, always held.
+        # And what the layers sum per column (only the gate columns' sums are read).
+        self.gate = torch.zeros(2, num_slots, dtype=torch.float32)
+        self.gate_scale, self.gate_bound = self.gate.unbind(0)
+        self.gate_bound.fill_(NO_CONDITION[1])
         self.gate_sum = torch.zeros(2 * num_slots, dtype=torch.float32)
         for n, index in enumerate(self.layer_order):
             layers[index].attach_steering(self.token_row[n], self.pool, kernel, self.token_slot, self.gate_sum)
@@ -87,6 +100,7 @@ class SteeringRuntime:
         self._slot_of: dict[str, int] = {}
         self._keys_of: dict[int, tuple[Hashable, ...]] = {}  # the pool rows each slot holds
         self._gated: set[int] = set()  # slots with a condition
+        self._staged: set[int] = set()  # slots whose tokens do not all read one column
         self._gate_outcomes: list[HostCopy] = []  # of released gated requests, not yet counted
         self._conditions = Counter()  # "held" / "not_held"
         self._peak_rows = 0
@@ -160,14 +174,17 @@ class SteeringRuntime:
             columns = [[row_of[keys[index]] if index in keys else 0, row_of[gate.row_key] if index == gate_layer else 0]
                        for index in self.layer_order]
             self._columns(slot)[:] = to_device(torch.tensor(columns, dtype=torch.int64), self.row_of_slot.device)
+        stages = slot_stages(resolved.apply_to if resolved else "all", slot, prompt_len)
         if gate is not None:
+            # Its prompt reads the gate column; its generated tokens steer once the condition holds.
             sign = 1.0 if gate.compare == "above" else -1.0
-            self.gate[slot] = to_device(torch.tensor([sign, gate.threshold, float(prompt_len)]), self.gate.device)
-            self.probe_end[slot] = prompt_len
+            self.gate[:, slot] = to_device(torch.tensor([sign / prompt_len, sign * gate.threshold]), self.gate.device)
             self.gate_sum[self.num_slots + slot] = 0.0  # a resumed request reads its prompt again
             self._gated.add(slot)
-        bounds = phase_bounds(resolved.apply_to if resolved else "all", prompt_len)
-        self.phase[slot] = to_device(torch.tensor(bounds, dtype=torch.int64), self.phase.device)
+            stages = (prompt_len, self.num_slots + slot, 0, slot)
+        self.stages[:, slot] = to_device(torch.tensor(stages, dtype=torch.int64), self.stages.device)
+        if stages != slot_stages("all", slot, prompt_len):
+            self._staged.add(slot)
         if capture is not None:
             self.capture.start(slot, capture, prompt_len)
         if resolved is not None:
@@ -181,7 +198,7 @@ class SteeringRuntime:
         try:
             if slot in self._gated:
                 # Copied back without waiting; read by stats() (the control plane).
-                self._gate_outcomes.append(HostCopy(self._passes(slot)))
+                self._gate_outcomes.append(HostCopy(self._holds()[slot]))
                 if len(self._gate_outcomes) > 1024:  # long since copied: counting waits for nothing
                     self._condition_counts()
             if self.capture is not None:
@@ -201,17 +218,16 @@ class SteeringRuntime:
         if keys:
             self.pool.release(keys)
             self._columns(slot)[:] = 0
+        self._staged.discard(slot)
+        self.stages[:, slot] = 0
         if slot in self._gated:
             self._gated.discard(slot)
-            self.probe_end[slot] = 0
-            self.gate[slot, 0] = 0.0
+            self.gate[:, slot] = to_device(torch.tensor(NO_CONDITION), self.gate.device)
 
-    def _passes(self, slots: torch.Tensor | int) -> torch.Tensor:
-        """Whether each slot's condition holds on the mean its gate has read (True without
+    def _holds(self) -> torch.Tensor:
+        """Per slot, whether its condition holds on the mean its gate has read (True without
         a condition). On the device: the host never reads it in the step path."""
-        sign, threshold, prompt_len = self.gate[slots].unbind(-1)
-        mean = self.gate_sum[self.num_slots + slots] / prompt_len
-        return (sign == 0) | (sign * (mean - threshold) > 0)
+        return self.gate_scale * self.gate_sum[self.num_slots:] > self.gate_bound
 
     def _columns(self, slot: int) -> torch.Tensor:
         """A view of the slot's two columns of row_of_slot, ``[layers, 2]`` (a view, so writing
@@ -256,14 +272,14 @@ class SteeringRuntime:
         else:
             slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
-        phase = self.phase.index_select(0, slots)
-        steered = (pos >= phase[:, 0]) & (pos < phase[:, 1])
-        if self._gated:
-            steered &= self._passes(slots)
-            reading = pos < self.probe_end[slots]
-            self.token_slot[:num_tokens] = torch.where(steered, slots, torch.where(reading, slots + self.num_slots, 0))
+        if self._staged:
+            if self._gated:
+                torch.mul(self.column_if_held, self._holds(), out=self.column_after)
+            after = pos >= self.switch.index_select(0, slots)
+            torch.index_select(self.stage_column, 0, torch.add(slots, after, alpha=self.num_slots), out=self.token_slot[:num_tokens])
         else:
-            torch.mul(slots, steered, out=self.token_slot[:num_tokens])
+            # Every live slot steers every position (the default): each token reads its slot.
+            self.token_slot[:num_tokens] = slots
         if num_padded > num_tokens:
             self.token_slot[num_tokens:num_padded] = 0
         # Slot 0 maps to row 0 at every layer, so the padded tail needs no write of its own.

@@ -260,15 +260,15 @@ def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, 
     (``rows.worst_case_rows``); a row is one summed add and ``max_directions`` directions of
     ``hidden`` float32 values, the targets and a direction count. The index buffers: the
     directions' numbers, ``token_slot`` and each layer's ``token_row`` (int64 per batched
-    token); per slot, each layer's two ``row_of_slot`` columns and its phase bounds and prompt
-    end (int64), its condition's three numbers and two sums (float32)."""
+    token); per slot, each layer's two ``row_of_slot`` columns and its four ``stages`` numbers
+    (int64), its condition's two numbers and two sums (float32)."""
     from vllm_steer.rows import row_bytes, worst_case_rows
 
     slots = max_num_seqs + 1
     worst_case = worst_case_rows(max_num_seqs, steerable_layers, max_directions)
     rows = worst_case if table_rows is None else min(table_rows, worst_case)
     pool = rows * row_bytes(hidden, max_directions)
-    index = 8 * max_directions + max_num_batched_tokens * 8 * (1 + steerable_layers) + slots * (8 * (2 * steerable_layers + 3) + 4 * 5)
+    index = 8 * max_directions + max_num_batched_tokens * 8 * (1 + steerable_layers) + slots * (8 * (2 * steerable_layers + 4) + 4 * 4)
     return {"rows": rows, "worst_case_rows": worst_case, "pool": pool, "index": index, "total": pool + index}
 
 

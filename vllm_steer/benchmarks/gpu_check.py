@@ -373,8 +373,8 @@ def memory() -> dict[str, Any]:
     stubs = {index: StubLayer() for index in range(layers)}
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
-    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.phase, runtime.gate,
-               runtime.probe_end, runtime.gate_sum, pool.add, pool.dirs, pool.count, pool.direction_index]
+    buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.stages, runtime.gate,
+               runtime.gate_sum, pool.add, pool.dirs, pool.count, pool.direction_index]
     allocated = sum(buffer.numel() * buffer.element_size() for buffer in buffers)
     formula = steering_table_bytes(hidden, layers, seqs, TABLE_DIRECTIONS, tokens, table_rows=9)["total"]
     rows = []

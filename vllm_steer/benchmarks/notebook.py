@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from vllm_steer.benchmarks import common
-from vllm_steer.reference import ReferenceOutput, edit_layer_outputs, layer_ops
+from vllm_steer.reference import NEVER, ReferenceOutput, edit_layer_outputs, layer_ops, phase_bounds
 from vllm_steer.resolve import ModelShape, ResolvedSteering, resolve
-from vllm_steer.slots import NEVER, phase_bounds
 from vllm_steer.vectors.registry import VectorRegistry
 
 
