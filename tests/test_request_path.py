@@ -42,6 +42,20 @@ def test_a_sealed_spec_is_decoded_not_resolved_again(frontend, monkeypatch):
     assert ResolvedSteering.from_wire(req.sampling_params.extra_args["steering"]) == resolved
 
 
+def test_a_seal_no_longer_kept_is_checked_and_decoded_again(frontend, monkeypatch):
+    monkeypatch.setattr("vllm_steer.frontend.SEALED_KEPT", 2)
+    specs = [{"vectors": [{"name": "v", "layers": [1], "scale": float(scale)}]} for scale in (1, 2, 3)]
+    sealed = [frontend.seal(frontend.resolve(spec)) for spec in specs]
+    mac, checked = frontend._mac, []
+    monkeypatch.setattr(frontend, "_mac", lambda wire: checked.append(wire) or mac(wire))
+    for value, spec in zip(sealed, specs):
+        req = request(value)
+        prepare_request(frontend, req)
+        assert ResolvedSteering.from_wire(req.sampling_params.extra_args["steering"]) == frontend.resolve(spec)
+    # Only the oldest was checked: the two latest were kept as resolved.
+    assert len(checked) == 1 and sealed[0].endswith(checked[0])
+
+
 def test_a_forged_or_foreign_seal_is_refused(frontend):
     other = SteeringFrontend(SimpleNamespace(num_hidden_layers=4, hidden_size=8, architectures=[ARCHITECTURE], steering={}))
     other.registry.add("v", np.arange(8, dtype=np.float32))

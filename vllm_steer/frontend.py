@@ -40,6 +40,7 @@ from vllm_steer.vectors.store import RegistryStore
 
 SALT_PREFIX = "vllm-steer:"
 SEAL_PREFIX = "vllm-steer-sealed:"
+SEALED_KEPT = 256  # sealed specs kept decoded (an older one is checked and decoded again)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 logger = logging.getLogger("vllm_steer")
 
@@ -74,6 +75,10 @@ class SteeringFrontend:
         self.registry = self.settings.load_registry(hf_config)
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
         self._seal_key = secrets.token_bytes(32)
+        # The latest sealed specs, by their text: the hook takes its own seal's result as it
+        # is, without checking the MAC or decoding the wire (a batch hands on hundreds).
+        self._sealed: dict[str, ResolvedSteering] = {}
+        self._sealed_lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> None:
@@ -88,11 +93,20 @@ class SteeringFrontend:
     # ---- the middleware's hand-off to prepare_request (same process) ---------------------
     def seal(self, resolved: ResolvedSteering) -> str:
         wire = resolved.wire
-        return f"{SEAL_PREFIX}{self._mac(wire)}:{wire}"
+        sealed = f"{SEAL_PREFIX}{self._mac(wire)}:{wire}"
+        with self._sealed_lock:
+            self._sealed[sealed] = resolved
+            if len(self._sealed) > SEALED_KEPT:
+                del self._sealed[next(iter(self._sealed))]  # the oldest
+        return sealed
 
     def accept(self, value: Any) -> ResolvedSteering | None:
         """A sealed resolved spec is decoded; anything else is a user's spec and is resolved."""
         if isinstance(value, str) and value.startswith(SEAL_PREFIX):
+            with self._sealed_lock:
+                kept = self._sealed.get(value)
+            if kept is not None:
+                return kept
             mac, _, wire = value.removeprefix(SEAL_PREFIX).partition(":")
             if not hmac.compare_digest(mac, self._mac(wire)):
                 raise SteeringError("a sealed spec must come from this server's own front end; send the spec itself")
