@@ -42,9 +42,12 @@ def test_a_sealed_spec_is_decoded_not_resolved_again(frontend, monkeypatch):
     assert ResolvedSteering.from_wire(req.sampling_params.extra_args["steering"]) == resolved
 
 
-def test_a_seal_no_longer_kept_is_checked_and_decoded_again(frontend, monkeypatch):
-    monkeypatch.setattr("vllm_steer.frontend.SEALED_KEPT", 2)
+@pytest.mark.parametrize("bound", ["count", "length"])
+def test_a_seal_no_longer_kept_is_checked_and_decoded_again(frontend, monkeypatch, bound):
     specs = [{"vectors": [{"name": "v", "layers": [1], "scale": float(scale)}]} for scale in (1, 2, 3)]
+    length = len(frontend.seal(frontend.resolve(specs[0])))  # the three are as long
+    monkeypatch.setattr("vllm_steer.frontend.SEALED_KEPT", 2 if bound == "count" else 100)
+    monkeypatch.setattr("vllm_steer.frontend.SEALED_KEPT_CHARS", 2.5 * length if bound == "length" else 2**30)
     sealed = [frontend.seal(frontend.resolve(spec)) for spec in specs]
     mac, checked = frontend._mac, []
     monkeypatch.setattr(frontend, "_mac", lambda wire: checked.append(wire) or mac(wire))

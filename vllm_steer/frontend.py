@@ -40,7 +40,10 @@ from vllm_steer.vectors.store import RegistryStore
 
 SALT_PREFIX = "vllm-steer:"
 SEAL_PREFIX = "vllm-steer-sealed:"
-SEALED_KEPT = 256  # sealed specs kept decoded (an older one is checked and decoded again)
+# Sealed specs kept resolved, by count and by the length of their texts (inline vectors
+# make a spec large); an older one is checked and decoded again.
+SEALED_KEPT = 256
+SEALED_KEPT_CHARS = 64 * 2**20
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 logger = logging.getLogger("vllm_steer")
 
@@ -78,6 +81,7 @@ class SteeringFrontend:
         # The latest sealed specs, by their text: the hook takes its own seal's result as it
         # is, without checking the MAC or decoding the wire (a batch hands on hundreds).
         self._sealed: dict[str, ResolvedSteering] = {}
+        self._sealed_chars = 0
         self._sealed_lock = threading.Lock()
         self.refresh()
 
@@ -95,13 +99,18 @@ class SteeringFrontend:
         wire = resolved.wire
         sealed = f"{SEAL_PREFIX}{self._mac(wire)}:{wire}"
         with self._sealed_lock:
-            self._sealed[sealed] = resolved
-            if len(self._sealed) > SEALED_KEPT:
-                del self._sealed[next(iter(self._sealed))]  # the oldest
+            if sealed not in self._sealed:
+                self._sealed[sealed] = resolved
+                self._sealed_chars += len(sealed)
+            while len(self._sealed) > SEALED_KEPT or self._sealed_chars > SEALED_KEPT_CHARS:
+                oldest = next(iter(self._sealed))
+                del self._sealed[oldest]
+                self._sealed_chars -= len(oldest)
         return sealed
 
     def accept(self, value: Any) -> ResolvedSteering | None:
-        """A sealed resolved spec is decoded; anything else is a user's spec and is resolved."""
+        """A sealed spec is this front end's own result (kept, or checked and decoded);
+        anything else is a user's spec and is resolved."""
         if isinstance(value, str) and value.startswith(SEAL_PREFIX):
             with self._sealed_lock:
                 kept = self._sealed.get(value)

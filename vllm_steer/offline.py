@@ -146,7 +146,8 @@ class SteeredLLM:
     def _resolve_all(self, steering: Sequence[SpecLike], listed: bool) -> list[str | None]:
         """Every request's steering, resolved before any request is queued (a bad spec fails
         the whole call, naming its request, with nothing run) and each distinct spec once;
-        handed on sealed, as the server's middleware does, so the front-end hook decodes it.
+        handed on sealed, as the server's middleware does, so the front-end hook takes it as
+        resolved.
         None: unsteered (no spec, or one that changes nothing)."""
         frontend = self.frontend
         sealed: dict[Any, str | None] = {}
