@@ -100,24 +100,29 @@ def test_identical_steering_shares_rows_and_release_returns_them(runtime):
     assert runtime.slots_in_use == SLOTS - 1
     # SPEC_A steers layers 0 and 1 differently: two rows, whatever the number of requests.
     assert runtime.pool.in_use == 2
-    assert runtime.row_of_slot[:, 1:SLOTS].unique(dim=1).shape[1] == 1
+    runtime.flush()  # the step's writer moves what admission changed to the device
+    assert runtime.row_of_slot[:, 1:SLOTS].unique(dim=1).shape[1] == 1 and runtime.row_of_slot[:2, 1].all()
     runtime.release("r1")
+    runtime.flush()
     assert not runtime.row_of_slot[:, 2].any() and runtime.pool.in_use == 2
     assert runtime.admit("late", params(SPEC_B), prompt_len=1) == 2
     assert runtime.pool.in_use == 3
-    assert runtime.row_of_slot[0, 2] == 0  # SPEC_B does not touch layer 0
+    runtime.flush()
+    assert runtime.row_of_slot[0, 2] == 0 and runtime.row_of_slot[1, 2] != 0  # SPEC_B steers layer 1 only
     for i in (0, 2, 3):
         runtime.release(f"r{i}")
     assert runtime.pool.in_use == 1
     runtime.release("late")
     runtime.release("never-admitted")
     assert runtime.slots_in_use == 0 and runtime.pool.in_use == 0
+    runtime.flush()
     assert not runtime.row_of_slot.any()
 
 
 def test_layers_steered_alike_share_one_row(runtime):
     slot = runtime.admit("r", params({"vectors": [{"name": "a", "layers": [0, 2], "scale": 3.0}]}), prompt_len=1)
     assert runtime.pool.in_use == 1
+    runtime.flush()
     assert runtime.row_of_slot[0, slot] == runtime.row_of_slot[2, slot] != 0 and runtime.row_of_slot[1, slot] == 0
 
 
@@ -127,6 +132,7 @@ def test_a_request_sharing_held_rows_needs_no_vector(runtime):
     first = runtime.admit("first", params(SPEC_A), prompt_len=1)
     runtime.registry.remove("a")
     second = runtime.admit("second", params(SPEC_A), prompt_len=1)
+    runtime.flush()
     assert second != 0 and torch.equal(runtime.row_of_slot[:, first], runtime.row_of_slot[:, second])
     assert runtime.stats()["unapplied_requests"] == 0
 
@@ -165,6 +171,7 @@ def test_a_failure_while_filling_a_slot_frees_it(runtime, monkeypatch):
     monkeypatch.setattr(runtime.capture, "start", broken_start)
     assert runtime.admit("r", params(SPEC_A, capture={"key": "k", "layers": [1]}), 2) == 0
     assert runtime.slots_in_use == 0 and runtime.stats()["unapplied_requests"] == 1
+    runtime.flush()
     assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any()
 
 
@@ -389,8 +396,30 @@ def test_a_condition_reads_the_prompt_and_gates_the_generated_tokens(runtime, co
 
     runtime.release("high")
     runtime.release("low")
+    runtime.flush()
     assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any() and not runtime.stages.any()
     assert runtime.stats()["conditions"] == {"held": 1, "not_held": 1}
+
+
+def test_a_condition_outcome_is_read_before_its_slot_is_taken_again(runtime):
+    """Admission and release edit host tables that reach the device at the next step: a
+    released request's outcome must come from its own gate, even when a new request takes
+    its slot before that step."""
+    b_hat = unit(torch.from_numpy(FRONT_REGISTRY.array(FRONT_REGISTRY.digest_of("b")).copy()))
+    spec = {"vectors": [{"name": "a", "layers": [0], "scale": 3.0}], "condition": {"name": "b", "layer": 1, "threshold": 1.0}}
+    slot = runtime.admit("first", params(spec), prompt_len=2)
+    runtime.fill_token_slot(torch.tensor([slot]), torch.tensor([2]), torch.tensor([0, 1]), 2, 2)
+    runtime.layers[1].steer(torch.zeros(2, HIDDEN), 3.0 * b_hat.expand(2, HIDDEN))  # mean projection 3: holds
+    runtime.release("first")
+    assert runtime.admit("second", params({**spec, "condition": {"name": "b", "layer": 1, "threshold": 5.0}}), prompt_len=2) == slot
+    runtime.fill_token_slot(torch.tensor([slot]), torch.tensor([2]), torch.tensor([0, 1]), 2, 2)
+    assert runtime.gate_sum[SLOTS + slot] == 0  # the new request reads its own prompt
+    assert runtime.stats()["conditions"] == {"held": 1, "not_held": 0}
+    runtime.release("second")
+    # One that leaves before any step read its prompt never steered.
+    runtime.admit("third", params(spec), prompt_len=2)
+    runtime.release("third")
+    assert runtime.stats()["conditions"] == {"held": 1, "not_held": 2}
 
 
 def test_a_readmitted_request_reads_its_prompt_again(runtime):
@@ -398,6 +427,7 @@ def test_a_readmitted_request_reads_its_prompt_again(runtime):
     slot = runtime.admit("r", params(spec), prompt_len=2)
     runtime.gate_sum[SLOTS + slot] = 123.0
     assert runtime.admit("r", params(spec), prompt_len=2) == slot  # preempted and resumed: released first
+    runtime.flush()
     assert runtime.gate_sum[SLOTS + slot] == 0
 
 

@@ -139,9 +139,14 @@ def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[
     adds = torch.stack([row.add for row in rows])
     directions = torch.zeros(max_directions, len(rows), 2 * hidden + PARAMS)
     counts = torch.tensor([len(row.directions) for row in rows], dtype=torch.int32)
-    for n, row in enumerate(rows):
-        for k, direction in enumerate(row.directions):
-            directions[k, n] = torch.cat([direction.edit, direction.probe, torch.tensor(direction.params())])
+    for k in range(max_directions):  # a few ops per direction index, not per row
+        using = [(n, row.directions[k]) for n, row in enumerate(rows) if len(row.directions) > k]
+        if not using:
+            break
+        index = torch.tensor([n for n, _ in using])
+        directions[k, index] = torch.cat([torch.stack([direction.edit for _, direction in using]),
+                                          torch.stack([direction.probe for _, direction in using]),
+                                          torch.tensor([direction.params() for _, direction in using])], dim=1)
     return adds, directions, counts
 
 

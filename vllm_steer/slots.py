@@ -30,7 +30,7 @@ from vllm_steer.control import WORKER_OPS
 from vllm_steer.resolve import ModelShape, ResolvedSteering
 from vllm_steer.rows import RowPool, build_gate_row, build_row, worst_case_rows
 from vllm_steer.spec import CaptureSpec
-from vllm_steer.staging import HostCopy, to_device
+from vllm_steer.staging import HostCopy, HostTable, to_device
 from vllm_steer.vectors.registry import VectorRegistry, vector_from_wire
 
 logger = logging.getLogger("vllm_steer")
@@ -42,9 +42,12 @@ STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 NO_CONDITION = (0.0, -1.0)  # (gate_scale, gate_bound) of a slot without one: 0 > -1 holds
 
 
-def slot_stages(apply_to: str, slot: int, prompt_len: int) -> tuple[int, int, int, int]:
+def slot_stages(apply_to: str, slot: int, prompt_len: int, gate_column: int | None = None) -> tuple[int, int, int, int]:
     """The position where a slot's second stage starts, and the columns its tokens read
-    before it, from it on, and from it on while its condition holds."""
+    before it, from it on, and from it on while its condition holds. A gated slot's prompt
+    reads its gate column; its generated tokens steer once the condition holds."""
+    if gate_column is not None:
+        return prompt_len, gate_column, 0, slot
     if apply_to == "prompt":
         return prompt_len, slot, 0, 0
     if apply_to == "generated":
@@ -93,6 +96,14 @@ class SteeringRuntime:
         self.gate_scale, self.gate_bound = self.gate.unbind(0)
         self.gate_bound.fill_(NO_CONDITION[1])
         self.gate_sum = torch.zeros(2 * num_slots, dtype=torch.float32)
+        self.gate_read = self.gate_sum[num_slots:]  # the gate columns' sums, by slot
+        # Admission and release edit host copies of the slot tables; flush moves each to the
+        # device in one copy before the step that reads it, however many requests changed.
+        self._host_rows = HostTable(self.row_of_slot)
+        self._host_stages = HostTable(self.stages)
+        self._host_gate = HostTable(self.gate)
+        self._gate_restarts: set[int] = set()  # gated slots admitted since: their sums restart at flush
+        self._gates_leaving: list[int] = []  # gated slots released since: their outcomes, read first
         for n, index in enumerate(self.layer_order):
             layers[index].attach_steering(self.token_row[n], self.pool, kernel, self.token_slot, self.gate_sum)
         self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
@@ -101,7 +112,7 @@ class SteeringRuntime:
         self._keys_of: dict[int, tuple[Hashable, ...]] = {}  # the pool rows each slot holds
         self._gated: set[int] = set()  # slots with a condition
         self._staged: set[int] = set()  # slots whose tokens do not all read one column
-        self._gate_outcomes: list[HostCopy] = []  # of released gated requests, not yet counted
+        self._gate_outcomes: list[HostCopy] = []  # whether the released gated requests' conditions held
         self._conditions = Counter()  # "held" / "not_held"
         self._peak_rows = 0
         self.runner: str | None = None  # which model runner drives the writes ("v1"/"v2")
@@ -169,20 +180,19 @@ class SteeringRuntime:
             row_of = self.pool.acquire(needed, built)
             self._keys_of[slot] = tuple(needed)
             self._peak_rows = max(self._peak_rows, self.pool.in_use)
-            # Per local layer: the row of the slot's steering, and of its gate (prompt tokens).
-            gate_layer = gate.layer if gate is not None else None
-            columns = [[row_of[keys[index]] if index in keys else 0, row_of[gate.row_key] if index == gate_layer else 0]
-                       for index in self.layer_order]
-            self._columns(slot)[:] = to_device(torch.tensor(columns, dtype=torch.int64), self.row_of_slot.device)
-        stages = slot_stages(resolved.apply_to if resolved else "all", slot, prompt_len)
+            # Per local layer: the row of the slot's steering; at the gate's layer, of its gate.
+            self._host_rows.write((slice(None), slot), [row_of[keys[index]] if index in keys else 0 for index in self.layer_order])
+            if gate is not None:
+                self._host_rows.write((self.layer_order.index(gate.layer), self.num_slots + slot), row_of[gate.row_key])
+        gate_column = None
         if gate is not None:
-            # Its prompt reads the gate column; its generated tokens steer once the condition holds.
+            gate_column = self.num_slots + slot
             sign = 1.0 if gate.compare == "above" else -1.0
-            self.gate[:, slot] = to_device(torch.tensor([sign / prompt_len, sign * gate.threshold]), self.gate.device)
-            self.gate_sum[self.num_slots + slot] = 0.0  # a resumed request reads its prompt again
+            self._host_gate.write((slice(None), slot), (sign / prompt_len, sign * gate.threshold))
+            self._gate_restarts.add(slot)  # a resumed request reads its prompt again
             self._gated.add(slot)
-            stages = (prompt_len, self.num_slots + slot, 0, slot)
-        self.stages[:, slot] = to_device(torch.tensor(stages, dtype=torch.int64), self.stages.device)
+        stages = slot_stages(resolved.apply_to if resolved else "all", slot, prompt_len, gate_column)
+        self._host_stages.write((slice(None), slot), stages)
         if stages != slot_stages("all", slot, prompt_len):
             self._staged.add(slot)
         if capture is not None:
@@ -196,11 +206,10 @@ class SteeringRuntime:
         if slot == 0:
             return
         try:
-            if slot in self._gated:
-                # Copied back without waiting; read by stats() (the control plane).
-                self._gate_outcomes.append(HostCopy(self._holds()[slot]))
-                if len(self._gate_outcomes) > 1024:  # long since copied: counting waits for nothing
-                    self._condition_counts()
+            if slot in self._gate_restarts:  # left before its first step: never steered
+                self._conditions["not_held"] += 1
+            elif slot in self._gated:
+                self._gates_leaving.append(slot)  # read at the next flush, before the tables change
             if self.capture is not None:
                 self.capture.finish(slot)
         finally:
@@ -217,22 +226,39 @@ class SteeringRuntime:
         keys = self._keys_of.pop(slot, None)
         if keys:
             self.pool.release(keys)
-            self._columns(slot)[:] = 0
+            self._host_rows.write((slice(None), [slot, self.num_slots + slot]), 0)
         self._staged.discard(slot)
-        self.stages[:, slot] = 0
+        self._host_stages.write((slice(None), slot), 0)
         if slot in self._gated:
             self._gated.discard(slot)
-            self.gate[:, slot] = to_device(torch.tensor(NO_CONDITION), self.gate.device)
+            self._gate_restarts.discard(slot)
+            self._host_gate.write((slice(None), slot), NO_CONDITION)
 
     def _holds(self) -> torch.Tensor:
         """Per slot, whether its condition holds on the mean its gate has read (True without
         a condition). On the device: the host never reads it in the step path."""
-        return self.gate_scale * self.gate_sum[self.num_slots:] > self.gate_bound
+        return self.gate_scale * self.gate_read > self.gate_bound
 
-    def _columns(self, slot: int) -> torch.Tensor:
-        """A view of the slot's two columns of row_of_slot, ``[layers, 2]`` (a view, so writing
-        it is one copy or fill: no index tensor to move to the device)."""
-        return self.row_of_slot.view(len(self.layer_order), 2, self.num_slots)[:, :, slot]
+    def flush(self) -> None:
+        """Write what admission and release changed since the last step to the device: new
+        rows, the slot tables, restarted gate sums (each one copy or op), after reading the
+        outcomes of the conditions of released requests from the tables they left."""
+        self._read_gate_outcomes()
+        self.pool.flush()
+        if self._gate_restarts:
+            restarts = torch.tensor([self.num_slots + slot for slot in self._gate_restarts], dtype=torch.int64)
+            self.gate_sum.index_fill_(0, to_device(restarts, self.gate_sum.device), 0.0)
+            self._gate_restarts.clear()
+        for table in (self._host_rows, self._host_stages, self._host_gate):
+            table.push()
+
+    def _read_gate_outcomes(self) -> None:
+        if self._gates_leaving:
+            leaving = to_device(torch.tensor(self._gates_leaving, dtype=torch.int64), self.gate.device)
+            self._gate_outcomes.append(HostCopy(self._holds().index_select(0, leaving)))  # copied back without waiting
+            self._gates_leaving.clear()
+            if len(self._gate_outcomes) > 64:  # long since copied: counting waits for nothing
+                self._condition_counts()
 
     def slot_of(self, req_id: str) -> int | None:
         return self._slot_of.get(req_id)
@@ -257,7 +283,7 @@ class SteeringRuntime:
         inside the slot's phase (under a condition, once the condition holds), the slot's
         gate column while a gated prompt is read, else 0; and token_row = each layer's row of
         that column. The padded tail reads column and row 0."""
-        self.pool.flush()  # the rows of requests admitted since the last step
+        self.flush()  # what requests admitted and released since the last step changed
         distinct = len(self._live_configs)
         self._step_counts[bisect_left(STEP_BUCKETS, distinct)] += 1
         self._step_sum += distinct
@@ -312,8 +338,11 @@ class SteeringRuntime:
 
     def _condition_counts(self) -> dict[str, int]:
         """Released requests with a condition: how many steered (it held) and how many not."""
+        self._read_gate_outcomes()
         for outcome in self._gate_outcomes:
-            self._conditions["held" if bool(outcome.numpy()) else "not_held"] += 1
+            held = outcome.numpy()
+            self._conditions["held"] += int(held.sum())
+            self._conditions["not_held"] += held.size - int(held.sum())
         self._gate_outcomes.clear()
         return {"held": self._conditions["held"], "not_held": self._conditions["not_held"]}
 
