@@ -147,8 +147,7 @@ class SteeredLLM:
         """Every request's steering, resolved before any request is queued (a bad spec fails
         the whole call, naming its request, with nothing run) and each distinct spec once;
         handed on sealed, as the server's middleware does, so the front-end hook takes it as
-        resolved.
-        None: unsteered (no spec, or one that changes nothing)."""
+        resolved. None: unsteered (no spec, or one that changes nothing)."""
         frontend = self.frontend
         sealed: dict[Any, str | None] = {}
         out = []
