@@ -4,8 +4,9 @@ token -> row index.
 A slot is a running request's entry: per steerable layer, the row of the shared pool
 (rows.py) that holds its steering there (``row_of_slot[layer, slot]``), and which positions
 read it (``stages``). Slot 0 reads row 0 (zeros) everywhere: no steering. Rows are built
-once per distinct content, on admission; each step only maps tokens to slots to rows, with
-tensor ops.
+once per distinct content, on admission; admission and release edit host copies of the slot
+tables, which ``flush`` moves to the device before the next step, one copy per table; each
+step only maps tokens to slots to rows, with tensor ops.
 
 A request with a condition (resolve.Gate) has a second column, ``num_slots + slot``: its
 prompt tokens read the gate row there, whose first direction's reading the layer sums into

@@ -341,6 +341,7 @@ def sync_check(device: torch.device) -> dict[str, Any]:
         ops.append(("layer math, Triton kernel (+ capture)", layer_math("triton")))
     ops += [("release 4 requests (capture rows copied back asynchronously)",
              lambda: [runtime.release(req_id) for req_id in requests]),
+            ("flush after release (the condition's outcome copied back asynchronously)", runtime.flush),
             ("clear_step (dummy run / graph capture)", lambda: runtime.clear_step(num_padded))]
     results = []
     try:
