@@ -298,6 +298,8 @@ def v2_batch(req_ids, idx_mapping, tokens, positions, padded):
         req_ids=req_ids,
         num_reqs=len(req_ids),
         idx_mapping=torch.tensor(idx_mapping),
+        idx_mapping_np=np.array(idx_mapping),
+        num_scheduled_tokens=np.array(tokens),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         positions=torch.tensor(positions + [0] * (padded - len(positions))),
         num_tokens=int(starts[-1]),
@@ -399,6 +401,48 @@ def test_a_condition_reads_the_prompt_and_gates_the_generated_tokens(runtime, co
     runtime.flush()
     assert runtime.pool.in_use == 0 and not runtime.row_of_slot.any() and not runtime.stages.any()
     assert runtime.stats()["conditions"] == {"held": 1, "not_held": 1}
+
+
+@pytest.mark.parametrize("apply_to", ["prompt", "generated"])
+def test_phases_follow_a_chunked_prompt_counted_on_the_host(runtime, apply_to):
+    """With the host's token counts, steps after every prompt has been read take one gather;
+    until then (a one-token last chunk included) tokens still split at the prompt's end."""
+    slot = runtime.admit("r", params({**SPEC_A, "apply_to": apply_to}), prompt_len=3)
+    everywhere = runtime.admit("e", params(SPEC_A), prompt_len=1)
+    expected = {"prompt": [slot, 0], "generated": [0, slot]}[apply_to]
+    for positions, in_prompt in (([0, 1], True), ([2], True), ([3], False), ([4], False)):
+        count = len(positions)
+        runtime.fill_token_slot(torch.tensor([slot, everywhere]), torch.tensor([count, 1]), torch.tensor(positions + [9]),
+                                count + 1, count + 1, scheduled=([slot, everywhere], [count, 1]))
+        assert runtime.token_slot[:count + 1].tolist() == [expected[0 if in_prompt else 1]] * count + [everywhere]
+
+
+def test_a_condition_judges_the_whole_prompt_when_its_last_chunk_is_one_token(runtime, monkeypatch):
+    """Outcomes are recomputed only while a gated prompt can still change a sum (counted on
+    the host from the tokens each step schedules). A prompt whose last chunk is one token
+    arrives in a step shaped like decoding; the next step must still judge all of it."""
+    b_hat = unit(torch.from_numpy(FRONT_REGISTRY.array(FRONT_REGISTRY.digest_of("b")).copy()))
+    spec = {"vectors": [{"name": "a", "layers": [0], "scale": 3.0}], "condition": {"name": "b", "layer": 1, "threshold": 1.0}}
+    slot = runtime.admit("r", params(spec), prompt_len=3)
+    computed = []
+    holds = runtime._holds
+    monkeypatch.setattr(runtime, "_holds", lambda: computed.append(1) or holds())
+
+    def step(positions, along_b):
+        count = len(positions)
+        runtime.fill_token_slot(torch.tensor([slot]), torch.tensor([count]), torch.tensor(positions), count, count,
+                                scheduled=([slot], [count]))
+        runtime.layers[1].steer(torch.zeros(count, HIDDEN), torch.tensor(along_b).unsqueeze(-1) * b_hat)
+        return runtime.token_slot[:count].tolist()
+
+    assert step([0, 1], [0.0, 0.0]) == [SLOTS + slot] * 2  # the prompt's first chunk: sum 0
+    assert step([2], [6.0]) == [SLOTS + slot]  # its last token, alone: sum 6, mean 2 > 1
+    assert step([3], [0.0]) == [slot]  # the first generated token steers
+    assert step([4], [0.0]) == [slot]
+    assert len(computed) == 3  # after the prompt's last token, never again
+    runtime.admit("other", params(spec), prompt_len=2)  # the tables change: computed again
+    runtime.fill_token_slot(torch.tensor([slot]), torch.tensor([1]), torch.tensor([5]), 1, 1, scheduled=([slot], [1]))
+    assert len(computed) == 4 and runtime.token_slot[0] == slot
 
 
 def test_a_condition_outcome_is_read_before_its_slot_is_taken_again(runtime):

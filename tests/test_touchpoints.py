@@ -100,7 +100,8 @@ def test_model_runner_v2_touchpoints():
     assert parameters(DefaultModelState.remove_request) == ["self", "req_id"]
     assert parameters(DefaultModelState.prepare_inputs) == ["self", "input_batch", "req_states"]
     assert parameters(DefaultModelState.prepare_dummy_inputs) == ["self", "num_reqs", "num_tokens"]
-    assert {"num_reqs", "num_tokens", "num_tokens_after_padding", "req_ids", "idx_mapping", "query_start_loc", "positions"} <= fields(InputBatch)
+    assert {"num_reqs", "num_tokens", "num_tokens_after_padding", "req_ids", "idx_mapping", "query_start_loc", "positions",
+            "idx_mapping_np", "num_scheduled_tokens"} <= fields(InputBatch)
     assert {"req_id", "sampling_params", "prompt_len"} <= fields(NewRequestData)
     assigned_in_init(RequestState, "req_id_to_index")
     assert "max_num_reqs" in inspect.getsource(DefaultModelState)

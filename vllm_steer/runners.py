@@ -59,6 +59,7 @@ def write_v1(runtime, runner: Any, positions: torch.Tensor) -> None:
             positions,
             int(tokens.sum()),
             positions.shape[-1],
+            scheduled=(slots, tokens),
         )
     except Exception:  # noqa: BLE001 - never kill the engine
         logger.exception("steering writer failed; this step runs unsteered")
@@ -75,6 +76,7 @@ class V2SlotWriter:
         self.runtime = runtime
         runtime.runner = "v2"
         self.slot_of_req_index = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
+        self.host_slot_of_req_index = np.zeros(max_num_reqs, dtype=np.int64)  # the same, on the host
 
     def add_request(self, req_index: int, new_req_data: Any) -> None:
         slot = 0
@@ -83,6 +85,7 @@ class V2SlotWriter:
         except Exception:  # noqa: BLE001 - never kill the engine
             logger.exception("steering: admitting a request failed; it runs unsteered")
         self.slot_of_req_index[req_index] = slot
+        self.host_slot_of_req_index[req_index] = slot
 
     def remove_request(self, req_id: str) -> None:
         try:
@@ -96,7 +99,9 @@ class V2SlotWriter:
                 self.runtime.clear_step(input_batch.num_tokens_after_padding)
                 return
             req_index, tokens, positions, num_tokens, num_padded = touchpoints.v2_step(input_batch)
-            self.runtime.fill_token_slot(self.slot_of_req_index[req_index], tokens.to(torch.int64), positions, num_tokens, num_padded)
+            host_req_index, host_tokens = touchpoints.v2_scheduled(input_batch)
+            self.runtime.fill_token_slot(self.slot_of_req_index[req_index], tokens.to(torch.int64), positions, num_tokens, num_padded,
+                                         scheduled=(self.host_slot_of_req_index[host_req_index], host_tokens))
         except Exception:  # noqa: BLE001 - never kill the engine
             logger.exception("steering writer failed; this step runs unsteered")
             self.runtime.clear_step()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,12 @@ class SteeringRuntime:
         self._host_gate = HostTable(self.gate)
         self._gate_restarts: set[int] = set()  # gated slots admitted since: their sums restart at flush
         self._gates_leaving: list[int] = []  # gated slots released since: their outcomes, read first
+        # Staged slots whose prompt is not all scheduled yet: its tokens left (host counts).
+        # While any is left, a step may hold tokens before their slot's switch, and may change
+        # a gate's sum (so the next step recomputes the outcomes); once none is, every token
+        # reads its slot's column_after.
+        self._prompt_left: dict[int, int] = {}
+        self._outcomes_stale = False
         for n, index in enumerate(self.layer_order):
             layers[index].attach_steering(self.token_row[n], self.pool, kernel, self.token_slot, self.gate_sum)
         self.capture = CaptureTables(layers, num_slots, max_tokens, shape.hidden_size) if capture else None
@@ -196,6 +202,7 @@ class SteeringRuntime:
         self._host_stages.write((slice(None), slot), stages)
         if stages != slot_stages("all", slot, prompt_len):
             self._staged.add(slot)
+            self._prompt_left[slot] = prompt_len  # every stage switches where the prompt ends
         if capture is not None:
             self.capture.start(slot, capture, prompt_len)
         if resolved is not None:
@@ -229,6 +236,7 @@ class SteeringRuntime:
             self.pool.release(keys)
             self._host_rows.write((slice(None), [slot, self.num_slots + slot]), 0)
         self._staged.discard(slot)
+        self._prompt_left.pop(slot, None)
         self._host_stages.write((slice(None), slot), 0)
         if slot in self._gated:
             self._gated.discard(slot)
@@ -250,8 +258,9 @@ class SteeringRuntime:
             restarts = torch.tensor([self.num_slots + slot for slot in self._gate_restarts], dtype=torch.int64)
             self.gate_sum.index_fill_(0, to_device(restarts, self.gate_sum.device), 0.0)
             self._gate_restarts.clear()
-        for table in (self._host_rows, self._host_stages, self._host_gate):
-            table.push()
+        pushed = [table.push() for table in (self._host_rows, self._host_stages, self._host_gate)]
+        if any(pushed):  # the stages' push also overwrote column_after
+            self._outcomes_stale = True
 
     def _read_gate_outcomes(self) -> None:
         if self._gates_leaving:
@@ -279,11 +288,14 @@ class SteeringRuntime:
         positions: torch.Tensor,
         num_tokens: int,
         num_padded: int,
+        scheduled: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> None:
         """token_slot[:num_tokens] = each token's column of row_of_slot: its request's slot
         inside the slot's phase (under a condition, once the condition holds), the slot's
         gate column while a gated prompt is read, else 0; and token_row = each layer's row of
-        that column. The padded tail reads column and row 0."""
+        that column. The padded tail reads column and row 0. ``scheduled``: the same step's
+        slot and token count per request on the host, if the writer has them: once every
+        staged slot's prompt has been read, a step is one gather, with no outcome to recompute."""
         self.flush()  # what requests admitted and released since the last step changed
         distinct = len(self._live_configs)
         self._step_counts[bisect_left(STEP_BUCKETS, distinct)] += 1
@@ -300,10 +312,15 @@ class SteeringRuntime:
             slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
         pos = positions[:num_tokens]
         if self._staged:
-            if self._gated:
+            if self._gated and self._outcomes_stale:
                 torch.mul(self.column_if_held, self._holds(), out=self.column_after)
-            after = pos >= self.switch.index_select(0, slots)
-            torch.index_select(self.stage_column, 0, torch.add(slots, after, alpha=self.num_slots), out=self.token_slot[:num_tokens])
+            self._outcomes_stale = in_prompt = self._count_prompt_tokens(scheduled)
+            if in_prompt:
+                after = pos >= self.switch.index_select(0, slots)
+                torch.index_select(self.stage_column, 0, torch.add(slots, after, alpha=self.num_slots), out=self.token_slot[:num_tokens])
+            else:
+                # Every prompt has been read: each token is past its slot's switch.
+                torch.index_select(self.column_after, 0, slots, out=self.token_slot[:num_tokens])
         else:
             # Every live slot steers every position (the default): each token reads its slot.
             self.token_slot[:num_tokens] = slots
@@ -313,6 +330,24 @@ class SteeringRuntime:
         self.token_row[:, :num_padded] = self.row_of_slot.index_select(1, self.token_slot[:num_padded])
         if self.capture is not None:
             self.capture.fill(slots, pos, num_tokens, num_padded)
+
+    def _count_prompt_tokens(self, scheduled: tuple[Sequence[int], Sequence[int]] | None) -> bool:
+        """Count this step's tokens against the staged slots' prompts not yet all scheduled;
+        whether this step may read a prompt token of one. Tokens counted from admission are
+        never more than the positions reached, so a prompt is taken as read only once it is
+        (a prefix not computed here only delays that)."""
+        if scheduled is None:
+            return True  # the writer cannot tell: assume so
+        if not self._prompt_left:
+            return False
+        for slot, count in zip(*scheduled):
+            left = self._prompt_left.get(int(slot))
+            if left is not None:
+                if left <= count:
+                    del self._prompt_left[int(slot)]
+                else:
+                    self._prompt_left[int(slot)] = left - int(count)
+        return True
 
     def clear_step(self, num_tokens: int | None = None) -> None:
         """Every token reads slot 0 and nothing is captured (dummy runs, writer failures)."""

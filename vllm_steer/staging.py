@@ -55,8 +55,11 @@ class HostTable:
         self.host[index] = value
         self.changed = True
 
-    def push(self) -> None:
-        if self.changed:
-            # to_device copies a pinned snapshot, so ``host`` may be edited again at once.
-            self.table.copy_(to_device(torch.from_numpy(self.host), self.table.device))
-            self.changed = False
+    def push(self) -> bool:
+        """Copy ``host`` to the device if it changed; whether it did."""
+        if not self.changed:
+            return False
+        # to_device copies a pinned snapshot, so ``host`` may be edited again at once.
+        self.table.copy_(to_device(torch.from_numpy(self.host), self.table.device))
+        self.changed = False
+        return True

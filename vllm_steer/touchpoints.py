@@ -220,6 +220,12 @@ def v2_step(input_batch: Any):
     )
 
 
+def v2_scheduled(input_batch: Any) -> tuple[Any, Any]:
+    """On the host: (request index of each request, tokens scheduled for each request)."""
+    num_reqs = input_batch.num_reqs
+    return input_batch.idx_mapping_np[:num_reqs], input_batch.num_scheduled_tokens[:num_reqs]
+
+
 # ---- workers: control plane -------------------------------------------------------------------
 def add_worker_method(name: str, method: Callable) -> None:
     """Give vLLM's worker base class a method ``collective_rpc(name, ...)`` reaches (on every
