@@ -12,7 +12,8 @@ A request with a condition (resolve.Gate) has a second column, ``num_slots + slo
 prompt tokens read the gate row there, whose first direction's reading the layer sums into
 ``gate_sum[num_slots + slot]``. Its generated tokens come in later steps, after the whole
 prompt has been read, and read the steering column only where the mean passes: computed on
-the device when the step's index is written, so the host never waits for it.
+the device when the step's index is written, so the host never waits for it. The host only
+counts each staged slot's scheduled tokens, to know when no prompt is left to read.
 """
 
 from __future__ import annotations
