@@ -228,6 +228,20 @@ def test_without_the_key_v1_calls_fail_and_with_it_they_succeed(page):
     assert page.evaluate("sessionStorage.getItem('vllm-steer-api-key')") == API_KEY
 
 
+def test_a_key_given_while_the_page_still_loads_connects(page):
+    # The page's options arrive late (a busy server): Enter in the key field must still connect,
+    # not submit the key form as a plain reload that drops the key (seen in CI as a hung press).
+    page.add_init_script("""(() => {
+        const fetch = window.fetch;
+        window.fetch = (path, options) => String(path).endsWith("/options.json")
+            ? new Promise((resolve) => setTimeout(resolve, 2000)).then(() => fetch(path, options))
+            : fetch(path, options);
+    })()""")
+    connect(page)
+    expect(page.locator("#apply-to option")).not_to_have_count(0)
+    assert page.evaluate("sessionStorage.getItem('vllm-steer-api-key')") == API_KEY
+
+
 def test_registering_a_vector_puts_it_in_the_picker(page, demo_server, tmp_path):
     connect(page)
     vector = np.random.default_rng(0).standard_normal(256).astype(np.float32)

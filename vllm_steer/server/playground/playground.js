@@ -513,10 +513,16 @@ async function connect() {
   }
 }
 
-async function start() {
+async function loadOptions() {
   const options = await (await fetch("/playground/options.json")).json();
   state.modes = options.modes;
   $("apply-to").replaceChildren(...options.apply_to.map((choice) => new Option(choice, choice)));
+}
+
+// Every listener is attached before anything is awaited: a key given while the options load
+// must connect once they are in, not submit the key form as a plain page reload.
+function start() {
+  const optionsLoaded = loadOptions().catch(() => {});  // connect() reports a server it cannot reach
   panes.plain = makePane($("answer-plain"));
   panes.steered = makePane($("answer-steered"));
 
@@ -526,7 +532,7 @@ async function start() {
     event.preventDefault();
     if (key.value.trim()) sessionStorage.setItem(KEY_STORAGE, key.value.trim());
     else sessionStorage.removeItem(KEY_STORAGE);
-    connect();
+    optionsLoaded.then(connect);
   };
   key.addEventListener("change", useKey);
   $("key-form").addEventListener("submit", useKey);
@@ -545,7 +551,7 @@ async function start() {
   for (const button of document.querySelectorAll("[data-copy]")) button.addEventListener("click", () => copy(button));
   document.querySelector("main").addEventListener("input", previewRequest);
   document.querySelector("main").addEventListener("change", previewRequest);
-  await connect();
+  optionsLoaded.then(connect);
 }
 
 start();
