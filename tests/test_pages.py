@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from vllm_steer.server import pages
-from vllm_steer.spec import ApplyTo, Mode
+from vllm_steer.spec import ApplyTo, Compare, Mode
 
 
 def client() -> TestClient:
@@ -33,7 +33,8 @@ def test_home_links_the_playground_and_the_page_loads_only_its_own_files():
 
 
 def test_the_page_offers_the_specs_own_modes():
-    assert client().get("/playground/options.json").json() == {"modes": list(get_args(Mode)), "apply_to": list(get_args(ApplyTo))}
+    assert client().get("/playground/options.json").json() == {
+        "modes": list(get_args(Mode)), "apply_to": list(get_args(ApplyTo)), "compare": list(get_args(Compare))}
 
 
 def test_the_page_is_outside_the_openapi_document():

@@ -130,7 +130,7 @@ def test_the_page_loads_from_this_server_alone_without_console_errors(page, demo
 
 
 def test_compare_streams_both_answers_as_the_openai_sdk_gives_them(page, demo_server, tmp_path):
-    page.set_viewport_size({"width": 1280, "height": 1060})  # the screenshot: the whole steering panel too
+    page.set_viewport_size({"width": 1280, "height": 1140})  # the screenshot: the whole steering panel too
     connect(page)
     page.select_option("#entry1-source", "name:paris")
     page.fill("#message", "Tell me a story.")
@@ -207,6 +207,38 @@ def test_a_bad_value_shows_the_servers_error_at_its_field(page):
     page.fill("#reg-numbers", "1, 2, 3")
     page.click("#register button[type=submit]")
     expect(error_at(page, "#reg-numbers")).to_contain_text("has 3 values; this model's hidden size is 256")
+
+
+def test_a_condition_steers_only_when_the_prompt_matches(page):
+    connect(page)
+    page.select_option("#entry1-source", "name:paris")
+    expect(page.locator("#condition-source")).to_be_hidden()
+    page.check("#condition-on")
+    expect(page.locator("#apply-to")).to_have_value("generated")  # a condition gates generated tokens only
+    page.select_option("#condition-source", "name:paris")
+    page.fill("#condition-layer", "9")
+    page.click("#compare")
+    expect(error_at(page, "#condition-layer")).to_contain_text("layer 9 is out of range")
+    page.fill("#condition-layer", "1")
+    page.fill("#condition-threshold", "")
+    page.click("#compare")
+    expect(error_at(page, "#condition-threshold")).to_contain_text("threshold: give a number")
+
+    answers = {}
+    for threshold in ("1000000", "-1000000"):  # the prompt's mean is never above the first, always above the second
+        page.fill("#condition-threshold", threshold)
+        page.click("#compare")
+        for side in ("plain", "steered"):
+            expect(page.locator(f"#answer-{side}")).to_have_attribute("data-state", "done", timeout=60_000)
+        answers[threshold] = page.inner_text("#answer-steered .text")
+        assert page.inner_text("#answer-plain .text") == NEUTRAL
+        body = json.loads(page.inner_text("#request-json"))
+        assert body["steering"]["condition"] == {"name": "paris", "layer": 1, "compare": "above", "threshold": float(threshold)}
+        assert body["steering"]["apply_to"] == "generated"
+        same = page.inner_text("#answer-steered .meta").endswith(" · the same as the unsteered answer")
+        assert same == (threshold == "1000000")
+    assert answers["1000000"] == NEUTRAL
+    assert "Paris" in answers["-1000000"]
 
 
 def test_without_the_key_v1_calls_fail_and_with_it_they_succeed(page):

@@ -14,7 +14,7 @@ from typing import get_args
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from vllm_steer.spec import ApplyTo, Mode
+from vllm_steer.spec import ApplyTo, Compare, Mode
 
 PAGE_DIR = Path(__file__).parent / "playground"
 FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}
@@ -48,7 +48,8 @@ async def playground():
 @router.get("/playground/options.json")
 async def options():
     """The spec's choices, so the page offers exactly what this server's spec accepts."""
-    return JSONResponse({"modes": list(get_args(Mode)), "apply_to": list(get_args(ApplyTo))}, headers=HEADERS)
+    return JSONResponse({"modes": list(get_args(Mode)), "apply_to": list(get_args(ApplyTo)), "compare": list(get_args(Compare))},
+                        headers=HEADERS)
 
 
 @router.get("/playground/{name}")

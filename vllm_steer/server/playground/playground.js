@@ -65,6 +65,11 @@ function controlForParam(param, fallback) {
       mode: "mode", scale: "entry-scale", min: "min", max: "max", only_active: "only-active" }[entry[2]];
     return key ? row.controls[key] : row.root.querySelector(".entry-error");
   }
+  const condition = /^steering\.condition(?:\.(\w+))?/.exec(param);
+  if (condition) {
+    const id = { layer: "condition-layer", threshold: "condition-threshold", compare: "condition-compare" }[condition[1]];
+    return $(id || "condition-source");  // its source (name, feature, vector) or the condition as a whole
+  }
   const top = param.split(/[.[]/)[0];
   const fields = {
     "steering.scale": "scale", "steering.apply_to": "apply-to", max_tokens: "max-tokens", temperature: "temperature",
@@ -185,6 +190,7 @@ function makePane(root) {
       root.removeAttribute("aria-busy");
       meta.textContent = `failed: ${error.message}`;
     },
+    note(words) { meta.textContent += ` · ${words}`; },
     rerender() { render(text, this.content); },
   };
 }
@@ -279,6 +285,19 @@ function updateEntry(row) {
   for (const part of row.root.querySelectorAll("[data-show]")) part.hidden = !shown[part.dataset.show];
 }
 
+// The condition's fields, for the chosen source (a feature is read at its own layer). A
+// condition gates generated tokens only, so turning it on sets "Apply to" to match.
+function updateCondition(turnedOn = false) {
+  const on = $("condition-on").checked;
+  const source = $("condition-source").value;
+  const vector = state.vectors.find((v) => `name:${v.name}` === source);
+  $("condition-fields").hidden = !on;
+  $("condition-other-feature").hidden = source !== "other-feature";
+  $("condition-layer-field").hidden = !source.startsWith("name:");
+  $("condition-layer").placeholder = vector && vector.layers ? `one of ${vector.layers.join(", ")}` : "e.g. 2";
+  if (turnedOn && on) $("apply-to").value = "generated";
+}
+
 function integer(control, what, { optional = false } = {}) {
   const text = control.value.trim();
   if (text === "" && optional) return null;
@@ -317,9 +336,27 @@ function entryJSON(row) {
   return entry;
 }
 
+function conditionJSON() {
+  const source = $("condition-source").value;
+  const condition = {};
+  if (source.startsWith("name:")) {
+    condition.name = source.slice(5);
+    condition.layer = integer($("condition-layer"), "layer");
+  } else if (source === "other-feature") {
+    condition.feature = [integer($("condition-feature-layer"), "layer"), integer($("condition-feature-id"), "feature id")];
+  } else {
+    condition.feature = source.split(":").slice(1).map(Number);
+  }
+  condition.compare = $("condition-compare").value;
+  condition.threshold = number($("condition-threshold"), "threshold");
+  return condition;
+}
+
 function steeringSpec(scale) {
   if (!state.entries.length) throw new FieldError($("steering-error"), "add a direction to steer with");
-  return { vectors: state.entries.map(entryJSON), scale, apply_to: $("apply-to").value };
+  const spec = { vectors: state.entries.map(entryJSON), scale, apply_to: $("apply-to").value };
+  if ($("condition-on").checked) spec.condition = conditionJSON();
+  return spec;
 }
 
 function chatBody(steering) {
@@ -413,6 +450,8 @@ async function compare() {
   showRequest(steered, 'Compare sent this body for the steered answer, and the same without "steering" for the unsteered one.');
   state.lastRequest.sent = true;
   await firstFailure([streamChat(plain, panes.plain), streamChat(steered, panes.steered)]);
+  // Say so, rather than leave it to the eye: a condition that did not hold steers nothing.
+  if (panes.steered.content === panes.plain.content) panes.steered.note("the same as the unsteered answer");
 }
 
 async function sweep() {
@@ -495,6 +534,8 @@ async function loadVectors() {
     sourceOptions(row.controls.source, row.controls.source.value);
     updateEntry(row);
   }
+  sourceOptions($("condition-source"), $("condition-source").value);
+  updateCondition();
 }
 
 async function connect() {
@@ -517,6 +558,7 @@ async function loadOptions() {
   const options = await (await fetch("/playground/options.json")).json();
   state.modes = options.modes;
   $("apply-to").replaceChildren(...options.apply_to.map((choice) => new Option(choice, choice)));
+  $("condition-compare").replaceChildren(...options.compare.map((choice) => new Option(choice, choice)));
 }
 
 // Every listener is attached before anything is awaited: a key given while the options load
@@ -541,6 +583,8 @@ function start() {
   slider.addEventListener("input", () => { scale.value = slider.value; previewRequest(); });
   scale.addEventListener("input", () => { if (scale.value !== "") slider.value = scale.value; });
   $("add-entry").addEventListener("click", () => addEntry().controls.source.focus());
+  $("condition-on").addEventListener("change", () => updateCondition(true));
+  $("condition-source").addEventListener("change", () => updateCondition());
   $("compare").addEventListener("click", () => run(compare));
   $("sweep").addEventListener("click", () => run(sweep));
   $("message").addEventListener("keydown", (event) => {
