@@ -313,12 +313,16 @@ function number(control, what, { optional = false } = {}) {
   return value;
 }
 
+// What a source picker (sourceOptions) chose: {name} or {feature: [layer, id]}.
+function sourceJSON(source, featureLayer, featureId) {
+  if (source.value.startsWith("name:")) return { name: source.value.slice(5) };
+  if (source.value === "other-feature") return { feature: [integer(featureLayer, "layer"), integer(featureId, "feature id")] };
+  return { feature: source.value.split(":").slice(1).map(Number) };
+}
+
 function entryJSON(row) {
   const c = row.controls;
-  const entry = {};
-  if (c.source.value.startsWith("name:")) entry.name = c.source.value.slice(5);
-  else if (c.source.value === "other-feature") entry.feature = [integer(c["feature-layer"], "layer"), integer(c["feature-id"], "feature id")];
-  else entry.feature = c.source.value.split(":").slice(1).map(Number);
+  const entry = sourceJSON(c.source, c["feature-layer"], c["feature-id"]);
   if (!entry.feature && c.layers.value.trim()) {
     const layers = c.layers.value.split(/[\s,]+/).filter(Boolean);
     if (!layers.every((l) => /^\d+$/.test(l))) throw new FieldError(c.layers, "layers: whole numbers, separated by commas");
@@ -337,16 +341,8 @@ function entryJSON(row) {
 }
 
 function conditionJSON() {
-  const source = $("condition-source").value;
-  const condition = {};
-  if (source.startsWith("name:")) {
-    condition.name = source.slice(5);
-    condition.layer = integer($("condition-layer"), "layer");
-  } else if (source === "other-feature") {
-    condition.feature = [integer($("condition-feature-layer"), "layer"), integer($("condition-feature-id"), "feature id")];
-  } else {
-    condition.feature = source.split(":").slice(1).map(Number);
-  }
+  const condition = sourceJSON($("condition-source"), $("condition-feature-layer"), $("condition-feature-id"));
+  if (condition.name) condition.layer = integer($("condition-layer"), "layer");
   condition.compare = $("condition-compare").value;
   condition.threshold = number($("condition-threshold"), "threshold");
   return condition;
