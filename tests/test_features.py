@@ -66,7 +66,9 @@ def random_sae(seed):
 
 
 def write_sae(kind, folder, seed=0):
-    """(source text, encoder [d_sae, d_model], b_enc, b_dec, threshold, TopK k) in a suite's layout."""
+    """(source text, encoder [d_sae, d_model], b_enc, b_dec, threshold, TopK k) in a suite's
+    layout; ``b_dec`` as the suite's reference encoder subtracts it (Gemma Scope: not at all,
+    though its file holds one; dictionary_learning: always)."""
     encoder, b_enc, b_dec, decoder = random_sae(seed)
     zeros = np.zeros(D_SAE, np.float32)
     if kind == "jumprelu":  # Gemma Scope params.npz: W_enc [d_model, d_sae], the encoder read by columns
@@ -74,7 +76,7 @@ def write_sae(kind, folder, seed=0):
         path = folder / "layer_2" / "params.npz"
         path.parent.mkdir(parents=True)
         np.savez(path, W_enc=encoder.T.copy(), W_dec=decoder, b_enc=b_enc, b_dec=b_dec, threshold=threshold)
-        return str(path), encoder, b_enc, b_dec, threshold, None
+        return str(path), encoder, b_enc, np.zeros_like(b_dec), threshold, None
     state = {"encoder.weight": torch.from_numpy(encoder), "encoder.bias": torch.from_numpy(b_enc),
              "decoder.weight": torch.from_numpy(decoder.T.copy()), "b_dec": torch.from_numpy(b_dec)}
     path = folder / "resid_post_layer_2" / "ae.pt"
@@ -122,7 +124,7 @@ def test_a_topk_sae_without_k_is_refused_until_k_is_given(tmp_path):
     with pytest.raises(ValueError, match=r"no threshold array and no k.*add #k=N to the source"):
         top_features_of_streams(streams(), load_sae(str(path)), 3)
     given = streams()
-    expected = oracle(given, encoder, b_enc, b_dec, None, 8, "mean", 3)
+    expected = oracle(given, encoder, b_enc, np.zeros_like(b_dec), None, 8, "mean", 3)  # Qwen-Scope reads h itself
     assert_same(top_features_of_streams(given, load_sae(f"{path}#k=8"), 3, "mean"), expected)
     named = tmp_path / "SAE-Res-Qwen3-1.7B-Base-W32K-L0_8" / "layer4.sae.pt"
     named.parent.mkdir()

@@ -190,8 +190,11 @@ def test_hub_sae_sources_download_the_right_files(tmp_path, monkeypatch):
     rows = decoder_rows(6)
     ae = write_ae(tmp_path / "local_ae", rows)
     saelens = write_saelens(tmp_path / "local_saelens", rows, {"hook_name": "blocks.3.hook_resid_post"})
+    ae_config = tmp_path / "local_ae" / "config.json"
+    ae_config.write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE", "k": 64}}))
     files = {
         "resid_post_layer_11/trainer_1/ae.pt": ae,
+        "resid_post_layer_11/trainer_1/config.json": ae_config,
         "blocks.3.hook_resid_post/sae_weights.safetensors": saelens / "sae_weights.safetensors",
         "blocks.3.hook_resid_post/cfg.json": saelens / "cfg.json",
     }
@@ -206,6 +209,8 @@ def test_hub_sae_sources_download_the_right_files(tmp_path, monkeypatch):
     registry = load_registry(sae=[andyrdt, "hf://me/saes@main/blocks.3.hook_resid_post"])
     assert calls == [
         ("andyrdt/saes-llama-3.1-8b-instruct", "resid_post_layer_11/trainer_1/ae.pt", "model", None),
+        # dictionary_learning's config.json names the trainer class (TopK or BatchTopK encoding)
+        ("andyrdt/saes-llama-3.1-8b-instruct", "resid_post_layer_11/trainer_1/config.json", "model", None),
         ("me/saes", "blocks.3.hook_resid_post/sae_weights.safetensors", "model", "main"),
         ("me/saes", "blocks.3.hook_resid_post/cfg.json", "model", "main"),
     ]

@@ -1,7 +1,8 @@
 """SAE-native steering, ``feature_clamp``: the SAE's activation of a feature becomes ``t``,
 ``h <- h + (t - a(h)) d``, with ``a(h) = act(<e, h - b_dec> + b)`` (ReLU, JumpReLU, or a
-BatchTopK SAE's inference threshold), at every token or, with ``only_active``, only where the
-feature fires. Checked against a transformers forward hook written here from that formula
+BatchTopK SAE's inference threshold; ``b_dec`` subtracted where the suite's reference does:
+dictionary_learning, not Gemma Scope), at every token or, with ``only_active``, only where
+the feature fires. tests/test_sae_encoders.py checks every suite's encoder. Checked against a transformers forward hook written here from that formula
 and the SAE's raw arrays (not from the plugin's reference code), on small synthetic SAEs of
 each encoder kind, in one mixed batch on the session's model runner."""
 
@@ -31,11 +32,13 @@ class Sae:
     decoder: np.ndarray  # [d_sae, d_model]: row f is feature f's decoder direction
     b_dec: np.ndarray
     threshold: np.ndarray  # [d_sae]
+    subtracts_b_dec: bool  # dictionary_learning reads h - b_dec; Gemma Scope's JumpReLUSAE reads h
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         """The feature's activation on each token, from the formula."""
         e = torch.from_numpy(self.encoder[FEATURE]).double()
-        pre = (h.double() - torch.from_numpy(self.b_dec).double()) @ e + float(self.b_enc[FEATURE])
+        read = h.double() - torch.from_numpy(self.b_dec).double() if self.subtracts_b_dec else h.double()
+        pre = read @ e + float(self.b_enc[FEATURE])
         return torch.where(pre > float(self.threshold[FEATURE]), pre, torch.zeros_like(pre))
 
 
@@ -47,7 +50,8 @@ def make_sae(kind: str, layer: int, streams: torch.Tensor, folder) -> Sae:
     b_dec = (0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
     norm = float(streams.norm(dim=-1).mean())
     decoder = (rng.standard_normal((FEATURES, HIDDEN)) * norm / (2 * np.sqrt(HIDDEN))).astype(np.float32)
-    pre = (streams.double().numpy() - b_dec) @ encoder[FEATURE].astype(np.float64)
+    subtracts = kind != "jumprelu"
+    pre = (streams.double().numpy() - (b_dec if subtracts else 0.0)) @ encoder[FEATURE].astype(np.float64)
     b_enc = (0.05 * rng.standard_normal(FEATURES)).astype(np.float32)
     threshold = np.zeros(FEATURES, np.float32) if kind == "relu" else np.abs(0.2 * rng.standard_normal(FEATURES)).astype(np.float32)
     if kind == "topk":
@@ -69,7 +73,7 @@ def make_sae(kind: str, layer: int, streams: torch.Tensor, folder) -> Sae:
         if kind == "topk":
             state |= {"threshold": torch.tensor(0.15), "k": torch.tensor(4)}
         torch.save(state, path)
-    return Sae(kind, layer, str(path), encoder, b_enc, decoder, b_dec, threshold)
+    return Sae(kind, layer, str(path), encoder, b_enc, decoder, b_dec, threshold, subtracts)
 
 
 @pytest.fixture(scope="module")

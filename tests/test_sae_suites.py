@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import zipfile
 from collections import OrderedDict
@@ -200,10 +201,14 @@ def test_gemma_scope_2_other_sites_are_refused(tmp_path, folder, hook, hook_out,
 
 
 # ---- Llama Scope: <name>/hyperparams.json + <name>/checkpoints/final.safetensors ------------------
+LLAMA_SCOPE_NORM = 6.3125  # dataset_average_activation_norm["in"]
+
+
 def write_llama_scope(folder, rows: np.ndarray, hook: str | None, hook_out: str | None = None):
     """encoder.weight [d_sae, d_model], encoder.bias, decoder.weight [d_model, d_sae],
     decoder.bias in bfloat16 (hyperparams.json says torch.bfloat16). Returns the file and the
-    decoder rows as bf16 makes them."""
+    feature directions as read: the bf16 decoder rows, in the stream's units (SAELens folds the
+    dataset-wise norm factor S = sqrt(d_model) / norm into W_dec / S; no hyperparams.json: as stored)."""
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     d_sae, d_model = rows.shape
     decoder = torch.from_numpy(rows).to(torch.bfloat16)
@@ -227,10 +232,13 @@ def write_llama_scope(folder, rows: np.ndarray, hook: str | None, hook_out: str 
             "act_fn": "jumprelu",
             "jump_relu_threshold": 0.2021484375,
             "norm_activation": "dataset-wise",
-            "dataset_average_activation_norm": {"in": 6.3125, "out": 6.3125},
+            "dataset_average_activation_norm": {"in": LLAMA_SCOPE_NORM, "out": LLAMA_SCOPE_NORM},
         }
         (folder / "hyperparams.json").write_text(json.dumps(hyperparams))
-    return folder / "checkpoints" / "final.safetensors", decoder.to(torch.float32).numpy()
+    stored = decoder.to(torch.float32).numpy()
+    scale = math.sqrt(d_model) / LLAMA_SCOPE_NORM if hook is not None else 1.0
+    read = stored if hook is None else (stored.astype(np.float64) / scale).astype(np.float32)
+    return folder / "checkpoints" / "final.safetensors", read
 
 
 def test_llama_scope_final_safetensors(tmp_path):
@@ -447,14 +455,22 @@ def test_encoder_rows_offsets_and_thresholds(tmp_path, suite):
         assert (encoder.offset, encoder.threshold) == (0.0, threshold)
 
 
-def test_encoder_offset_folds_in_both_biases(tmp_path):
+def test_encoder_offset_folds_in_both_biases_where_the_reference_subtracts_b_dec(tmp_path):
+    """dictionary_learning's AutoEncoder encodes ``relu(encoder(x - bias))``: the offset is
+    ``b_enc - <e, bias>``. Goodfire's encodes ``relu(encoder_linear(x))``: its decoder bias
+    plays no part in the activation."""
     rows = decoder_rows(22)
     path = write_goodfire(tmp_path / "Llama-3.1-8B-Instruct-SAE-l19.pth", rows)
     state = torch.load(path)
     state["encoder_linear.bias"] = torch.arange(D_SAE, dtype=torch.float32)
     state["decoder_linear.bias"] = torch.full((D_MODEL,), 0.25)
     torch.save(state, path)
-    encoder = load_sae(str(path)).encoder(5)
+    assert load_sae(str(path)).encoder(5).offset == 5.0
+    ae = tmp_path / "resid_post_layer_3" / "ae.pt"
+    ae.parent.mkdir()
+    torch.save({"encoder.weight": torch.from_numpy(rows), "encoder.bias": torch.arange(D_SAE, dtype=torch.float32),
+                "decoder.weight": torch.from_numpy(rows.T.copy()), "bias": torch.full((D_MODEL,), 0.25)}, ae)
+    encoder = load_sae(str(ae)).encoder(5)
     assert encoder.offset == pytest.approx(5.0 - 0.25 * float(rows[5].astype(np.float64).sum()), rel=1e-6)
 
 

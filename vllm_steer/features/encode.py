@@ -1,8 +1,9 @@
 """The most active SAE features of residual streams.
 
 The SAE's whole encoder, read a bounded chunk of features at a time (``encoder_chunks`` in
-vectors/sae.py), encodes the streams with the SAE's own activation: ``pre = W_enc (h - b_dec)
-+ b_enc`` then JumpReLU (``pre`` where ``pre > threshold``; a ReLU's threshold is 0; a
+vectors/sae.py), encodes the streams as the SAE's own reference does: ``pre = W_enc (S h -
+b_dec) + b_enc`` (``b_dec`` zero and ``S`` one unless the suite subtracts or rescales: the
+suites are in vectors/sae.py) then JumpReLU (``pre`` where ``pre > threshold``; a ReLU's threshold is 0; a
 BatchTopK SAE's inference threshold) or, for a TopK SAE, the ``k`` largest ``pre`` of each
 token over all features (exact: offline, every chunk is seen). What is kept per prompt is the
 top ``k`` features of its last token (``over="last"``), of the mean activation over its tokens
@@ -68,7 +69,7 @@ def top_features_of_streams(
     rows = np.concatenate([p[-1:] if over == "last" else p for p in prompts])
     counts = np.array([1 if over == "last" else len(p) for p in prompts])
     encoding = sae.encoding
-    x = rows - encoding.b_dec
+    x = encoding.scale * rows - encoding.b_dec
     chunks = ((start, x @ weights.T.astype(np.float64) + encoding.b_enc[start : start + len(weights)])
               for start, weights in sae.encoder_chunks(features_per_chunk))
     if encoding.kind == "topk":

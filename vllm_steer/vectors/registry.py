@@ -196,8 +196,13 @@ class VectorRegistry:
         return tuple(entry)
 
     def add_feature_source(self, source: FeatureSource) -> None:
-        """Serve features of ``source.layer`` not loaded explicitly from ``source``, on demand."""
+        """Serve features of ``source.layer`` not loaded explicitly from ``source``, on demand.
+        One serving that layer before is replaced, and what was read from it forgotten."""
         self._feature_sources[source.layer] = source
+        for key in [key for key in self._on_demand if key[0] == source.layer]:
+            digest = self._on_demand.pop(key)[0]
+            if self._on_demand_key.get(digest) == key:
+                del self._on_demand_key[digest]
 
     def feature_digest(self, layer: int, feature_id: int) -> str | None:
         """The digest of a loaded feature, or of one its layer's feature source holds (read
