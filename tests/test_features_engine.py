@@ -46,7 +46,9 @@ def saes(hf_model, prompt_ids):
                      "b_dec": weights["b_dec"]}
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
-        out[kind] = (str(path), encoder, b_enc, b_dec, np.zeros(D_SAE, np.float32), 6 if kind == "topk" else None)
+        # Qwen-Scope's encoder reads h itself (SAELens: apply_b_dec_to_input False); dictionary_learning's h - b_dec.
+        read_b_dec = b_dec if kind == "relu" else np.zeros_like(b_dec)
+        out[kind] = (str(path), encoder, b_enc, read_b_dec, np.zeros(D_SAE, np.float32), 6 if kind == "topk" else None)
     return out
 
 
@@ -129,3 +131,26 @@ def test_the_cli_prints_a_table(feature_engine, saes, tiny_model, tmp_path, monk
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[:3] == ["'Who are you?' (last)", "# | feature | activation | label", "--+-" + lines[2][4:]]
     assert [[cell.strip() for cell in line.split(" | ")[1:4:2]] for line in lines[3:]] == [[str(f.feature), f"label {f.feature}"] for f in expected.features]
+
+
+def test_an_engine_without_a_tokenizer_finds_features_of_token_ids(tiny_model, feature_file, saes, feature_engine,
+                                                                   prompt_ids, tokenizer):
+    """``skip_tokenizer_init``: token-id prompts need no tokenizer (the model config's BOS id
+    is left out of "mean"), and give what the engine with a tokenizer gives, without token
+    texts; text prompts are refused naming the prompt."""
+    llm = start_engine(tiny_model, feature_file, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, sae=[saes["relu"][0]],
+                       enforce_eager=True, capture=True, skip_tokenizer_init=True)
+    try:
+        prompts = [[tokenizer.bos_token_id, *prompt_ids[3]], prompt_ids[1]]
+        got = llm.top_features(prompts, sae=0, k=4, over="token")
+        expected = feature_engine.top_features(prompts, sae=0, k=4, over="token")
+        assert [t.position for t in got[0].tokens] == list(range(1, len(prompts[0])))  # BOS left out
+        for mine, theirs in zip(got, expected, strict=True):
+            assert [(t.position, [f.feature for f in t.features]) for t in mine.tokens] == \
+                   [(t.position, [f.feature for f in t.features]) for t in theirs.tokens]
+            assert all(t.token is None for t in mine.tokens) and all(t.token for t in theirs.tokens)
+        with pytest.raises(SteeringError, match="need the tokenizer.*skip_tokenizer_init.*give token ids") as info:
+            llm.top_features([prompt_ids[0], "The Eiffel Tower"], sae=0)
+        assert info.value.field == "prompts[1]"
+    finally:
+        llm.shutdown()

@@ -76,6 +76,7 @@ class SteeringFrontend:
         self.settings = SteeringConfig.from_hf_config(hf_config)
         self.shape = self.settings.model_shape(hf_config, dtype, touchpoints.device_memory(), pipeline_stages)
         self.registry = self.settings.load_registry(hf_config)
+        self.bos_token_id = getattr(hf_config, "bos_token_id", None)  # for engines without a tokenizer
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
         self._seal_key = secrets.token_bytes(32)
         # The latest sealed specs, by their text: the hook takes its own seal's result as it

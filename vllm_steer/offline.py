@@ -231,8 +231,8 @@ class SteeredLLM:
         else:
             source = sae
         finder.check_sae(self.frontend, source, query)
-        tokenizer = self.llm.get_tokenizer()
-        plan = finder.plan(tokenizer, query)
+        tokenizer = finder.optional_tokenizer(self.llm.get_tokenizer)
+        plan = finder.plan(tokenizer, query, self.frontend.bos_token_id)
         rows = self.capture([{"prompt_token_ids": p} for p in plan.prefixes()], [source.layer], use_tqdm=use_tqdm)
         if isinstance(explanations, (str, Path)):
             explanations = load_explanations(explanations)

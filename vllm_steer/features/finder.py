@@ -14,7 +14,7 @@ outliers on most models; Neuronpedia leaves it out too).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,30 +138,52 @@ class CapturePlan:
         return out
 
 
+def optional_tokenizer(get_tokenizer: Callable[[], Any]) -> Any:
+    """The engine's tokenizer, or None for an engine started with ``skip_tokenizer_init``
+    (vLLM's ``get_tokenizer`` raises ValueError there): token-id prompts need none."""
+    try:
+        return get_tokenizer()
+    except ValueError:
+        return None
+
+
 def prompt_token_ids(tokenizer, prompt: Any) -> list[int]:
     """Token ids as vLLM makes them: text with the tokenizer's special tokens, a conversation
     through the chat template with the generation prompt, token ids as given."""
-    if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         return list(prompt["prompt_token_ids"])
-    if prompt and all(isinstance(m, dict) for m in prompt):
+    if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
+        if tokenizer is None:
+            raise ValueError("text and conversations need the tokenizer, and this engine runs without one "
+                             "(skip_tokenizer_init): give token ids")
+        if isinstance(prompt, str):
+            return list(tokenizer.encode(prompt))
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return list(tokenizer.encode(text, add_special_tokens=False))  # the template has the special tokens
     return [int(t) for t in prompt]
 
 
-def plan(tokenizer, query: FeatureQuery) -> CapturePlan:
-    token_ids = [prompt_token_ids(tokenizer, p) for p in query.all_prompts]
-    empty = [i for i, ids in enumerate(token_ids) if not ids]
-    if empty:
-        raise SteeringError("has no tokens", f"prompts[{empty[0]}]" if query.prompts is not None else "messages")
-    return CapturePlan.of(token_ids, query.over, getattr(tokenizer, "bos_token_id", None), query.include_bos)
+def plan(tokenizer, query: FeatureQuery, bos_token_id: int | None = None) -> CapturePlan:
+    """What to capture; ``tokenizer`` may be None when every prompt is token ids (then
+    ``bos_token_id``, the model config's, says which first token to leave out)."""
+    token_ids = []
+    for index, prompt in enumerate(query.all_prompts):
+        field = f"prompts[{index}]" if query.prompts is not None else "messages"
+        try:
+            token_ids.append(prompt_token_ids(tokenizer, prompt))
+        except ValueError as exc:
+            raise SteeringError(str(exc), field) from None
+        if not token_ids[-1]:
+            raise SteeringError("has no tokens", field)
+    if tokenizer is not None:
+        bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    return CapturePlan.of(token_ids, query.over, bos_token_id, query.include_bos)
 
 
 def results(sae, capture_plan: CapturePlan, streams: list[np.ndarray], query: FeatureQuery, tokenizer,
             explanations: Explanations | None = None) -> list[PromptFeatures]:
-    tokens = [[tokenizer.decode([ids[p]]) for p in positions]
-              for ids, positions in zip(capture_plan.token_ids, capture_plan.positions)]
+    """The top features of the captured streams; each token's text where there is a tokenizer."""
+    tokens = None if tokenizer is None else [[tokenizer.decode([ids[p]]) for p in positions]
+                                             for ids, positions in zip(capture_plan.token_ids, capture_plan.positions)]
     found = top_features_of_streams(streams, sae, query.k, query.over, positions=capture_plan.positions, tokens=tokens)
     return attach_labels(found, explanations) if explanations is not None else found

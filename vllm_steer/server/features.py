@@ -43,8 +43,8 @@ async def find_features(raw_request: Request):
         query = finder.FeatureQuery.parse(await _json_object(raw_request))
         sae = finder.choose_sae(state.frontend.registry, query)
         finder.check_sae(state.frontend, sae, query)
-        tokenizer = touchpoints.engine_tokenizer(state.engine_client)
-        plan = finder.plan(tokenizer, query)
+        tokenizer = finder.optional_tokenizer(lambda: touchpoints.engine_tokenizer(state.engine_client))
+        plan = finder.plan(tokenizer, query, state.frontend.bos_token_id)
         prefixes = plan.prefixes()
         if len(prefixes) > MAX_POSITIONS:
             raise SteeringError(f"{len(prefixes)} tokens to capture; at most {MAX_POSITIONS} per request "
