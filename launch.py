@@ -7,8 +7,8 @@
         --tensor-parallel-size 2 --api-key KEY  # any other vLLM server flag passes through
     python launch.py generate --prompt "Who are you?" --steering '{"vectors": [{"name": "paris", "scale": 0.8}]}'
     python launch.py extract --positive happy.txt --negative sad.txt --layers 10 12 --out happy.gguf
-    python launch.py sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/sweep.py)
-    python launch.py bench --quick              # steered vs unsteered throughput (see vllm_steer/benchmarks/run.py)
+    python launch.py sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/lab/sweep.py)
+    python launch.py bench --quick              # steered vs unsteered throughput (see benchmarks/run.py)
 """
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests by cost (markers registered in pyproject.toml): ``runner`` on every test using the
     runner fixture; ``server`` on every test using the server fixture or in a module that
     imports the launcher (it starts servers of its own); ``engine`` on both."""
-    from vllm_steer.benchmarks import launcher
+    from vllm_steer.lab import launcher
 
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
@@ -66,7 +66,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from vllm_steer.tiny import build_tiny_llama
+    from vllm_steer.lab.tiny import build_tiny_llama
 
     # A stable path, so vLLM's compile cache is reused between runs.
     return build_tiny_llama(CACHE / "tiny-llama")
@@ -198,7 +198,7 @@ class Server:
 def server(tiny_model, feature_file, tmp_path_factory, runner):
     """``vllm-steer serve`` on a free local port, with an API key, a registry directory and a
     directory the registry API may read vector files from."""
-    from vllm_steer.benchmarks.launcher import start_server, stop_server
+    from vllm_steer.lab.launcher import start_server, stop_server
 
     root = tmp_path_factory.mktemp("server")
     (root / "vectors").mkdir()

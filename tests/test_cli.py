@@ -51,7 +51,7 @@ def test_read_prompts_lines_or_json(tmp_path):
 def test_serve_picks_the_models_family_and_merges_the_users_hf_overrides(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}))
     seen = {}
-    monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
+    monkeypatch.setattr("vllm_steer.engine.seam.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
     cli.main(["serve", "--model", str(tmp_path), "--hf-overrides", '{"rope_theta": 5.0, "steering": {"max_request_ops": 8}}',
               "--revision", "main", "--port", "8001", "--table-budget-mib", "64"])
     argv = seen["argv"]
@@ -70,7 +70,7 @@ def test_serve_reserves_a_cpu_kv_cache_only_when_the_user_sized_none(flag, kv_sp
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     seen = {}
-    monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
+    monkeypatch.setattr("vllm_steer.engine.seam.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
     cli.main(["serve", "--model", str(tmp_path), *flag])
     assert "argv" in seen and os.environ.get("VLLM_CPU_KVCACHE_SPACE") == kv_space
 

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from vllm_steer import sweep
-from vllm_steer.demo import corpus, demo_model_path, demo_vectors_path
-from vllm_steer.sweep import Output, Row
+from vllm_steer.lab import sweep
+from vllm_steer.assets.demo import demo_model_path, demo_vectors_path
+from vllm_steer.lab.demo import corpus
+from vllm_steer.lab.sweep import Output, Row
 
 # ---- the sweep's metric math, on constructed outputs --------------------------------------
 
@@ -353,7 +354,7 @@ def test_demo_model_files_are_what_vllm_needs():
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from vllm_steer.tiny import LLAMA3_CHAT_TEMPLATE
+    from vllm_steer.lab.tiny import LLAMA3_CHAT_TEMPLATE
 
     path = demo_model_path()
     config = json.loads((path / "config.json").read_text())
@@ -522,7 +523,7 @@ def reference_capability(hf_model, llm, spec, pairs) -> float:
     after its question, steered by ``spec`` with the notebook's forward hooks."""
     import torch
 
-    from vllm_steer.reference import ReferenceSteerer
+    from vllm_steer.lab.reference import ReferenceSteerer
 
     resolved = llm.frontend.resolve(spec) if spec is not None else None
     vectors = resolved.arrays(llm.frontend.registry) if resolved is not None else {}

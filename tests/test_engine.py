@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import assert_same_tokens_close_logprobs, reference, run
-from vllm_steer.spec import encode_b64
+from vllm_steer.core.spec import encode_b64
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import torch
 
 from conftest import CACHE, ENGINE_ARGS, scoped_environ
 from helpers import Generation, assert_same_tokens_close_logprobs, reference, run
-from vllm_steer.tiny import RECIPES
+from vllm_steer.lab.tiny import RECIPES
 
 # Every family tiny.py builds a checkpoint of, but Llama (the rest of the suite).
 FAMILIES = [name for name in RECIPES if name != "llama"]
@@ -47,7 +47,7 @@ def family(request, runner):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_steer import SteeredLLM
-    from vllm_steer.tiny import build_tiny_model
+    from vllm_steer.lab.tiny import build_tiny_model
 
     name = request.param
     path = build_tiny_model(CACHE / f"tiny-{name}", name, num_layers=LAYERS)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_steer.families import FAMILIES, UnsupportedModel, architecture_for, family_of, steered_architecture
+from vllm_steer.engine.families import FAMILIES, UnsupportedModel, architecture_for, family_of, steered_architecture
 from vllm_steer.vectors import load_registry
 
 # config.json of real checkpoints, as the hub has them (the fields that matter here).
@@ -53,8 +53,8 @@ def test_a_checkpoint_given_another_familys_class_is_refused(tmp_path):
 
 
 def test_steered_classes_subclass_vllms_own():
-    import vllm_steer.families as families
-    from vllm_steer.model import SteeredModel
+    import vllm_steer.engine.families as families
+    from vllm_steer.engine.steered_model import SteeredModel
 
     for family in FAMILIES.values():
         try:
@@ -95,7 +95,7 @@ def test_the_steered_model_refuses_another_family_and_micro_batching_before_buil
 
     from torch import nn
 
-    from vllm_steer.model import SteeredModel
+    from vllm_steer.engine.steered_model import SteeredModel
 
     class Steered(SteeredModel, nn.Module):
         family = FAMILIES["LlamaForCausalLM"]

@@ -14,10 +14,10 @@ import torch
 from helpers import memory_growth
 from test_sae_suites import write_gemma_scope
 
-from vllm_steer.features import load_explanations, search_features, top_features_of_streams
-from vllm_steer.features.explanations import attach_labels
-from vllm_steer.features.finder import CapturePlan, FeatureQuery
-from vllm_steer.spec import SteeringError
+from vllm_steer.discovery import load_explanations, search_features, top_features_of_streams
+from vllm_steer.discovery.explanations import attach_labels
+from vllm_steer.discovery.finder import CapturePlan, FeatureQuery
+from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import load_sae
 
 D_MODEL, D_SAE = 16, 64
@@ -165,7 +165,7 @@ def test_the_encoder_is_read_a_chunk_at_a_time(tmp_path):
     del encoder
     grew, found = memory_growth(f"""
         import numpy as np
-        from vllm_steer.features import top_features_of_streams
+        from vllm_steer.discovery import top_features_of_streams
         from vllm_steer.vectors import load_sae
 
         def run():

@@ -13,8 +13,8 @@ import torch
 from test_features import assert_same, oracle
 
 from conftest import CACHE, start_engine
-from vllm_steer.features import finder
-from vllm_steer.spec import SteeringError
+from vllm_steer.discovery import finder
+from vllm_steer.core.spec import SteeringError
 
 HIDDEN, D_SAE = 256, 48
 LAYERS = {"relu": 0, "topk": 2}  # dictionary_learning ae.pt (ReLU); Qwen-Scope layer2.sae.pt (TopK, k = 6)

@@ -10,8 +10,8 @@ import torch
 from test_features_engine import LAYERS, saes  # noqa: F401 - the synthetic SAEs, written for this module too
 
 from conftest import API_KEY
-from vllm_steer.benchmarks.launcher import start_server, stop_server
-from vllm_steer.features import top_features_of_streams
+from vllm_steer.lab.launcher import start_server, stop_server
+from vllm_steer.discovery import top_features_of_streams
 from vllm_steer.vectors import load_sae
 
 PROMPTS = ["The Eiffel Tower in Paris", "Who are you?"]

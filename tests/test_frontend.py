@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_steer.config import hf_overrides
-from vllm_steer.families import FAMILIES
-from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request, steering_salt
-from vllm_steer.resolve import ResolvedSteering
-from vllm_steer.spec import SteeringError
+from vllm_steer.engine.config import hf_overrides
+from vllm_steer.engine.families import FAMILIES
+from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request, steering_salt
+from vllm_steer.core.resolve import ResolvedSteering
+from vllm_steer.core.spec import SteeringError
 
 ARCHITECTURE = FAMILIES["LlamaForCausalLM"].steered
 
@@ -23,14 +23,14 @@ ARCHITECTURE = FAMILIES["LlamaForCausalLM"].steered
 
 def test_installing_the_package_registers_the_plugin():
     plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("vllm_steer") == "vllm_steer.plugin:register"
+    assert plugins.get("vllm_steer") == "vllm_steer.engine.plugin:register"
 
 
 def test_register_is_idempotent_and_registers_the_architecture():
     from vllm import ModelRegistry
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_steer.plugin import register
+    from vllm_steer.engine.plugin import register
 
     register()
     hook = InputProcessor.__dict__["assign_request_id"]
@@ -40,7 +40,7 @@ def test_register_is_idempotent_and_registers_the_architecture():
 
 
 def test_importing_the_package_does_not_import_vllm():
-    code = "import sys, vllm_steer, vllm_steer.spec; print('vllm' in sys.modules)"
+    code = "import sys, vllm_steer, vllm_steer.core.spec; print('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

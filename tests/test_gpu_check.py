@@ -1,4 +1,4 @@
-"""The GPU check (vllm_steer/benchmarks/gpu_check.py) runs on a CPU at tiny sizes, with the
+"""The GPU check (benchmarks/gpu_check.py) runs on a CPU at tiny sizes, with the
 Triton kernel through the interpreter, so it cannot rot between GPU runs; and it never
 imports vLLM (it goes to machines that have torch and Triton but not vLLM)."""
 
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # main() in a fresh interpreter, then: which vllm modules got imported.
 SCRIPT = """
 import sys
-from vllm_steer.benchmarks.gpu_check import main
+from benchmarks.gpu_check import main
 main(["--quick", "--out", sys.argv[1]])
 print("VLLM_MODULES", [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")])
 """

@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_steer.families import FAMILIES
-from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request
-from vllm_steer.resolve import ResolvedSteering, resolve
-from vllm_steer.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
+from vllm_steer.engine.families import FAMILIES
+from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request
+from vllm_steer.core.resolve import ResolvedSteering, resolve
+from vllm_steer.core.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
 
 HIDDEN = 8
 # Derandomized: CI sees the same 400 examples every run (a red run is then reproducible).

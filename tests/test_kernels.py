@@ -1,4 +1,4 @@
-"""The fused Triton kernel (vllm_steer/kernels.py) against the layer's eager math
+"""The fused Triton kernel (vllm_steer/core/kernels.py) against the layer's eager math
 (SteeringLayer.steer), on CPU through Triton's interpreter.
 
 The interpreter is chosen when a kernel is decorated, from ``TRITON_INTERPRET`` (and it
@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from vllm_steer.benchmarks.gpu_check import one_rounding_gap, random_tables, steer_eager
+from benchmarks.gpu_check import one_rounding_gap, random_tables, steer_eager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
@@ -57,7 +57,7 @@ def make_args(case, seed: int) -> list[torch.Tensor]:
 KERNEL_SCRIPT = textwrap.dedent("""
     import sys
     import torch
-    from vllm_steer.kernels import steer_op, steer_triton, triton_available
+    from vllm_steer.core.kernels import steer_op, steer_triton, triton_available
 
     assert triton_available()
     cases = torch.load(sys.argv[1])
@@ -118,7 +118,7 @@ def test_compiled_op_matches_eager_kernel(kernel_run):
 def test_import_needs_no_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"
-        "import vllm_steer.kernels as k\n"
+        "import vllm_steer.core.kernels as k\n"
         "assert not k.triton_available()\n"
     )
     done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)

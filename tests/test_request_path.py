@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_steer.config import hf_overrides
-from vllm_steer.families import FAMILIES
-from vllm_steer.frontend import SteeringFrontend, SteeringRequestError, prepare_request
-from vllm_steer.resolve import ResolvedSteering
+from vllm_steer.engine.config import hf_overrides
+from vllm_steer.engine.families import FAMILIES
+from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request
+from vllm_steer.core.resolve import ResolvedSteering
 
 SPEC = {"vectors": [{"name": "v", "layers": [1], "scale": 2.0}]}
 
@@ -46,8 +46,8 @@ def test_a_sealed_spec_is_decoded_not_resolved_again(frontend, monkeypatch):
 def test_a_seal_no_longer_kept_is_checked_and_decoded_again(frontend, monkeypatch, bound):
     specs = [{"vectors": [{"name": "v", "layers": [1], "scale": float(scale)}]} for scale in (1, 2, 3)]
     length = len(frontend.seal(frontend.resolve(specs[0])))  # the three are as long
-    monkeypatch.setattr("vllm_steer.frontend.SEALED_KEPT", 2 if bound == "count" else 100)
-    monkeypatch.setattr("vllm_steer.frontend.SEALED_KEPT_CHARS", 2.5 * length if bound == "length" else 2**30)
+    monkeypatch.setattr("vllm_steer.engine.frontend.SEALED_KEPT", 2 if bound == "count" else 100)
+    monkeypatch.setattr("vllm_steer.engine.frontend.SEALED_KEPT_CHARS", 2.5 * length if bound == "length" else 2**30)
     sealed = [frontend.seal(frontend.resolve(spec)) for spec in specs]
     mac, checked = frontend._mac, []
     monkeypatch.setattr(frontend, "_mac", lambda wire: checked.append(wire) or mac(wire))
@@ -105,7 +105,7 @@ def test_steered_llm_keeps_every_steering_setting_given_in_hf_overrides(monkeypa
 
     seen = {}
     monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr("vllm_steer.offline.architecture_for", lambda *args: ARCHITECTURE)
+    monkeypatch.setattr("vllm_steer.engine.offline.architecture_for", lambda *args: ARCHITECTURE)
     from vllm_steer import SteeredLLM
 
     SteeredLLM("model", vectors=["/abs/v.pt"], capture=True, hf_overrides={"steering": {"max_request_ops": 8, "sae": ["/abs/sae.pt"]}})
@@ -117,7 +117,7 @@ def test_steered_llm_keeps_every_steering_setting_given_in_hf_overrides(monkeypa
 def test_registering_and_deleting_many_vectors_keeps_every_registry_bounded(llm):
     """Deleted and replaced content is freed on the front end and on every worker (a bounded
     number stay retired for requests accepted before the change)."""
-    from vllm_steer.vectors.registry import RETIRED_LIMIT
+    from vllm_steer.core.registry import RETIRED_LIMIT
 
     before = llm.steering_stats()[0]["arrays"]["live"]
     generator = np.random.default_rng(3)

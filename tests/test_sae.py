@@ -12,8 +12,8 @@ import torch
 from helpers import memory_growth
 from safetensors.numpy import save_file
 
-from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.spec import SteeringError, vector_digest
+from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.spec import SteeringError, vector_digest
 from vllm_steer.vectors import load_registry, load_sae
 
 D_MODEL, D_SAE = 16, 32

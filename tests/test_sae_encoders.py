@@ -16,8 +16,8 @@ import pytest
 import torch
 from sae_references import FEATURE, SUITES, TOP_K
 
-from vllm_steer.features import top_features_of_streams
-from vllm_steer.spec import SteeringError
+from vllm_steer.discovery import top_features_of_streams
+from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import load_sae
 
 D_MODEL, D_SAE = 256, 32
@@ -149,7 +149,7 @@ def test_llama_scope_token_wise_normalization_is_refused(suites, tmp_path):
 
 
 def test_replacing_a_layers_sae_forgets_what_was_read_from_the_old_one(suites):
-    from vllm_steer.vectors.registry import VectorRegistry
+    from vllm_steer.core.registry import VectorRegistry
 
     registry = VectorRegistry()
     first, second = (load_sae(suites[name].source) for name in ("Gemma Scope", "Goodfire"))
@@ -168,7 +168,7 @@ LAYERS = 4  # the tiny model's: four suites a batch, one on each layer
 @pytest.fixture(scope="module")
 def layer_streams(hf_model, prompt_ids):
     """Each layer's output stream (what a hook on model.layers[L] sees) on two prompts."""
-    from vllm_steer.reference import edit_layer_outputs
+    from vllm_steer.lab.reference import edit_layer_outputs
 
     prompts = {"short": prompt_ids[1], "long": prompt_ids[2] + prompt_ids[0]}
     seen = {}
@@ -269,7 +269,7 @@ def clamp_oracle(hf_model, sae, prompt, target: float, only_active: bool, gen_le
     from contextlib import contextmanager
 
     from helpers import Generation
-    from vllm_steer.reference import ReferenceSteerer, edit_layer_outputs
+    from vllm_steer.lab.reference import ReferenceSteerer, edit_layer_outputs
 
     direction = torch.from_numpy(sae.direction(FEATURE))
 
@@ -320,7 +320,7 @@ def test_a_feature_condition_reads_the_suites_activation(suite_outputs, suite_en
 
 @pytest.mark.parametrize("name", ENGINE_SUITES + TOPK_SUITES)
 def test_top_features_through_the_engine_are_the_suites(suite_engine, engine_suites, name):
-    from vllm_steer.features import finder
+    from vllm_steer.discovery import finder
 
     sae = engine_suites[name]
     prompts = ["The Eiffel Tower in Paris", "Who are you?"]

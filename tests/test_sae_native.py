@@ -17,7 +17,7 @@ import torch
 
 from conftest import CACHE, start_engine
 from helpers import Generation, assert_same_tokens_close_logprobs, reference, run
-from vllm_steer.reference import ReferenceSteerer, edit_layer_outputs
+from vllm_steer.lab.reference import ReferenceSteerer, edit_layer_outputs
 
 HIDDEN, FEATURES, FEATURE = 256, 16, 3
 
@@ -156,7 +156,7 @@ def test_only_active_leaves_tokens_where_the_feature_is_silent(saes, hf_model, p
 
 
 def test_feature_clamp_errors_name_the_field(sae_engine):
-    from vllm_steer.spec import SteeringError
+    from vllm_steer.core.spec import SteeringError
 
     with pytest.raises(SteeringError) as info:  # layer 3 has the notebook's feature vectors, no SAE
         sae_engine.frontend.resolve({"vectors": [{"feature": [3, 5], "mode": "feature_clamp"}]})
@@ -227,7 +227,7 @@ def test_each_condition_holds_for_one_prompt_of_the_batch(gated):
 
 
 def test_condition_errors_name_the_field(sae_engine):
-    from vllm_steer.spec import SteeringError
+    from vllm_steer.core.spec import SteeringError
 
     steer = {"vectors": [{"name": sae_engine.frontend.registry.names()[0], "layers": [1]}]}
     with pytest.raises(SteeringError) as info:  # layer 3 has feature vectors, but no SAE: no encoder
@@ -240,7 +240,7 @@ def test_condition_errors_name_the_field(sae_engine):
 
 def test_the_sweep_sweeps_a_feature_clamp_target(sae_engine, gen_len):
     """``vllm-steer sweep --sae-feature``: each scale is the activation the feature is set to."""
-    from vllm_steer import sweep
+    from vllm_steer.lab import sweep
 
     steering = sweep.Steering(sae_features=[[1, FEATURE]])
     result = sweep.run_sweep(sae_engine, ["Who are you?", "The Eiffel Tower in Paris"], steering, scales=[0.0, 8.0],

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from helpers import memory_growth
 
-from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.spec import SteeringError
+from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import load_registry, load_sae
 
 D_MODEL, D_SAE = 16, 32

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import start_engine
 from helpers import assert_same_tokens_close_logprobs, generations, greedy, reference, run, slots_in_use
-from vllm_steer.rows import row_bytes
+from vllm_steer.core.rows import row_bytes
 
 
 def specs_for(count: int, seed: int) -> list:
@@ -120,7 +120,7 @@ def test_requests_beyond_the_row_budget_wait_and_then_run_steered(budgeted, prom
 
 
 def test_a_request_needing_more_rows_than_the_budget_is_refused(budgeted, prompt_ids):
-    from vllm_steer.spec import SteeringError
+    from vllm_steer.core.spec import SteeringError
 
     generator = np.random.default_rng(6)
     spec = {"vectors": [{"vector": generator.standard_normal(256).tolist(), "layers": [layer], "scale": 1.0} for layer in range(4)]}

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_steer.layer import SteeringLayer
-from vllm_steer.reference import layer_ops, phase_mask, steer_stream
-from vllm_steer.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
-from vllm_steer.rows import LayerRow, RowPool
-from vllm_steer.runners import V2SlotWriter, release_v1, write_v1
-from vllm_steer.slots import SteeringRuntime
+from vllm_steer.core.layer import SteeringLayer
+from vllm_steer.lab.reference import layer_ops, phase_mask, steer_stream
+from vllm_steer.core.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
+from vllm_steer.core.rows import LayerRow, RowPool
+from vllm_steer.engine.writers import V2SlotWriter, release_v1, write_v1
+from vllm_steer.core.runtime import SteeringRuntime
 from vllm_steer.vectors import VectorRegistry
 
 HIDDEN, LAYERS, SLOTS = 16, 3, 5
@@ -350,8 +350,8 @@ def test_v2_writer_failure_runs_unsteered_instead_of_raising(runtime, caplog):
 def test_the_row_budget_follows_the_setting_or_the_device():
     from types import SimpleNamespace
 
-    from vllm_steer.config import SteeringConfig
-    from vllm_steer.rows import budget_rows, row_bytes
+    from vllm_steer.engine.config import SteeringConfig
+    from vllm_steer.core.rows import budget_rows, row_bytes
 
     config = SimpleNamespace(num_hidden_layers=32, hidden_size=4096, steering={})
     row = row_bytes(4096, 4)
@@ -492,7 +492,7 @@ def test_new_rows_are_written_at_the_next_step_with_their_newest_content():
 def test_rows_a_failed_step_could_not_write_are_written_at_the_next(monkeypatch):
     """A step whose writer fails runs unsteered; the rows it should have written must not be
     lost, or their requests would later read zeros as their steering."""
-    import vllm_steer.rows as rows
+    import vllm_steer.core.rows as rows
 
     pool = RowPool(3, HIDDEN, 1)
     row = pool.acquire(["a"], {"a": LayerRow(torch.ones(HIDDEN))})["a"]

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vllm_steer.resolve import Gate, ModelShape, Op, ResolvedSteering, resolve
-from vllm_steer.spec import SteeringError, encode_b64, parse_spec, vector_digest
+from vllm_steer.core.resolve import Gate, ModelShape, Op, ResolvedSteering, resolve
+from vllm_steer.core.spec import SteeringError, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors import VectorRegistry
 
 SHAPE = ModelShape(num_layers=4, hidden_size=8, steerable_layers=(0, 1, 2, 3), max_directions=2)

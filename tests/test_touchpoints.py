@@ -1,4 +1,4 @@
-"""Every vLLM name vllm-steer relies on (see vllm_steer/touchpoints.py) exists on the pinned
+"""Every vLLM name vllm-steer relies on (see vllm_steer/engine/seam.py) exists on the pinned
 vLLM with the signature and attributes used. A vLLM upgrade that breaks one fails here,
 naming it, instead of deep inside an engine step."""
 
@@ -39,7 +39,7 @@ def test_front_end_touchpoints():
     from vllm.v1.engine import EngineCoreRequest
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_steer.touchpoints import _installed
+    from vllm_steer.engine.seam import _installed
 
     hook = InputProcessor.__dict__["assign_request_id"]
     # vLLM's own is a staticmethod taking the request; once wrapped, ours takes (self, request).
@@ -58,7 +58,7 @@ def test_engine_core_touchpoints():
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request
 
-    from vllm_steer.scheduler import SteeringScheduler, scheduler_class
+    from vllm_steer.engine.scheduler import SteeringScheduler, scheduler_class
 
     assert parameters(SchedulerConfig.get_scheduler_cls) == ["self"]
     assert parameters(Scheduler._handle_blocked_waiting_request) == ["self", "request"]
@@ -113,8 +113,8 @@ def test_worker_and_model_touchpoints():
     from vllm.model_executor.models.utils import PPMissingLayer
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from vllm_steer.families import FAMILIES
-    from vllm_steer.touchpoints import is_missing_layer
+    from vllm_steer.engine.families import FAMILIES
+    from vllm_steer.engine.seam import is_missing_layer
 
     assert is_missing_layer(PPMissingLayer()) and not is_missing_layer(torch.nn.Linear(1, 1))
     from vllm.config import ParallelConfig
@@ -130,7 +130,9 @@ def test_worker_and_model_touchpoints():
         # SteeredModel calls vLLM's constructor by keyword, as vLLM's own loader does.
         assert parameters(cls.__init__)[1:3] == ["vllm_config", "prefix"], family.architecture
         assert name == family.architecture
-    assert getattr(WorkerBase, "steering_rpc", None) in (None, __import__("vllm_steer.runners").runners.steering_rpc)
+    from vllm_steer.engine import writers
+
+    assert getattr(WorkerBase, "steering_rpc", None) in (None, writers.steering_rpc)
     from vllm.v1.worker.gpu import model_states
 
     # V2 asks the model for its state class by this name (our model class defines it).

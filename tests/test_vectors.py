@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from vllm_steer.resolve import ModelShape, resolve
-from vllm_steer.spec import vector_digest
+from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.spec import vector_digest
 from vllm_steer.vectors import VectorRegistry, export_vectors, load_registry, load_vector_file
-from vllm_steer.vectors.registry import ANY_LAYER
+from vllm_steer.core.registry import ANY_LAYER
 from vllm_steer.vectors.sources import HubFile, parse_source
 
 D = 16

@@ -6,10 +6,10 @@ does the same from a checkout).
         --tensor-parallel-size 2 --api-key KEY  # any other vLLM server flag passes through
     vllm-steer generate --prompt "Who are you?" --steering '{"vectors": [{"name": "paris", "scale": 0.8}]}'
     vllm-steer extract --positive happy.txt --negative sad.txt --layers 10 12 --out happy.gguf
-    vllm-steer sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/sweep.py)
+    vllm-steer sweep                      # inclusion/fluency vs scale on the demo model (see vllm_steer/lab/sweep.py)
     vllm-steer sweep --model meta-llama/Llama-3.1-8B-Instruct --vectors steering_vectors.pt \\
         --features '[[11, 74457, 0.128]]' --words eiffel,tower,paris
-    vllm-steer bench --quick              # steered vs unsteered throughput (see vllm_steer/benchmarks/run.py)
+    vllm-steer bench --quick              # steered vs unsteered throughput (see benchmarks/run.py)
     vllm-steer model smollm2              # fetch + convert SmolLM2-135M-Instruct once, print its folder
                                           # (--model smollm2 / --model demo work in every command)
     vllm-steer concepts                   # concept vectors for it (paris, ocean, ..., pirate, sad), cached
@@ -45,22 +45,22 @@ def _steering_args(parser: argparse.ArgumentParser) -> None:
 
 def _model_and_vectors(args) -> tuple[str, list[str]]:
     """The user's model and vectors, or the bundled demo model and its topic vectors
-    (committed under vllm_steer/demo/; ``--vectors`` replaces the demo vectors). A named
-    model (``vllm_steer.models``) becomes its local folder; ``--model demo`` is the default.
-    ``--model smollm2`` comes with its concept vectors (vllm_steer/concepts: paris, ocean,
+    (committed under vllm_steer/assets/demo/; ``--vectors`` replaces the demo vectors). A named
+    model (``vllm_steer.assets.models``) becomes its local folder; ``--model demo`` is the default.
+    ``--model smollm2`` comes with its concept vectors (vllm_steer/assets/concepts: paris, ocean,
     ..., each at its measured layer and scale) unless ``--vectors`` is given."""
-    from vllm_steer.models import resolve_model
+    from vllm_steer.assets.models import resolve_model
     from vllm_steer.vectors import absolute_source
 
     if args.model == "demo":  # the same as no --model (its vectors, its short context, its name)
         args.model = None
     if args.model == "smollm2" and args.vectors is None:
-        from vllm_steer.concepts import concept_files
+        from vllm_steer.assets.concepts import concept_files
 
         return resolve_model(args.model), [str(concept_files("smollm2")["default"])]
     if args.model is not None:
         return resolve_model(args.model), [absolute_source(v) for v in args.vectors or []]
-    from vllm_steer.demo import demo_model_path, demo_vectors_path
+    from vllm_steer.assets.demo import demo_model_path, demo_vectors_path
 
     return str(demo_model_path()), [absolute_source(v) for v in args.vectors or [demo_vectors_path()]]
 
@@ -104,8 +104,8 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--hf-overrides", type=json.loads, default=None, help="(vLLM) JSON; merged with the steering settings")
     args, passthrough = parser.parse_known_args(argv)
     model, vectors = _model_and_vectors(args)
-    from vllm_steer.config import hf_overrides
-    from vllm_steer.families import architecture_for
+    from vllm_steer.engine.config import hf_overrides
+    from vllm_steer.engine.families import architecture_for
     from vllm_steer.vectors import absolute_source
 
     registry_dir = args.registry_dir or tempfile.mkdtemp(prefix="vllm-steer-registry-")
@@ -124,14 +124,14 @@ def serve(argv: list[str]) -> None:
         max_body_bytes=args.max_body_bytes,
     )
     extra = _cpu_defaults(passthrough)
-    from vllm_steer.models import is_alias
+    from vllm_steer.assets.models import is_alias
 
     if args.model is None:  # the demo: a short context, and a name clients can type
         extra += [] if any(a.startswith("--max-model-len") for a in passthrough) else ["--max-model-len", "1024"]
     if (args.model is None or is_alias(args.model)) and not any(a.startswith("--served-model-name") for a in passthrough):
         extra += ["--served-model-name", args.model or "demo"]
     _allow_endpoint_plugin()
-    from vllm_steer.touchpoints import run_vllm_serve
+    from vllm_steer.engine.seam import run_vllm_serve
 
     revision = ["--revision", args.revision] if args.revision else []
     run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *revision, *extra, *passthrough], prog="vllm-steer serve")
@@ -187,7 +187,7 @@ def extract(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, vectors = _model_and_vectors(args)
     _cpu_defaults([])
-    from vllm_steer.extract import extract as extract_vectors
+    from vllm_steer.vectors.extract import extract as extract_vectors
     from vllm_steer.vectors import VectorRegistry, export_vectors
 
     llm = _steered_llm(args, model, vectors, capture=True)
@@ -217,7 +217,7 @@ def sweep(argv: list[str]) -> None:
         description="Concept inclusion and fluency against steering scale, every (prompt, scale, mode) in one batch.",
     )
     _steering_args(parser)
-    from vllm_steer import sweep as sweeps
+    from vllm_steer.lab import sweep as sweeps
 
     sweeps.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -233,10 +233,19 @@ def sweep(argv: list[str]) -> None:
 
 
 def bench(argv: list[str]) -> None:
-    """Steered vs unsteered throughput, the notebook's method, the server: ``python -m
-    vllm_steer.benchmarks.run`` (``vllm-steer bench --quick`` finishes in < 5 min on 2 CPU
-    cores; ``--help`` lists the rest)."""
-    from vllm_steer.benchmarks import run
+    """Steered vs unsteered throughput, the notebook's method, the server: a thin entry to the
+    harness in a checkout's ``benchmarks/`` (``python -m benchmarks.run``; ``vllm-steer bench
+    --quick`` finishes in < 5 min on 2 CPU cores; ``--help`` lists the rest). The harness is not
+    part of the installed package: the checkout is the one this package was installed from
+    (editable) or the working directory."""
+    package_parent = Path(__file__).resolve().parent.parent
+    checkout = next((folder for folder in (package_parent, Path.cwd()) if (folder / "benchmarks" / "run.py").is_file()), None)
+    if checkout is None:
+        sys.exit("vllm-steer bench: the benchmark harness lives in the repository's benchmarks/ folder; "
+                 "run this from a checkout (or python -m benchmarks.run there)")
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks import run  # from the checkout, found above
 
     run.main(argv, program="vllm-steer bench")
 
@@ -256,8 +265,8 @@ def features(argv: list[str]) -> None:
     parser.add_argument("--source", default=None, help="the export's SAE (Neuronpedia layer id), when it holds several")
     parser.add_argument("--query", default=None, help="search the explanations' labels instead (no engine)")
     args = parser.parse_args(argv)
-    from vllm_steer.features import load_explanations, search_features
-    from vllm_steer.features.table import features_table, matches_table
+    from vllm_steer.discovery import load_explanations, search_features
+    from vllm_steer.discovery.table import features_table, matches_table
 
     explanations = load_explanations(args.explanations, args.source) if args.explanations else None
     if args.query is not None:
@@ -271,7 +280,7 @@ def features(argv: list[str]) -> None:
     _cpu_defaults([])
     llm = _steered_llm(args, model, vectors, capture=True)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
-    from vllm_steer.spec import SteeringError
+    from vllm_steer.core.spec import SteeringError
 
     try:
         results = llm.top_features(prompts, sae=args.sae[0], k=args.top, over=args.over, explanations=explanations)
@@ -285,16 +294,17 @@ def features(argv: list[str]) -> None:
 
 def model(argv: list[str]) -> None:
     """``vllm-steer model NAME``: fetch and convert a named model once, print its folder."""
-    from vllm_steer import models
+    from vllm_steer.assets import models
 
     models.main(argv)
 
 
 def concepts(argv: list[str]) -> None:
-    """``vllm-steer concepts``: concept vectors for SmolLM2 (vllm_steer/concepts), cached next to it."""
-    from vllm_steer import concepts as concept_vectors
+    """``vllm-steer concepts``: concept vectors for SmolLM2 (vllm_steer/assets/concepts), cached next to it;
+    ``--measure`` chooses their layers and scales again (vllm_steer/lab/concepts.py)."""
+    from vllm_steer.lab import concepts as concept_lab
 
-    concept_vectors.main(argv)
+    concept_lab.main(argv)
 
 
 COMMANDS = {"serve": serve, "generate": generate, "extract": extract, "sweep": sweep, "bench": bench, "model": model,
@@ -307,8 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         print(f"commands: {', '.join(COMMANDS)}")
         sys.exit(2)
-    from vllm_steer.families import UnsupportedModel
-    from vllm_steer.models import ModelUnavailable
+    from vllm_steer.engine.families import UnsupportedModel
+    from vllm_steer.assets.models import ModelUnavailable
 
     try:
         COMMANDS[argv[0]](argv[1:])

@@ -24,10 +24,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from vllm_steer import control, touchpoints
-from vllm_steer.features import finder
+from vllm_steer.engine import rpc, seam
+from vllm_steer.discovery import finder
 from vllm_steer.server.middleware import error_body
-from vllm_steer.spec import SteeringError
+from vllm_steer.core.spec import SteeringError
 
 router = APIRouter()
 MAX_POSITIONS = 1024
@@ -43,7 +43,7 @@ async def find_features(raw_request: Request):
         query = finder.FeatureQuery.parse(await _json_object(raw_request))
         sae = finder.choose_sae(state.frontend.registry, query)
         finder.check_sae(state.frontend, sae, query)
-        tokenizer = finder.optional_tokenizer(lambda: touchpoints.engine_tokenizer(state.engine_client))
+        tokenizer = finder.optional_tokenizer(lambda: seam.engine_tokenizer(state.engine_client))
         plan = finder.plan(tokenizer, query, state.frontend.bos_token_id)
         prefixes = plan.prefixes()
         if len(prefixes) > MAX_POSITIONS:
@@ -77,9 +77,9 @@ async def _capture(state, prefixes: list[list[int]], layer: int) -> list:
     async def one(token_ids: list[int], key: str) -> None:
         capture = {"key": key, "layers": [layer], "reduce": "last"}
         params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"steering_capture": capture})
-        async for _ in touchpoints.engine_generate(state.engine_client, token_ids, params, key):
+        async for _ in seam.engine_generate(state.engine_client, token_ids, params, key):
             pass
 
     await asyncio.gather(*(one(ids, key) for ids, key in zip(prefixes, keys)))
-    rows = control.merge_captures(await state.send(control.collect_captures(keys)), keys, [layer])
+    rows = rpc.merge_captures(await state.send(rpc.collect_captures(keys)), keys, [layer])
     return [row[layer] for row in rows]

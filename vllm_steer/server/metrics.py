@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from vllm_steer.slots import STEP_BUCKETS
+from vllm_steer.core.runtime import STEP_BUCKETS
 
 
 class _WorkerCollector:
@@ -44,7 +44,7 @@ class SteeringMetrics:
     _instance: SteeringMetrics | None = None
 
     def __init__(self) -> None:
-        from vllm_steer.touchpoints import prometheus_registry
+        from vllm_steer.engine.seam import prometheus_registry
 
         registry = prometheus_registry()
         self.requests_total = Counter(

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vllm_steer.spec import SteeringError
+from vllm_steer.core.spec import SteeringError
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 STEERING_PREFIX = "/v1/steering/"

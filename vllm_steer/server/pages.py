@@ -14,7 +14,7 @@ from typing import get_args
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from vllm_steer.spec import ApplyTo, Compare, Mode
+from vllm_steer.core.spec import ApplyTo, Compare, Mode
 
 PAGE_DIR = Path(__file__).parent / "playground"
 FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}

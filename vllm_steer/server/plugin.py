@@ -13,8 +13,8 @@ import logging
 from argparse import Namespace
 from typing import Any
 
-from vllm_steer import control
-from vllm_steer.frontend import SteeringFrontend, frontend_of
+from vllm_steer.engine import rpc
+from vllm_steer.engine.frontend import SteeringFrontend, frontend_of
 from vllm_steer.server.metrics import SteeringMetrics
 
 logger = logging.getLogger("vllm_steer")
@@ -30,8 +30,8 @@ class ServerState:
         self.settings = frontend.settings
         self.metrics = metrics
 
-    async def send(self, call: control.WorkerCall) -> list:
-        return await control.send_async(self.engine_client, call)
+    async def send(self, call: rpc.WorkerCall) -> list:
+        return await rpc.send_async(self.engine_client, call)
 
     async def push_stored_vectors(self) -> None:
         """Hand the workers the registry directory's vectors (a restarted server's included)."""
@@ -39,12 +39,12 @@ class ServerState:
         if store is None:
             return
         for name, entry in store.entries().items():
-            await self.send(control.add_vector(name, store.load(name), entry["source"]))
+            await self.send(rpc.add_vector(name, store.load(name), entry["source"]))
 
     async def poll_workers(self) -> None:
         while True:
             try:
-                stats = await self.send(control.stats())
+                stats = await self.send(rpc.stats())
                 self.metrics.worker_stats(stats[0])
                 self.frontend.refresh()
                 self.metrics.registry_vectors.set(len(self.frontend.registry))
@@ -57,7 +57,7 @@ def document_steering_field(app) -> None:
     """Add the ``steering`` field to the generation requests of the OpenAPI document, so
     clients and schema-driven tools (e.g. schemathesis) see it."""
     from vllm_steer.server.middleware import GENERATION_PATHS
-    from vllm_steer.spec import SteeringSpec
+    from vllm_steer.core.spec import SteeringSpec
 
     build = app.openapi
 

@@ -25,12 +25,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_steer import control
+from vllm_steer.engine import rpc
 from vllm_steer.server.middleware import error_body
-from vllm_steer.spec import SteeringError, decode_b64
+from vllm_steer.core.spec import SteeringError, decode_b64
 from vllm_steer.vectors import VectorRegistry, load_vector_file
 from vllm_steer.vectors.files import format_for
-from vllm_steer.vectors.registry import ANY_LAYER
+from vllm_steer.core.registry import ANY_LAYER
 
 router = APIRouter()
 
@@ -114,7 +114,7 @@ async def steering_stats(raw_request: Request):
         state = _state(raw_request)
     except SteeringError as exc:
         return _json_error(400, str(exc), exc.field, "BadRequestError")
-    return {"object": "steering.stats", "workers": await state.send(control.stats())}
+    return {"object": "steering.stats", "workers": await state.send(rpc.stats())}
 
 
 @router.post("/v1/steering/vectors", status_code=201)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from vllm_steer.vectors.registry import ANY_LAYER
+from vllm_steer.core.registry import ANY_LAYER
 
 # The registry name of a notebook feature (registry.feature_name): a vector stored under this
 # name in a file is registered as that feature, usable in the spec's ``features`` form.

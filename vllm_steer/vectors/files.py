@@ -24,7 +24,7 @@ import numpy as np
 
 from vllm_steer.vectors import gguf_format, pt_format, safetensors_format
 from vllm_steer.vectors.common import Entries
-from vllm_steer.vectors.registry import ANY_LAYER, VectorRegistry
+from vllm_steer.core.registry import ANY_LAYER, VectorRegistry
 from vllm_steer.vectors.sae import load_sae
 from vllm_steer.vectors.sources import parse_source
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_steer.vectors.common import Entries, is_layered
-from vllm_steer.vectors.registry import VectorRegistry
+from vllm_steer.core.registry import VectorRegistry
 
 SUFFIXES = (".gguf",)
 DESCRIPTION = "llama.cpp/repeng GGUF control vector"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vllm_steer.vectors.common import Entries, as_vector, feature_key, is_layered
-from vllm_steer.vectors.registry import ANY_LAYER, VectorRegistry
+from vllm_steer.core.registry import ANY_LAYER, VectorRegistry
 
 SUFFIXES = (".pt", ".pth")
 DESCRIPTION = "PyTorch, read with weights_only=True"

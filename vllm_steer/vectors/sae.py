@@ -13,7 +13,7 @@ the keys of its encoder weights, bias and threshold where the suite has them. ``
 feature's encoder is a row where its decoder is a column and vice versa, in every suite
 below), with the biases and threshold read whole once; a suite whose activation cannot be
 computed per token from what it stores (TopK without a threshold) is refused. For finding
-features (vllm_steer/features), ``encoding`` says how the SAE encodes (its activation: ReLU,
+features (vllm_steer/discovery), ``encoding`` says how the SAE encodes (its activation: ReLU,
 JumpReLU/BatchTopK threshold, or TopK with its ``k``) and ``encoder_chunks()`` reads the whole
 encoder a bounded chunk of features at a time. A TopK SAE's ``k`` comes from ``#k=N``, a ``k``
 in the file (dictionary_learning), SAELens' ``cfg.json`` or a Qwen-Scope repo name (``-L0_{k}``,
@@ -158,7 +158,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_steer.vectors.registry import FeatureSource
+from vllm_steer.core.registry import FeatureSource
 from vllm_steer.vectors.sae_arrays import NpzArrays, SafetensorsArrays, TorchArrays
 from vllm_steer.vectors.sources import Source, int_option, parse_source
 

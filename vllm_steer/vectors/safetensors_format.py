@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_steer.vectors.common import Entries, as_vector, feature_key, is_layered
-from vllm_steer.vectors.registry import ANY_LAYER, VectorRegistry
+from vllm_steer.core.registry import ANY_LAYER, VectorRegistry
 
 SUFFIXES = (".safetensors",)
 DESCRIPTION = "safetensors: NAME, NAME.layer.L, L{layer}/F{feature_id}"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_steer.spec import DIGEST_PREFIX, vector_digest
-from vllm_steer.vectors.registry import ANY_LAYER, Vector, VectorRegistry
+from vllm_steer.core.spec import DIGEST_PREFIX, vector_digest
+from vllm_steer.core.registry import ANY_LAYER, Vector, VectorRegistry
 
 
 class RegistryStore:

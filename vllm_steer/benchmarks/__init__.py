@@ -1,1 +1,0 @@
-"""Benchmarks: run as ``python -m vllm_steer.benchmarks.<name>``."""
