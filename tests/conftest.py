@@ -4,19 +4,12 @@ live for the whole session (an engine takes ~30 s to start on CPU)."""
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache"
-
-# Features of the notebook-style vector file: (layer, feature_id).
-FEATURES = [(1, 7), (2, 42), (3, 5)]
+from support.engines import API_KEY, CACHE, FEATURES, GENERATION_LENGTH, scoped_environ, start_engine
 
 
 V2_FLAG = "VLLM_STEER_TEST_V2_ON_CPU"
@@ -98,32 +91,17 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="session")
 def prompt_ids(tokenizer) -> list[list[int]]:
-    from helpers import PROMPTS
+    from support.helpers import PROMPTS
 
     return [tokenizer.encode(text, add_special_tokens=False) for text in PROMPTS]
 
 
 # ---- engines ---------------------------------------------------------------------------
-ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=1 << 26, seed=0)
-# Model Runner V2 runs on CPU through Triton's interpreter: ~40x slower per decode step.
-GENERATION_LENGTH = {"v1": 12, "v2": 5}
-
 
 @pytest.fixture(scope="session")
 def runner(pytestconfig) -> str:
     """The model runner this session's engines use ("v1" or "v2")."""
     return pytestconfig.getoption("--runner")
-
-
-@contextmanager
-def scoped_environ(values: dict[str, str]):
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -133,13 +111,6 @@ def keep_the_environment():
     take a 4 GiB KV cache (the machine runs out of memory; a cramped engine never preempts)."""
     with scoped_environ({}):
         yield
-
-
-def start_engine(model: Path, vector_file: Path, env: dict[str, str] | None = None, **overrides):
-    from vllm_steer import SteeredLLM
-
-    with scoped_environ(env or {}):
-        return SteeredLLM(model, vectors=[vector_file], **{**ENGINE_ARGS, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +147,6 @@ def gen_len(runner) -> int:
 
 
 # ---- the server ------------------------------------------------------------------------
-API_KEY = "test-key"
-
 
 @dataclass
 class Server:

@@ -16,7 +16,6 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 
 from vllm_steer.core.spec import CaptureSpec

@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from vllm_steer.core.capture import CaptureTables

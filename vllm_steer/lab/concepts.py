@@ -206,6 +206,7 @@ def choose(rows: Sequence[Measured], max_repetition: float = MAX_REPETITION, min
 
 
 COARSE_SCALES = (1.5, 2.5)
+FINE_LAYERS = 3  # the fine pass measures each concept at its 3 best coarse layers
 
 
 def best_layers(rows: Sequence[Measured], count: int) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_same_tokens_close_logprobs, reference, run
+from support.helpers import assert_same_tokens_close_logprobs, reference, run
 
 STORY = "Tell me a story about the Eiffel Tower, the ocean and dogs in the park. " * 6
 

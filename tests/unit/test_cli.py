@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from support.engines import REPO
 
 from vllm_steer import cli
 

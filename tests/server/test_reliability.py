@@ -10,7 +10,7 @@ import pytest
 
 from vllm_steer.lab.launcher import start_server, stop_server
 from benchmarks.soak import run as soak
-from conftest import API_KEY
+from support.engines import API_KEY
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import memory_growth
+from support.helpers import memory_growth
+from support.sae_files import write_saelens
 from safetensors.numpy import save_file
 
 from vllm_steer.core.resolve import ModelShape, resolve
@@ -38,18 +39,6 @@ def write_ae(folder, rows: np.ndarray):
     }
     torch.save(state, path)
     return path
-
-
-def write_saelens(folder, rows: np.ndarray, config: dict | None):
-    folder.mkdir(parents=True, exist_ok=True)
-    d_sae, d_in = rows.shape
-    save_file(
-        {"W_enc": rows.T.copy(), "b_enc": np.zeros(d_sae, np.float32), "W_dec": rows, "b_dec": np.zeros(d_in, np.float32)},
-        str(folder / "sae_weights.safetensors"),
-    )
-    if config is not None:
-        (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, **config}))
-    return folder
 
 
 def assert_features(registry, layer: int, rows: np.ndarray, ids=(0, 5, D_SAE - 1)) -> None:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from helpers import memory_growth
+from support.helpers import memory_growth
+from support.sae_files import write_gemma_scope
 
 from vllm_steer.core.resolve import ModelShape, resolve
 from vllm_steer.core.spec import SteeringError
@@ -41,24 +42,6 @@ def assert_source(source, layer: int, rows: np.ndarray) -> None:
 
 
 # ---- Gemma Scope (Gemma 2): layer_{L}/width_{W}/average_l0_{N}/params.npz -----------------------
-def write_gemma_scope(folder, rows: np.ndarray, *, compressed: bool = False, lower: bool = False):
-    """np.savez of W_enc [d_model, d_sae], W_dec [d_sae, d_model], b_enc, b_dec, threshold (float32)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "params.npz"
-    d_sae, d_model = rows.shape
-    arrays = {
-        "W_enc": rows.T.copy(),
-        "W_dec": rows,
-        "b_enc": np.zeros(d_sae, np.float32),
-        "b_dec": np.zeros(d_model, np.float32),
-        "threshold": np.full(d_sae, 0.5, np.float32),
-    }
-    if lower:
-        arrays = {key.lower(): value for key, value in arrays.items()}
-    (np.savez_compressed if compressed else np.savez)(path, **arrays)
-    return path
-
-
 GEMMA_RES = "gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_71"
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import scoped_environ
+from support.engines import scoped_environ
 from vllm_steer.assets import concepts as concept_data
 from vllm_steer.lab import concepts as concept_lab
 from vllm_steer.assets import models

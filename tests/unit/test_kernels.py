@@ -19,7 +19,9 @@ import torch
 
 from benchmarks.gpu_check import one_rounding_gap, random_tables, steer_eager
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import engines
+
+REPO = str(engines.REPO)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
 ROWS = 5
 # Row 0 (no steering) and row 4 (all zeros) mixed with steered rows 1-3, of which row 2 uses
@@ -128,8 +130,8 @@ def test_import_needs_no_triton():
 def test_an_engine_with_the_triton_kernel_matches_the_notebooks_method(runner, tiny_model, feature_file, hf_model, prompt_ids, gen_len):
     """``steering.kernel: "triton"`` end to end (Triton runs on this CPU only through its
     interpreter, which the V2 test hook turns on)."""
-    from conftest import ENGINE_ARGS, scoped_environ
-    from helpers import assert_same_tokens_close_logprobs, reference, run
+    from support.engines import ENGINE_ARGS, scoped_environ
+    from support.helpers import assert_same_tokens_close_logprobs, reference, run
     from vllm_steer import SteeredLLM
 
     if runner != "v2":

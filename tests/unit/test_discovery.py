@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import memory_growth
-from test_sae_suites import write_gemma_scope
+from support.helpers import memory_growth
+from support.discovery import assert_same, oracle
+from support.sae_files import write_gemma_scope, write_saelens
 
 from vllm_steer.discovery import load_explanations, search_features, top_features_of_streams
 from vllm_steer.discovery.explanations import attach_labels
@@ -21,39 +22,6 @@ from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import load_sae
 
 D_MODEL, D_SAE = 16, 64
-
-
-def oracle(streams, encoder, b_enc, b_dec, threshold, sae_k, over, k):
-    """Dense float64 encoding of every token, then the top k per prompt (or token), from the formulas."""
-    results = []
-    for stream in streams:
-        pre = (np.atleast_2d(stream).astype(np.float64) - b_dec) @ encoder.T.astype(np.float64) + b_enc
-        if sae_k is None:
-            act = np.where(pre > threshold, pre, 0.0)
-        else:  # TopK: each token's sae_k largest pre-activations, those above 0
-            act = np.zeros_like(pre)
-            top = np.argsort(-pre, axis=1)[:, :sae_k]
-            np.put_along_axis(act, top, np.maximum(np.take_along_axis(pre, top, 1), 0.0), 1)
-        rows = {"last": act[-1:], "mean": act.mean(0, keepdims=True), "token": act}[over]
-        results.append([top_k(row, k) for row in rows])
-    return results
-
-
-def top_k(row, k):
-    order = sorted((i for i in range(len(row)) if row[i] > 0), key=lambda i: (-row[i], i))[:k]
-    return [(i, row[i]) for i in order]
-
-
-def as_pairs(result):
-    groups = [t.features for t in result.tokens] if result.over == "token" else [result.features]
-    return [[(f.feature, f.activation) for f in group] for group in groups]
-
-
-def assert_same(got, expected):
-    for result, want in zip(got, expected, strict=True):
-        for features, wanted in zip(as_pairs(result), want, strict=True):
-            assert [f for f, _ in features] == [f for f, _ in wanted]
-            np.testing.assert_allclose([a for _, a in features], [a for _, a in wanted], rtol=0, atol=1e-5)
 
 
 def random_sae(seed):
@@ -133,8 +101,6 @@ def test_a_topk_sae_without_k_is_refused_until_k_is_given(tmp_path):
 
 
 def test_saelens_configs_say_how_the_sae_encodes(tmp_path):
-    from test_sae import write_saelens
-
     rows = random_sae(4)[3]
     topk = load_sae(str(write_saelens(tmp_path / "a", rows, {"hook_name": "blocks.2.hook_resid_post", "architecture": "topk", "k": 7})))
     older = {"hook_name": "blocks.2.hook_resid_post", "architecture": "standard", "activation_fn_str": "topk",

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import API_KEY, REPO
+from support.engines import API_KEY, REPO
 from vllm_steer.lab.launcher import start_server, stop_server
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (it is in the test extra)")

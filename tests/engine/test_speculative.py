@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import ENGINE_ARGS, scoped_environ
-from helpers import assert_same_tokens_close_logprobs, run
+from support.engines import ENGINE_ARGS, scoped_environ
+from support.helpers import assert_same_tokens_close_logprobs, run
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 

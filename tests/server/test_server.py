@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import API_KEY
+from support.engines import API_KEY
 
 HEADER = "x-vllm-steer-fingerprint"
 CHAT = [{"role": "user", "content": "Who are you?"}]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CACHE, ENGINE_ARGS, scoped_environ
-from helpers import Generation, assert_same_tokens_close_logprobs, reference, run
+from support.engines import CACHE, ENGINE_ARGS, scoped_environ
+from support.helpers import Generation, assert_same_tokens_close_logprobs, reference, run
 from vllm_steer.lab.tiny import RECIPES
 
 # Every family tiny.py builds a checkpoint of, but Llama (the rest of the suite).
@@ -132,7 +132,7 @@ def test_unsteered_output_is_bit_identical_to_stock_vllm(family, gen_len):
     (the same batch on both, so both run the same kernels on the same shapes)."""
     from vllm import LLM
 
-    from helpers import generations, greedy
+    from support.helpers import generations, greedy
 
     prompts = family.prompts[:2] * 2
     steered = run(family.llm, prompts, [None] * len(prompts), gen_len)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import start_engine
-from helpers import assert_same_tokens_close_logprobs, generations, greedy, reference, run, slots_in_use
+from support.engines import start_engine
+from support.helpers import assert_same_tokens_close_logprobs, generations, greedy, reference, run, slots_in_use
 from vllm_steer.core.rows import row_bytes
 
 

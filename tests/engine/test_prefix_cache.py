@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import Generation, generations, greedy
+from support.helpers import Generation, generations, greedy
 
 STORY = "Tell me a story about the Eiffel Tower, the ocean and dogs in the park. " * 20
 
@@ -74,7 +74,7 @@ def test_re_registering_a_name_never_reuses_the_old_vectors_cache(llm, long_prom
 
 def test_re_registering_does_not_change_a_request_in_flight(llm, prompt_ids, hf_model, gen_len):
     """A request keeps the vector it was admitted with, even when the name moves mid-generation."""
-    from helpers import reference
+    from support.helpers import reference
 
     generator = np.random.default_rng(12)
     original, replacement = (generator.standard_normal(256).astype(np.float32) for _ in range(2))
@@ -99,7 +99,7 @@ def test_the_next_turn_of_a_phase_limited_request_never_reads_kv_of_the_other_ph
     """Turn 1 caches KV for its answer's tokens steered as *generated*; in turn 2 the same
     tokens are *prompt*. With one namespace for both, turn 2 would read KV computed under the
     other phase. (CPU KV blocks hold 128 tokens: turn 1's answer completes the second block.)"""
-    from helpers import assert_same_tokens_close_logprobs, reference
+    from support.helpers import assert_same_tokens_close_logprobs, reference
 
     vector = np.random.default_rng(21).standard_normal(256).tolist()
     spec = {"vectors": [{"vector": vector, "layers": [1], "scale": 8.0}], "apply_to": phase}

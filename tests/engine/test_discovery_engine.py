@@ -7,49 +7,20 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from test_features import assert_same, oracle
+from support.discovery import D_SAE, LAYERS, assert_same, feature_saes, oracle
 
-from conftest import CACHE, start_engine
+from support.engines import start_engine
 from vllm_steer.discovery import finder
 from vllm_steer.core.spec import SteeringError
 
-HIDDEN, D_SAE = 256, 48
-LAYERS = {"relu": 0, "topk": 2}  # dictionary_learning ae.pt (ReLU); Qwen-Scope layer2.sae.pt (TopK, k = 6)
 CHAT = [{"role": "user", "content": "Tell me about the Eiffel Tower."}]
 
 
 @pytest.fixture(scope="module")
 def saes(hf_model, prompt_ids):
-    """Random SAEs whose features fire on about a third of the model's own stream values."""
-    with torch.no_grad():
-        states = hf_model(torch.tensor([prompt_ids[0]]), output_hidden_states=True).hidden_states
-    out = {}
-    for kind, layer in LAYERS.items():
-        rng = np.random.default_rng(layer)
-        encoder = (rng.standard_normal((D_SAE, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
-        b_dec = (0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
-        decoder = rng.standard_normal((HIDDEN, D_SAE)).astype(np.float32)
-        pre = (states[layer + 1][0].double().numpy() - b_dec) @ encoder.T.astype(np.float64)
-        b_enc = (-np.quantile(pre, 0.66, axis=0)).astype(np.float32)
-        weights = {"encoder": torch.from_numpy(encoder), "b_enc": torch.from_numpy(b_enc),
-                   "decoder": torch.from_numpy(decoder), "b_dec": torch.from_numpy(b_dec)}
-        if kind == "relu":
-            path = CACHE / "test-feature-saes" / f"resid_post_layer_{layer}" / "ae.pt"
-            state = {"encoder.weight": weights["encoder"], "encoder.bias": weights["b_enc"],
-                     "decoder.weight": weights["decoder"], "b_dec": weights["b_dec"]}
-        else:
-            path = CACHE / "test-feature-saes" / "SAE-Res-Tiny-W48-L0_6" / f"layer{layer}.sae.pt"
-            state = {"W_enc": weights["encoder"], "b_enc": weights["b_enc"], "W_dec": weights["decoder"],
-                     "b_dec": weights["b_dec"]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-        # Qwen-Scope's encoder reads h itself (SAELens: apply_b_dec_to_input False); dictionary_learning's h - b_dec.
-        read_b_dec = b_dec if kind == "relu" else np.zeros_like(b_dec)
-        out[kind] = (str(path), encoder, b_enc, read_b_dec, np.zeros(D_SAE, np.float32), 6 if kind == "topk" else None)
-    return out
+    return feature_saes(hf_model, prompt_ids)
 
 
 @pytest.fixture(scope="module")

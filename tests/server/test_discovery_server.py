@@ -7,9 +7,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from test_features_engine import LAYERS, saes  # noqa: F401 - the synthetic SAEs, written for this module too
+from support.discovery import LAYERS, feature_saes
 
-from conftest import API_KEY
+from support.engines import API_KEY
 from vllm_steer.lab.launcher import start_server, stop_server
 from vllm_steer.discovery import top_features_of_streams
 from vllm_steer.vectors import load_sae
@@ -18,7 +18,12 @@ PROMPTS = ["The Eiffel Tower in Paris", "Who are you?"]
 
 
 @pytest.fixture(scope="module")
-def features_server(tiny_model, feature_file, saes, tmp_path_factory, runner):  # noqa: F811
+def saes(hf_model, prompt_ids):
+    return feature_saes(hf_model, prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def features_server(tiny_model, feature_file, saes, tmp_path_factory, runner):
     """An eager server with the ReLU SAE at layer 0 and, at layer 3, a TopK SAE whose k it
     cannot know (so it cannot encode), for this module only."""
     no_k = tmp_path_factory.mktemp("no_k") / "layer3.sae.pt"

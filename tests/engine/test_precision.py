@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ENGINE_ARGS, scoped_environ
+from support.engines import ENGINE_ARGS, scoped_environ
 from vllm_steer.core.layer import SteeringLayer
 from vllm_steer.core.resolve import ModelShape, resolve
 from vllm_steer.core.rows import Direction, LayerRow, RowPool
@@ -110,7 +110,7 @@ def bf16_engines(tiny_model: Path, feature_file: Path):
 
 
 def test_bfloat16_engine_clamps_to_the_target_and_leaves_unsteered_bits(bf16_engines, prompt_ids, runner, gen_len):
-    from helpers import generations, greedy, run
+    from support.helpers import generations, greedy, run
 
     steered, stock = bf16_engines
     direction = np.random.default_rng(4).standard_normal(256)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_tokens_close_logprobs, run
+from support.helpers import assert_same_tokens_close_logprobs, run
 from vllm_steer.engine import rpc
 from vllm_steer.vectors.extract import extract, mean_difference, pca_difference
 from vllm_steer.lab.reference import ReferenceSteerer
@@ -76,7 +76,7 @@ def test_capture_does_not_disturb_other_requests(capturing, engines, prompt_ids,
     specs = [None, {"features": [[1, 7, 9.0]], "clamp": True}, None]
     prompts = [prompt_ids[0], prompt_ids[2], prompt_ids[3]]
     engine = capturing.llm.llm_engine
-    from helpers import generations, greedy
+    from support.helpers import generations, greedy
 
     for index, (prompt, spec) in enumerate(zip(prompts, specs)):
         extra = {"steering": spec} if spec else None

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CACHE, start_engine
-from helpers import Generation, assert_same_tokens_close_logprobs, reference, run
+from support.engines import CACHE, start_engine
+from support.helpers import Generation, assert_same_tokens_close_logprobs, reference, run
 from vllm_steer.lab.reference import ReferenceSteerer, edit_layer_outputs
 
 HIDDEN, FEATURES, FEATURE = 256, 16, 3

@@ -98,7 +98,7 @@ def memory_growth(code: str) -> tuple[int, object]:
 
     import pytest
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     script = MEMORY_PROBE + f"CHECK_BYTES = {CHECK_BYTES}\n" + textwrap.dedent(code) + MEMORY_MEASURE
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

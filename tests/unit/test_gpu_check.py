@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import engines
+
+REPO = str(engines.REPO)
 
 # main() in a fresh interpreter, then: which vllm modules got imported.
 SCRIPT = """

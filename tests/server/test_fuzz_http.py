@@ -9,7 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import API_KEY
+from support.engines import API_KEY
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 FUZZED = r"^/v1/(steering/vectors|chat/completions|completions)"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_tokens_close_logprobs, reference, run
+from support.helpers import assert_same_tokens_close_logprobs, reference, run
 from vllm_steer.core.spec import encode_b64
 
 

@@ -14,7 +14,7 @@ import pytest
 from vllm_steer.lab import sweep
 from vllm_steer.assets.demo import demo_model_path, demo_vectors_path
 from vllm_steer.lab.demo import corpus
-from vllm_steer.lab.sweep import Output, Row
+from vllm_steer.lab.sweep import Output
 
 # ---- the sweep's metric math, on constructed outputs --------------------------------------
 
@@ -114,11 +114,11 @@ def test_the_prompted_row_has_every_metric_and_is_never_a_sweet_spot():
 
 
 def test_capability_pairs_are_neutral_and_a_file_can_replace_them(tmp_path):
-    from pathlib import Path
+    from vllm_steer.assets.concepts import load_concepts
 
     concept_words = [w for words in corpus.CONCEPT_WORDS.values() for w in words]
-    for concept in (Path(sweep.__file__).parent / "concepts").glob("*.json"):  # the real model's concepts
-        concept_words += json.loads(concept.read_text()).get("words", [])
+    concept_words += [w for concept in load_concepts() for w in concept.words]  # the real model's concepts
+    assert len(concept_words) > 100
     assert 8 <= len(sweep.CAPABILITY_PAIRS) <= 12
     for question, answer in sweep.CAPABILITY_PAIRS:
         assert not sweep.mentions(question, concept_words) and not sweep.mentions(answer, concept_words), (question, answer)
@@ -408,7 +408,7 @@ DEMO_TOKENS = {"v1": 64, "v2": 40}
 @pytest.fixture(scope="module")
 def demo_llm(runner):
     """In-process and eager: starts in seconds (the compiled path is the main engine's test)."""
-    from conftest import start_engine
+    from support.engines import start_engine
 
     llm = start_engine(demo_model_path(), demo_vectors_path(), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
                        max_num_seqs=64, enforce_eager=True)

@@ -376,7 +376,7 @@ def test_server_benchmark_against_the_test_server(runner, request):
     """vLLM's benchmark client with the steering field in the body, against vllm-steer serve."""
     if runner == "v2":
         pytest.skip("the harness's logic does not depend on the runner; V1 covers it")
-    from conftest import API_KEY
+    from support.engines import API_KEY
 
     server = request.getfixturevalue("server")  # after the skip: no server started for nothing
 
