@@ -42,9 +42,10 @@ from torch import nn
 
 from benchmarks.common import RESULTS, markdown_table, package_version, steering_table_bytes
 from vllm_steer.core.kernels import steer_op, steer_triton, triton_available
-from vllm_steer.core.layer import SteeringLayer
-from vllm_steer.core.resolve import ModelShape, resolve
-from vllm_steer.core.rows import MAX_DEFAULT_BUDGET, PARAMS, budget_rows
+from vllm_steer.core.layer import make_steerable, steer
+from vllm_steer.core.plan import ModelShape
+from vllm_steer.core.resolve import resolve
+from vllm_steer.core.rows import MAX_DEFAULT_BUDGET, PARAM_NAMES, budget_rows
 from vllm_steer.core.runtime import SteeringRuntime
 from vllm_steer.core.spec import encode_b64
 from vllm_steer.core.registry import VectorRegistry
@@ -64,38 +65,20 @@ GPU_DEFAULTS = ((1024, 16384), (256, 8192))
 TABLE_DIRECTIONS = 4  # SteeringConfig's default max_directions
 
 
-class StubLayer(nn.Module):
+def steerable_stub() -> nn.Module:
     """The steering half of a steerable decoder layer, without vLLM's attention and MLP."""
-
-    max_directions = None
-    captures = False
-    attach_steering = SteeringLayer.attach_steering
-    attach_capture = SteeringLayer.attach_capture
-    steer = SteeringLayer.steer
-    capture = SteeringLayer.capture
+    return make_steerable(nn.Module())
 
 
-class Tables:
-    """What ``SteeringLayer.steer`` reads from its layer, built from plain tensors, so one
-    compiled function serves every table size (tables are graph inputs, as vLLM's compiled
-    model sees its buffers). A plain class: Dynamo traces its construction."""
-
-    def __init__(self, token_row, steer_add, steer_dirs, steer_count):
-        self.token_row, self.steer_add, self.steer_dirs, self.steer_count = token_row, steer_add, steer_dirs, steer_count
-        self.max_directions = steer_dirs.shape[0]
-        self.direction_index = torch.arange(self.max_directions, device=steer_dirs.device).unsqueeze(-1)
-        self.kernel = "torch"  # the torch ops: the kernel is timed on its own
-        # Each token's reading (a condition's) lands in its own entry.
-        self.token_slot = torch.arange(token_row.shape[0], device=token_row.device)
-        self.gate_sum = torch.zeros(token_row.shape[0], device=token_row.device)
-
-
-def steer_eager(hidden, residual, *tables, reading: bool = False):
-    """``SteeringLayer.steer`` on these tables (token_row, add, dirs, count): the new
-    residual, and with ``reading`` each token's reading too (as ``steer_triton`` returns)."""
-    layer = Tables(*tables)
-    out = SteeringLayer.steer(layer, hidden, residual)
-    return (out, layer.gate_sum[: hidden.shape[0]]) if reading else out
+def steer_eager(hidden, residual, token_row, add, dirs, count, reading: bool = False):
+    """``layer.steer`` on these tables: the new residual, and with ``reading`` each token's
+    reading too (as ``steer_triton`` returns). The tables are arguments, so one compiled
+    function serves every table size (as vLLM's compiled model sees its buffers)."""
+    slots = token_row.shape[0]
+    gate_sum = torch.zeros(slots, device=token_row.device)  # each token's reading in its own entry
+    out = steer(hidden, residual, token_row, add, dirs, count, token_slot=torch.arange(slots, device=token_row.device),
+                gate_sum=gate_sum)
+    return (out, gate_sum[: hidden.shape[0]]) if reading else out
 
 
 def triton_residual(hidden, residual, *tables, **options):
@@ -116,16 +99,17 @@ def random_tables(rows: int, directions: int, hidden: int, device, seed: int = 0
     hi = lo.clone()
     hi[:, 1::2] += 2
     hi[:, 3::4] = torch.inf
-    params = torch.full((rows, directions, PARAMS), -torch.inf)  # rows.Direction.params
-    params[..., 0], params[..., 1], params[..., 2] = lo, hi, 0.0
+    param = {name: index for index, name in enumerate(PARAM_NAMES)}  # rows.Direction.params
+    params = torch.full((rows, directions, len(PARAM_NAMES)), -torch.inf)
+    params[..., param["lo"]], params[..., param["hi"]], params[..., param["offset"]] = lo, hi, 0.0
     features = [k for k in range(directions) if k % 4 == 2]
     for k in features:  # magnitudes like an SAE's: encoder rows ~ 1/sqrt(H), activations of a few units
         probes[:, k] = 2 * torch.randn(rows, hidden, generator=generator) / hidden ** 0.5
         dirs[:, k] *= 3
-        params[:, k, 2] = torch.randn(rows, generator=generator)  # offset
-        params[:, k, 3] = 0.5 * torch.rand(rows, generator=generator)  # threshold
+        params[:, k, param["offset"]] = torch.randn(rows, generator=generator)
+        params[:, k, param["threshold"]] = 0.5 * torch.rand(rows, generator=generator)
         if k % 8 == 6:
-            params[:, k, 4] = 0.0  # only_active
+            params[:, k, param["floor"]] = 0.0  # only_active
     count = torch.full((rows,), directions, dtype=torch.int32)
     directions = torch.cat([dirs, probes, params], dim=-1).transpose(0, 1).contiguous()  # [K, R, E]
     add[0], directions[:, 0], count[0] = 0, 0, 0
@@ -298,7 +282,7 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     shape = ModelShape(num_layers=SYNC_LAYERS, hidden_size=SYNC_HIDDEN,
                        steerable_layers=tuple(range(SYNC_LAYERS)), max_directions=4)
     with torch.device(device):  # as vLLM builds the model: every buffer on the GPU
-        layers = {index: StubLayer() for index in range(SYNC_LAYERS)}
+        layers = {index: steerable_stub() for index in range(SYNC_LAYERS)}
         runtime = SteeringRuntime(shape, VectorRegistry(), layers, SYNC_SLOTS, SYNC_TOKENS, capture=True)
         slot_of_req_index = torch.zeros(SYNC_SLOTS, dtype=torch.int64)  # V2SlotWriter's
     requests = {f"r{i}": steered_params(shape, i, capture=i == 3) for i in range(4)}
@@ -335,7 +319,7 @@ def sync_check(device: torch.device) -> dict[str, Any]:
     ops = [("admit 4 requests (add + clamp + ablate on 4 layers, inline vectors; one with capture "
             "and one with a condition)", admit),
            ("fill_token_slot (slots and rows) from device tensors (Model Runner V2)", fill),
-           ("layer math, eager (SteeringLayer.steer + capture)", layer_math("torch"))]
+           ("layer math, eager (steer + capture)", layer_math("torch"))]
     if triton_available():
         steer_op()
         ops.append(("layer math, Triton kernel (+ capture)", layer_math("triton")))
@@ -371,7 +355,7 @@ def memory() -> dict[str, Any]:
     hidden, layers, seqs, tokens = 64, 3, 7, 32
     shape = ModelShape(num_layers=layers, hidden_size=hidden, steerable_layers=tuple(range(layers)),
                        max_directions=TABLE_DIRECTIONS, table_rows=9)
-    stubs = {index: StubLayer() for index in range(layers)}
+    stubs = {index: steerable_stub() for index in range(layers)}
     runtime = SteeringRuntime(shape, VectorRegistry(), stubs, seqs + 1, tokens)
     pool = runtime.pool
     buffers = [runtime.token_slot, runtime.token_row, runtime.row_of_slot, runtime.stages, runtime.gate,

@@ -29,7 +29,8 @@ import torch
 
 from benchmarks import common
 from vllm_steer.lab.reference import NEVER, ReferenceOutput, edit_layer_outputs, layer_ops, phase_bounds
-from vllm_steer.core.resolve import ModelShape, ResolvedSteering, resolve
+from vllm_steer.core.plan import ModelShape, ResolvedSteering
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.registry import VectorRegistry
 
 

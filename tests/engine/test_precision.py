@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from support.engines import ENGINE_ARGS, scoped_environ
-from vllm_steer.core.layer import SteeringLayer
-from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.layer import steer
+from vllm_steer.core.plan import ModelShape
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.rows import Direction, LayerRow, RowPool
 from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import VectorRegistry
@@ -21,20 +21,15 @@ from vllm_steer.vectors import VectorRegistry
 HIDDEN, TOKENS = 512, 6
 
 
-class Layer(nn.Module):
-    attach_steering = SteeringLayer.attach_steering
-    steer = SteeringLayer.steer
-
-
-def steered_layer(directions: list[tuple[torch.Tensor, float]], add: torch.Tensor | None = None) -> Layer:
-    """One layer, row 1 steered with ``add`` then each (unit direction, target); every token reads row 1."""
-    layer = Layer()
+def steered_layer(directions: list[tuple[torch.Tensor, float]], add: torch.Tensor | None = None, row: int = 1):
+    """One layer's steering, row 1 steered with ``add`` then each (unit direction, target);
+    every token reads ``row``: ``(hidden, residual) -> new residual``."""
     pool = RowPool(2, HIDDEN, len(directions))
     clamps = [Direction(direction, direction, target, target) for direction, target in directions]
     pool.acquire(["row"], {"row": LayerRow(torch.zeros(HIDDEN) if add is None else add, clamps)})
     pool.flush()
-    layer.attach_steering(torch.ones(TOKENS, dtype=torch.int64), pool)
-    return layer
+    token_row = torch.full((TOKENS,), row, dtype=torch.int64)
+    return lambda hidden, residual: steer(hidden, residual, token_row, pool.add, pool.dirs, pool.count)
 
 
 def exact(stream: torch.Tensor, directions, add=None) -> torch.Tensor:
@@ -58,7 +53,7 @@ def test_clamp_and_ablate_in_half_precision_are_one_rounding_from_exact(dtype):
     residual = (torch.randn(TOKENS, HIDDEN, generator=generator) * 30).to(dtype)
     directions = [(unit(generator), 25.0), (unit(generator), 0.0), (unit(generator), -7.5)]
     add = unit(generator) * 40
-    new_residual = steered_layer(directions, add).steer(hidden, residual)
+    new_residual = steered_layer(directions, add)(hidden, residual)
     assert new_residual.dtype == dtype
     expected = exact(hidden.float() + residual.float(), directions, add) - hidden.double()
     # The only error left is the one cast of the new residual to the model's dtype.
@@ -70,9 +65,8 @@ def test_unsteered_tokens_keep_every_bfloat16_bit():
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(TOKENS, HIDDEN, generator=generator).to(torch.bfloat16)
     residual = (torch.randn(TOKENS, HIDDEN, generator=generator) * 100).to(torch.bfloat16)
-    layer = steered_layer([(unit(generator), 3.0)], unit(generator))
-    layer.token_row.zero_()  # every token reads row 0
-    assert torch.equal(layer.steer(hidden, residual), residual)
+    layer = steered_layer([(unit(generator), 3.0)], unit(generator), row=0)  # every token reads row 0
+    assert torch.equal(layer(hidden, residual), residual)
 
 
 def test_magnitudes_are_checked_against_the_served_dtype():

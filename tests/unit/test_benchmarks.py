@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from benchmarks import common, notebook, plots, run, serving
-from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.plan import ModelShape
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.registry import VectorRegistry
 
 S, U = common.STEERED, common.UNSTEERED
@@ -141,7 +142,7 @@ def test_table_bytes_formula():
 def test_table_bytes_formula_matches_what_the_model_allocates(max_directions, table_rows):
     """The same buffers a steered model allocates (SteeringRuntime, its row pool)."""
     from vllm_steer.core.layer import SteeringLayer
-    from vllm_steer.core.resolve import ModelShape
+    from vllm_steer.core.plan import ModelShape
     from vllm_steer.core.runtime import SteeringRuntime
     from vllm_steer.core.registry import VectorRegistry
 

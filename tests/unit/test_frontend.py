@@ -14,7 +14,7 @@ import pytest
 from vllm_steer.engine.config import hf_overrides
 from vllm_steer.engine.families import FAMILIES
 from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request, steering_salt
-from vllm_steer.core.resolve import ResolvedSteering
+from vllm_steer.core.plan import ResolvedSteering
 from vllm_steer.core.spec import SteeringError
 
 ARCHITECTURE = FAMILIES["LlamaForCausalLM"].steered

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from vllm_steer.engine.families import FAMILIES
 from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request
-from vllm_steer.core.resolve import ResolvedSteering, resolve
+from vllm_steer.core.plan import ResolvedSteering
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
 
 HIDDEN = 8

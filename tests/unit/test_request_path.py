@@ -11,7 +11,7 @@ import pytest
 from vllm_steer.engine.config import hf_overrides
 from vllm_steer.engine.families import FAMILIES
 from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request
-from vllm_steer.core.resolve import ResolvedSteering
+from vllm_steer.core.plan import ResolvedSteering
 
 SPEC = {"vectors": [{"name": "v", "layers": [1], "scale": 2.0}]}
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_steer.core.layer import SteeringLayer
+from vllm_steer.core.layer import make_steerable
 from vllm_steer.lab.reference import layer_ops, phase_mask, steer_stream
-from vllm_steer.core.resolve import ModelShape, Op, ResolvedSteering, resolve, unit
+from vllm_steer.core.plan import ModelShape, Op, ResolvedSteering, unit
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.rows import LayerRow, RowPool
 from vllm_steer.engine.writers import V2SlotWriter, release_v1, write_v1
 from vllm_steer.core.runtime import SteeringRuntime
@@ -24,14 +25,9 @@ HIDDEN, LAYERS, SLOTS = 16, 3, 5
 SHAPE = ModelShape(num_layers=LAYERS, hidden_size=HIDDEN, steerable_layers=(0, 1, 2), max_directions=2)
 
 
-class Layer(nn.Module):
+def Layer() -> nn.Module:  # noqa: N802 - stands for the class of a steerable decoder layer
     """The steering half of a steerable layer, without vLLM's attention and MLP."""
-
-    max_directions = None
-    attach_steering = SteeringLayer.attach_steering
-    attach_capture = SteeringLayer.attach_capture
-    steer = SteeringLayer.steer
-    capture = SteeringLayer.capture
+    return make_steerable(nn.Module())
 
 
 def make_registry() -> VectorRegistry:

@@ -13,7 +13,8 @@ from support.helpers import memory_growth
 from support.sae_files import write_saelens
 from safetensors.numpy import save_file
 
-from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.plan import ModelShape
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.spec import SteeringError, vector_digest
 from vllm_steer.vectors import load_registry, load_sae
 

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from support.helpers import memory_growth
 from support.sae_files import write_gemma_scope
 
-from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.plan import ModelShape
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import load_registry, load_sae
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vllm_steer.core.resolve import Gate, ModelShape, Op, ResolvedSteering, resolve
+from vllm_steer.core.plan import Gate, ModelShape, Op, ResolvedSteering
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.spec import SteeringError, encode_b64, parse_spec, vector_digest
 from vllm_steer.vectors import VectorRegistry
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from vllm_steer.core.resolve import ModelShape, resolve
+from vllm_steer.core.plan import ModelShape
+from vllm_steer.core.resolve import resolve
 from vllm_steer.core.spec import vector_digest
 from vllm_steer.vectors import VectorRegistry, export_vectors, load_registry, load_vector_file
 from vllm_steer.core.registry import ANY_LAYER

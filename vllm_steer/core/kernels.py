@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from vllm_steer.core.rows import PARAM_NAMES
+
 # Widest row kept in registers by one program (float32: 64 KiB over up to 16 warps).
 MAX_BLOCK = 16384
 
@@ -53,7 +55,7 @@ def steer_triton(hidden: torch.Tensor, residual: torch.Tensor, *tables: torch.Te
     """The new residual for ``hidden + residual`` steered by ``tables``, and each token's
     reading (float32 ``[n]``). ``tables``: ``token_row, add, dirs, count`` in the layout of
     ``rows.RowPool`` (int64 ``token_row`` at least ``n`` long; contiguous float32 ``add [R, H]``
-    and ``dirs [K, R, 2H + PARAMS]``, int32 ``count [R]``). ``hidden`` and ``residual`` may have
+    and ``dirs [K, R, entry_width(H)]``, int32 ``count [R]``). ``hidden`` and ``residual`` may have
     any row stride, each row contiguous. ``max_block`` caps the columns one block holds (tests
     lower it to exercise the swept path)."""
     return steer_op()(hidden, residual, *tables, max_block)
@@ -123,9 +125,13 @@ def _steer_kernel():
     # Module globals, defined here (not at import): Triton resolves the names a kernel calls
     # through the module's globals (its interpreter knows no closures), and decorating at
     # first use is what lets a test turn the interpreter on first.
-    global tl, load_f32, activation, change, sweep
+    global tl, load_f32, activation, change, sweep, LO, HI, OFFSET, THRESHOLD, FLOOR
     import triton
     import triton.language as tl
+
+    # Where each param sits after a direction's two vectors (rows.PARAM_NAMES).
+    LO, HI, OFFSET, THRESHOLD, FLOOR = (tl.constexpr(PARAM_NAMES.index(name))
+                                        for name in ("lo", "hi", "offset", "threshold", "floor"))
 
     @triton.jit
     def load_f32(row_ptr, cols, width):
@@ -135,14 +141,14 @@ def _steer_kernel():
     def activation(param, dot):
         """``a`` given ``dot = <x, probe>`` and the direction's params (lo, hi, offset,
         threshold, floor)."""
-        a = dot + tl.load(param + 2)
-        return tl.where(a > tl.load(param + 3), a, 0.0)
+        a = dot + tl.load(param + OFFSET)
+        return tl.where(a > tl.load(param + THRESHOLD), a, 0.0)
 
     @triton.jit
     def change(param, a):
         """How far the stream moves along the edit direction."""
-        moved = tl.minimum(tl.maximum(a, tl.load(param)), tl.load(param + 1)) - a
-        return tl.where(a > tl.load(param + 4), moved, 0.0)
+        moved = tl.minimum(tl.maximum(a, tl.load(param + LO)), tl.load(param + HI)) - a
+        return tl.where(a > tl.load(param + FLOOR), moved, 0.0)
 
     @triton.jit
     def sweep(h_row, r_row, add_row, scratch_row, out_row, prev_dir, coeff, next_probe, width,
@@ -176,7 +182,7 @@ def _steer_kernel():
         r_row = residual_ptr + token * residual_stride
         out_row = out_ptr + token * width
         add_row = add_ptr + row * width
-        # dirs[k, row] is (edit, probe, params) of ENTRY = 2 * width + PARAMS numbers; k
+        # dirs[k, row] is (edit, probe, params) of ENTRY = rows.entry_width(width) numbers; k
         # advances by whole tables (pointer steps: no int32 offset overflows).
         dir_row = dirs_ptr + row * ENTRY
         probe_row = dir_row + width

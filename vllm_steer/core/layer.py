@@ -21,9 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# Numbers per direction after its two vectors: lo, hi, offset, threshold, floor
-# (rows.Direction.params says what each means).
-PARAMS = 5
+from vllm_steer.core.rows import split_entry
 
 
 class SteeringLayer:
@@ -36,10 +34,9 @@ class SteeringLayer:
 
     def attach_steering(self, token_row: torch.Tensor, pool: Any, kernel: str = "torch",
                         token_slot: torch.Tensor | None = None, gate_sum: torch.Tensor | None = None) -> None:
-        """Read ``pool`` (a rows.RowPool: float32 ``add [R, H]`` and ``dirs [K, R, 2H + PARAMS]``,
-        int32 ``count [R]``, and ``direction_index [K, 1]``, 0..K-1) at the rows ``token_row``
-        names per token, and add each token's reading of its row's first direction into
-        ``gate_sum[token_slot]`` (conditions: slots.py)."""
+        """Read ``pool`` (a rows.RowPool: its tables, and ``direction_index [K, 1]``, 0..K-1) at
+        the rows ``token_row`` names per token, and add each token's reading of its row's first
+        direction into ``gate_sum[token_slot]`` (conditions: runtime.py)."""
         # Non-persistent: the weight loader skips them. Allocated once, written in place,
         # shared with the runtime (token_row) and with every other steerable layer (pool).
         self.register_buffer("token_row", token_row, persistent=False)
@@ -81,52 +78,67 @@ class SteeringLayer:
         self.capture_sum.index_add_(0, self.capture_slot[:count], weighted)
 
     def steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The stream after this layer is ``hidden + residual``; return the new residual.
+        return steer(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_count,
+                     direction_index=self.direction_index, token_slot=self.token_slot, gate_sum=self.gate_sum,
+                     kernel=self.kernel)
 
-        Adds first, then each direction holds the current stream's component to its bounds,
-        in order: ``x <- x + (clip(a, lo, hi) - a) d`` with ``a = <x, d>`` (clamp: ``lo = hi``)
-        or an SAE feature's activation (rows.Direction). Row 0 and unused directions are zero, so
-        the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
-        """
-        count = hidden.shape[0]
-        if self.kernel == "triton":
-            from vllm_steer.core.kernels import steer_triton
 
-            residual, reading = steer_triton(hidden, residual, self.token_row, self.steer_add, self.steer_dirs, self.steer_count)
-            if self.max_directions:
-                self.gate_sum.index_add_(0, self.token_slot[:count], reading)
-            return residual
-        row = self.token_row[:count]
-        if not self.max_directions:
-            delta = self.steer_add[row]
-        else:
-            stream = hidden.float() + residual.float()
-            steered = stream + self.steer_add[row]
-            width = stream.shape[-1]
-            # A direction a token's row leaves unused is zero there and in row 0 alike: reading
-            # row 0 gives the same result from one row that stays in cache, not from every
-            # request's own (the rows of distinct requests are megabytes, read each step).
-            used = self.steer_count.index_select(0, row)
-            direction_rows = torch.where(self.direction_index < used, row, 0)  # [K, tokens]
-            for k in range(self.max_directions):
-                # One gather per direction (all K at once would hold K times the prefill's
-                # stream in float32); its edit, probe and params are views of it.
-                direction, probe, params = self.steer_dirs[k].index_select(0, direction_rows[k]).split([width, width, PARAMS], dim=-1)
-                lo, hi, offset, threshold, floor = params.split(1, dim=-1)
-                along = (steered * probe).sum(dim=-1, keepdim=True) + offset
-                along = torch.where(along > threshold, along, 0.0)  # a feature's activation, or the projection
-                if k == 0:
-                    # A condition's reading: a gate row's only direction (every other row's
-                    # lands in a sum nobody reads; row 0 reads exactly 0).
-                    self.gate_sum.index_add_(0, self.token_slot[:count], along.view(-1))
-                change = torch.where(along > floor, torch.clamp(along, lo, hi) - along, 0.0)
-                steered = torch.addcmul(steered, change, direction)
-            # Exactly 0 where nothing changed: (stream + 0) - stream.
-            delta = steered - stream
-        # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
-        # changes no bit), into a new tensor: the next layer's fused add+norm may write its
-        # inputs in place.
-        return (residual.float() + delta).to(residual.dtype)
+def steer(hidden: torch.Tensor, residual: torch.Tensor, token_row: torch.Tensor, add: torch.Tensor,
+          dirs: torch.Tensor, count: torch.Tensor, *, direction_index: torch.Tensor | None = None,
+          token_slot: torch.Tensor | None = None, gate_sum: torch.Tensor | None = None,
+          kernel: str = "torch") -> torch.Tensor:
+    """The stream after a layer is ``hidden + residual``; return the new residual, steered by
+    the row each token reads (``token_row``) of the tables ``add``, ``dirs``, ``count`` (the
+    layout of rows.py). Each token's reading of its row's first direction is added into
+    ``gate_sum[token_slot]`` when both are given (conditions).
+
+    Adds first, then each direction holds the current stream's component to its bounds,
+    in order: ``x <- x + (clip(a, lo, hi) - a) d`` with ``a = <x, d>`` (clamp: ``lo = hi``)
+    or an SAE feature's activation (rows.Direction). Row 0 and unused directions are zero, so
+    the delta is exactly 0 and unsteered tokens keep ``residual`` bit for bit.
+    """
+    count_tokens = hidden.shape[0]
+    directions = dirs.shape[0]
+    reads = gate_sum is not None and token_slot is not None and directions > 0
+    if kernel == "triton":
+        from vllm_steer.core.kernels import steer_triton  # only where Triton is (a GPU, or its interpreter)
+
+        residual, reading = steer_triton(hidden, residual, token_row, add, dirs, count)
+        if reads:
+            gate_sum.index_add_(0, token_slot[:count_tokens], reading)
+        return residual
+    row = token_row[:count_tokens]
+    if not directions:
+        delta = add[row]
+    else:
+        stream = hidden.float() + residual.float()
+        steered = stream + add[row]
+        width = stream.shape[-1]
+        if direction_index is None:
+            direction_index = torch.arange(directions, device=dirs.device).unsqueeze(-1)
+        # A direction a token's row leaves unused is zero there and in row 0 alike: reading
+        # row 0 gives the same result from one row that stays in cache, not from every
+        # request's own (the rows of distinct requests are megabytes, read each step).
+        used = count.index_select(0, row)
+        direction_rows = torch.where(direction_index < used, row, 0)  # [K, tokens]
+        for k in range(directions):
+            # One gather per direction (all K at once would hold K times the prefill's
+            # stream in float32); its edit, probe and params are views of it.
+            direction, probe, lo, hi, offset, threshold, floor = split_entry(dirs[k].index_select(0, direction_rows[k]), width)
+            along = (steered * probe).sum(dim=-1, keepdim=True) + offset
+            along = torch.where(along > threshold, along, 0.0)  # a feature's activation, or the projection
+            if k == 0 and reads:
+                # A condition's reading: a gate row's only direction (every other row's
+                # lands in a sum nobody reads; row 0 reads exactly 0).
+                gate_sum.index_add_(0, token_slot[:count_tokens], along.view(-1))
+            change = torch.where(along > floor, torch.clamp(along, lo, hi) - along, 0.0)
+            steered = torch.addcmul(steered, change, direction)
+        # Exactly 0 where nothing changed: (stream + 0) - stream.
+        delta = steered - stream
+    # One cast back (residual -> float32 -> residual's dtype is exact, so a zero delta
+    # changes no bit), into a new tensor: the next layer's fused add+norm may write its
+    # inputs in place.
+    return (residual.float() + delta).to(residual.dtype)
 
 
 @functools.cache

@@ -23,17 +23,32 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vllm_steer.core.layer import PARAMS
-from vllm_steer.core.resolve import Gate, ResolvedSteering, unit
+from vllm_steer.core.plan import Gate, ResolvedSteering, unit
 from vllm_steer.core.staging import to_device
 
 MAX_DEFAULT_BUDGET = 256 << 20  # bytes; the default budget is also at most 1% of the device
 
+# ---- the row layout on the device, defined once (the layer math, the Triton kernel and the
+# GPU check read it from here): ``add [R, H]``, ``dirs [K, R, entry_width(H)]`` and ``count
+# [R]`` (int32). A direction's entry is its edit vector, its probe vector, then its params
+# (``Direction.params`` says what each means), side by side: one gather reads it whole.
+PARAM_NAMES = ("lo", "hi", "offset", "threshold", "floor")
+PARAMS = len(PARAM_NAMES)
+
+
+def entry_width(hidden: int) -> int:
+    return 2 * hidden + PARAMS
+
+
+def split_entry(entry: torch.Tensor, hidden: int) -> tuple[torch.Tensor, ...]:
+    """A direction entry's views: edit ``[..., H]``, probe ``[..., H]``, then each param ``[..., 1]``."""
+    edit, probe, params = entry.split([hidden, hidden, PARAMS], dim=-1)
+    return (edit, probe, *params.split(1, dim=-1))
+
 
 def row_bytes(hidden: int, max_directions: int) -> int:
-    """One row: the add, and per direction its edit and probe vectors (float32 [H] each) and
-    PARAMS scalars (float32); the count (int32)."""
-    return 4 * ((1 + 2 * max_directions) * hidden + PARAMS * max_directions + 1)
+    """One row: the add (float32 [H]), a direction entry per direction (float32), the count (int32)."""
+    return 4 * (hidden + max_directions * entry_width(hidden) + 1)
 
 
 def worst_case_rows(requests: int, layers: int, max_directions: int) -> int:
@@ -79,7 +94,7 @@ class Direction:
     only_active: bool = False
 
     def params(self) -> list[float]:
-        """The scalars of the pool's ``params`` table: lo, hi, offset, the threshold ``a``
+        """The scalars after the vectors (``PARAM_NAMES``, in order): lo, hi, offset, the threshold ``a``
         must exceed to count (-inf: not a feature, ``a = s``) and the floor ``a`` must
         exceed for the token to change (0: only_active; -inf: every token). Flags as bounds
         keep the layer math to comparisons, no branches."""
@@ -135,9 +150,9 @@ def projection_bounds(mode: str, coeff: float, bounds: tuple[float | None, float
 
 def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[torch.Tensor, ...]:
     """Rows as the pool's tables hold them, stacked, unused directions zero: (adds [N, H],
-    directions [K, N, 2H + PARAMS], counts [N]), so one copy per table moves them all."""
+    directions [K, N, entry_width(H)], counts [N]), so one copy per table moves them all."""
     adds = torch.stack([row.add for row in rows])
-    directions = torch.zeros(max_directions, len(rows), 2 * hidden + PARAMS)
+    directions = torch.zeros(max_directions, len(rows), entry_width(hidden))
     counts = torch.tensor([len(row.directions) for row in rows], dtype=torch.int32)
     for k in range(max_directions):  # a few ops per direction index, not per row
         using = [(n, row.directions[k]) for n, row in enumerate(rows) if len(row.directions) > k]
@@ -151,17 +166,15 @@ def stack_rows(rows: list[LayerRow], max_directions: int, hidden: int) -> tuple[
 
 
 class RowPool:
-    """The device tables every steerable layer reads, indexed by row: ``add [R, H]`` and
-    ``dirs [K, R, 2H + PARAMS]`` (float32; a row's k-th direction is ``dirs[k, row]``: its edit
-    vector, its probe vector and its params side by side, so one gather of contiguous rows
-    reads a direction whole) and ``count [R]`` (int32). Rows are refcounted by content key; a
+    """The device tables every steerable layer reads, indexed by row, in the layout above (a
+    row's k-th direction is ``dirs[k, row]``). Rows are refcounted by content key; a
     row whose last user leaves is free again. New rows are written by ``flush``, before the
     step that reads them: requests admitted together cost one copy per table."""
 
     def __init__(self, rows: int, hidden: int, max_directions: int):
         self.hidden, self.max_directions = hidden, max_directions
         self.add = torch.zeros(rows, hidden, dtype=torch.float32)
-        self.dirs = torch.zeros(max_directions, rows, 2 * hidden + PARAMS, dtype=torch.float32)
+        self.dirs = torch.zeros(max_directions, rows, entry_width(hidden), dtype=torch.float32)
         self.count = torch.zeros(rows, dtype=torch.int32)
         self.direction_index = torch.arange(max_directions).unsqueeze(-1)  # [K, 1]: compared with count
         self._free = list(range(rows - 1, 0, -1))

@@ -28,7 +28,7 @@ import torch
 
 from vllm_steer.core.capture import CaptureTables
 from vllm_steer.engine.rpc import WORKER_OPS
-from vllm_steer.core.resolve import ModelShape, ResolvedSteering
+from vllm_steer.core.plan import ModelShape, ResolvedSteering
 from vllm_steer.core.rows import RowPool, build_gate_row, build_row, worst_case_rows
 from vllm_steer.core.spec import CaptureSpec
 from vllm_steer.core.staging import HostCopy, HostTable, to_device

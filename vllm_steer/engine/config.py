@@ -58,7 +58,7 @@ class SteeringConfig(BaseModel):
         """What validation needs to know about the served model (``dtype``: the one served;
         ``device_bytes``: the device's memory, for the default row budget; without it and
         without ``table_budget_mib`` the pool is not bounded)."""
-        from vllm_steer.core.resolve import ModelShape
+        from vllm_steer.core.plan import ModelShape
 
         text = text_config(hf_config)
         return ModelShape(

@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_steer.engine.config import SteeringConfig, text_config
 from vllm_steer.engine.families import is_steered
-from vllm_steer.core.resolve import ResolvedSteering
+from vllm_steer.core.plan import ResolvedSteering
 from vllm_steer.core.rows import worst_case_rows
 
 _ROWS = "_vllm_steer_rows"  # set on vLLM's Request: the row keys, decoded once

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vllm_steer.core.resolve import ResolvedSteering, unit
+from vllm_steer.core.plan import ResolvedSteering, unit
 
 NEVER = torch.iinfo(torch.int64).max
 
