@@ -1,4 +1,4 @@
-# make test-fast  the tests that start no engine or server (< 1 min)
+# make test-fast  the import contracts, then the tests that start no engine or server (< 1 min)
 # make test       the whole suite on Model Runner V1, then the engine tests on V2
 # make serve      start the steering server on SmolLM2-135M-Instruct with its concept vectors
 # Each creates .venv on first use.
@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 test: test-v1 test-v2
 
 test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not engine and not server" $(PYTEST_ARGS)
 
 test-v1: $(STAMP)

@@ -20,6 +20,7 @@ does the same from a checkout).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -27,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from vllm_steer.vectors.extract import read_prompts
 
 
 def _steering_args(parser: argparse.ArgumentParser) -> None:
@@ -202,15 +205,6 @@ def extract(argv: list[str]) -> None:
     print(f"wrote {args.out}: {name!r}, layers {list(found)} (norms {norms})")
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: one per line (blank lines skipped) or a JSON list of strings."""
-    text = Path(path).read_text()
-    prompts = json.loads(text) if text.lstrip().startswith("[") else [line for line in text.splitlines() if line.strip()]
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise SystemExit(f"{path}: expected prompts, one per line or a JSON list of non-empty strings")
-    return prompts
-
-
 def sweep(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="vllm-steer sweep",
@@ -245,9 +239,8 @@ def bench(argv: list[str]) -> None:
                  "run this from a checkout (or python -m benchmarks.run there)")
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
-    from benchmarks import run  # from the checkout, found above
-
-    run.main(argv, program="vllm-steer bench")
+    # Looked up at run time: the harness is the checkout's, not a dependency of the package.
+    importlib.import_module("benchmarks.run").main(argv, program="vllm-steer bench")
 
 
 def features(argv: list[str]) -> None:

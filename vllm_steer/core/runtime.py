@@ -27,12 +27,14 @@ from typing import Any
 import torch
 
 from vllm_steer.core.capture import CaptureTables
-from vllm_steer.engine.rpc import WORKER_OPS
 from vllm_steer.core.plan import ModelShape, ResolvedSteering
 from vllm_steer.core.rows import RowPool, build_gate_row, build_row, worst_case_rows
 from vllm_steer.core.spec import CaptureSpec
 from vllm_steer.core.staging import HostCopy, HostTable, to_device
 from vllm_steer.core.registry import VectorRegistry, vector_from_wire
+
+# What the workers serve over the control plane (engine/rpc.py builds the calls).
+WORKER_OPS = ("add_vector", "remove_vector", "stats", "collect_captures")
 
 logger = logging.getLogger("vllm_steer")
 
@@ -356,7 +358,7 @@ class SteeringRuntime:
         if self.capture is not None:
             self.capture.clear(num_tokens)
 
-    # ---- control plane (control.py's WORKER_OPS, over collective_rpc) ---------------------
+    # ---- control plane (engine/rpc.py sends these, over collective_rpc) ---------------------
     def rpc(self, op: str, *args: Any) -> Any:
         if op not in WORKER_OPS:
             raise ValueError(f"unknown steering operation {op!r}; known: {', '.join(WORKER_OPS)}")

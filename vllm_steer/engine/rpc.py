@@ -14,9 +14,8 @@ from typing import Any
 
 from vllm_steer.core.registry import Vector, vector_to_wire
 
-# The worker method (added to vLLM's WorkerBase, see touchpoints.py) and the operations it runs.
+# The worker method (added to vLLM's WorkerBase, see seam.py); it runs core/runtime.py's WORKER_OPS.
 RPC_METHOD = "steering_rpc"
-WORKER_OPS = ("add_vector", "remove_vector", "stats", "collect_captures")
 
 
 @dataclass(frozen=True)

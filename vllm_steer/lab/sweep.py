@@ -604,7 +604,7 @@ def add_arguments(parser) -> None:
 
 def _prompts(args, demo: bool) -> list[str]:
     if args.prompts_file:
-        from vllm_steer.cli import read_prompts
+        from vllm_steer.vectors.extract import read_prompts
 
         prompts = read_prompts(args.prompts_file)
     elif args.prompt:

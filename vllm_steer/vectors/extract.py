@@ -12,7 +12,9 @@ over the prompt's tokens (``reduce``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -63,3 +65,12 @@ def extract(
         )
         for layer in layers
     }
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line (blank lines skipped) or a JSON list of strings."""
+    text = Path(path).read_text()
+    prompts = json.loads(text) if text.lstrip().startswith("[") else [line for line in text.splitlines() if line.strip()]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SystemExit(f"{path}: expected prompts, one per line or a JSON list of non-empty strings")
+    return prompts
