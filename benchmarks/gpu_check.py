@@ -32,7 +32,6 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -246,8 +245,8 @@ def kernel_choice(rows: list[dict[str, Any]]) -> dict[str, Any]:
 SYNC_HIDDEN, SYNC_LAYERS, SYNC_SLOTS, SYNC_TOKENS = 512, 4, 17, 256
 
 
-def steered_params(shape: ModelShape, seed: int, capture: bool = False) -> SimpleNamespace:
-    """Sampling params as the front end hands them on: several layers, add + clamp + ablate,
+def steered_params(shape: ModelShape, seed: int, capture: bool = False) -> dict:
+    """A request's ``extra_args`` as the front end hands them on: several layers, add + clamp + ablate,
     inline vectors (as floats and as base64); odd seeds steer generated tokens only, seed 1
     under a condition."""
     generator = np.random.default_rng(seed)
@@ -262,7 +261,7 @@ def steered_params(shape: ModelShape, seed: int, capture: bool = False) -> Simpl
     extra = {"steering": resolve(spec, shape, VectorRegistry()).wire}
     if capture:
         extra["steering_capture"] = json.dumps({"key": f"k{seed}", "layers": [1, 2], "reduce": "mean"})
-    return SimpleNamespace(extra_args=extra)
+    return extra
 
 
 class _Warnings(logging.Handler):

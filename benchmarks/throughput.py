@@ -59,15 +59,14 @@ class Engine:
         self.start_seconds = time.perf_counter() - started
         self.kwargs = kwargs
 
-    @property
-    def scheduler(self):
-        return self.llm.llm_engine.vllm_config.scheduler_config
-
     def table_bytes(self) -> dict[str, int]:
+        from vllm_steer.engine import seam  # imports vLLM (~8 s): the harness's logic is tested without it
+
         pool = self.steered_llm.steering_stats()[0]["table_rows"]
+        max_num_seqs, max_num_batched_tokens = seam.scheduler_limits(seam.offline_config(self.llm))
         return common.steering_table_bytes(
-            self.config.hidden_size, self.config.num_hidden_layers, self.scheduler.max_num_seqs,
-            self.max_directions, self.scheduler.max_num_batched_tokens, table_rows=pool["capacity"] + 1,
+            self.config.hidden_size, self.config.num_hidden_layers, max_num_seqs,
+            self.max_directions, max_num_batched_tokens, table_rows=pool["capacity"] + 1,
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):
@@ -91,7 +90,9 @@ class Engine:
         if self.steered_llm is not None:
             self.steered_llm.shutdown()
         else:
-            self.llm.llm_engine.engine_core.shutdown()
+            from vllm_steer.engine import seam  # imports vLLM (~8 s)
+
+            seam.shutdown_offline(self.llm)
         self.llm = self.steered_llm = None
         gc.collect()
 

@@ -49,13 +49,18 @@ def runtime() -> SteeringRuntime:
 
 
 def params(spec=None, capture=None):
-    """Sampling params as the front end hands them on: the resolved wire form."""
+    """A request's ``extra_args`` as the front end hands them on: the resolved wire form."""
     extra = {}
     if spec is not None:
         extra["steering"] = resolve(spec, SHAPE, FRONT_REGISTRY).wire
     if capture is not None:
         extra["steering_capture"] = json.dumps(capture)
-    return SimpleNamespace(extra_args=extra or None)
+    return extra or None
+
+
+def sampling(spec=None, capture=None):
+    """vLLM's sampling params carrying them."""
+    return SimpleNamespace(extra_args=params(spec, capture))
 
 
 def reference_stream(stream: torch.Tensor, spec, registry, layer: int, positions, prompt_len: int) -> torch.Tensor:
@@ -150,8 +155,8 @@ def test_a_full_pool_admits_nothing_partially():
 def test_exhausted_or_unresolvable_specs_degrade_to_unsteered_and_are_counted(runtime, caplog):
     ghost = ResolvedSteering((Op(1, "add", "sha256:" + "0" * 64, 1.0, False),), "all").wire
     with caplog.at_level(logging.WARNING, logger="vllm_steer"):
-        assert runtime.admit("ghost", SimpleNamespace(extra_args={"steering": ghost}), 1) == 0
-        assert runtime.admit("garbage", SimpleNamespace(extra_args={"steering": "{not json"}), 1) == 0
+        assert runtime.admit("ghost", {"steering": ghost}, 1) == 0
+        assert runtime.admit("garbage", {"steering": "{not json"}, 1) == 0
         for i in range(SLOTS - 1):
             runtime.admit(f"r{i}", params(SPEC_A), 1)
         assert runtime.admit("one-too-many", params(SPEC_A), 1) == 0
@@ -216,9 +221,9 @@ def scheduler_output(finished=(), preempted=()):
 def test_v1_writer_follows_rows_by_request_id(runtime):
     runner = FakeV1Runner()
     runner.requests = {
-        "a": SimpleNamespace(sampling_params=params(SPEC_A), num_prompt_tokens=3),
-        "b": SimpleNamespace(sampling_params=params(SPEC_B), num_prompt_tokens=2),
-        "u": SimpleNamespace(sampling_params=params(), num_prompt_tokens=2),
+        "a": SimpleNamespace(sampling_params=sampling(SPEC_A), num_prompt_tokens=3),
+        "b": SimpleNamespace(sampling_params=sampling(SPEC_B), num_prompt_tokens=2),
+        "u": SimpleNamespace(sampling_params=sampling(), num_prompt_tokens=2),
     }
     runner.schedule([("a", 3), ("u", 2)])
     write_v1(runtime, runner, torch.tensor([0, 1, 2, 0, 1, 0, 0, 0]))
@@ -261,8 +266,8 @@ def test_v1_request_not_scheduled_this_step_keeps_its_slot_and_capture(runtime):
     runner = FakeV1Runner()
     capture = {"key": "chunked", "layers": [1], "reduce": "mean"}
     runner.requests = {
-        "long": SimpleNamespace(sampling_params=params(SPEC_A, capture=capture), num_prompt_tokens=6),
-        "other": SimpleNamespace(sampling_params=params(SPEC_B), num_prompt_tokens=4),
+        "long": SimpleNamespace(sampling_params=sampling(SPEC_A, capture=capture), num_prompt_tokens=6),
+        "other": SimpleNamespace(sampling_params=sampling(SPEC_B), num_prompt_tokens=4),
     }
     runner.schedule([("long", 3)])  # first prefill chunk
     write_v1(runtime, runner, torch.tensor([0, 1, 2]))
@@ -285,7 +290,7 @@ def test_v1_request_not_scheduled_this_step_keeps_its_slot_and_capture(runtime):
 
 
 def new_request(req_id: str, spec=None, prompt_len: int = 2):
-    return SimpleNamespace(req_id=req_id, sampling_params=params(spec), prompt_len=prompt_len)
+    return SimpleNamespace(req_id=req_id, sampling_params=sampling(spec), prompt_len=prompt_len)
 
 
 def v2_batch(req_ids, idx_mapping, tokens, positions, padded):

@@ -49,6 +49,21 @@ def test_front_end_touchpoints():
     assert {"prompt_token_ids", "prompt_embeds", "sampling_params", "cache_salt"} <= set(EngineCoreRequest.__struct_fields__)
     assert {"parameter", "value"} <= set(parameters(VLLMValidationError.__init__))
     assigned_in_init(InputProcessor, "model_config")
+    from vllm import LLM, SamplingParams
+    from vllm.config import ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    # The offline LLM's and the server's engine client's front end, engine core and config.
+    assigned_in_init(LLM, "llm_engine")
+    assigned_in_init(LLMEngine, "input_processor", "engine_core", "vllm_config")
+    assigned_in_init(AsyncLLM, "input_processor")
+    assert {"extra_args", "skip_reading_prefix_cache"} <= set(inspect.signature(SamplingParams).parameters) | set(
+        getattr(SamplingParams, "__struct_fields__", ()))
+    assert {"model_config", "scheduler_config", "parallel_config"} <= fields(VllmConfig)
+    assert {"hf_config", "dtype"} <= fields(ModelConfig) | set(dir(ModelConfig))
+    assert {"max_num_seqs", "max_num_batched_tokens"} <= fields(SchedulerConfig)
+    assert "pipeline_parallel_size" in fields(ParallelConfig)
 
 
 def test_engine_core_touchpoints():
@@ -58,7 +73,8 @@ def test_engine_core_touchpoints():
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request
 
-    from vllm_steer.engine.scheduler import SteeringScheduler, scheduler_class
+    from vllm_steer.engine.scheduler import row_budget
+    from vllm_steer.engine.seam import SteeringScheduler, scheduler_class
 
     assert parameters(SchedulerConfig.get_scheduler_cls) == ["self"]
     assert parameters(Scheduler._handle_blocked_waiting_request) == ["self", "request"]
@@ -66,10 +82,10 @@ def test_engine_core_touchpoints():
     assert "self._handle_blocked_waiting_request(request)" in inspect.getsource(Scheduler.schedule)
     assigned_in_init(Scheduler, "running", "vllm_config")
     assigned_in_init(Request, "sampling_params")
-    assert not hasattr(Request, "__slots__")  # the scheduler caches a request's rows on it
+    assert not hasattr(Request, "__slots__")  # the scheduler caches a request's rows on it (seam.attach)
     assert issubclass(AsyncScheduler, Scheduler)
     # The mixin's hooks come first in the method order of what vLLM builds.
-    built = scheduler_class(AsyncScheduler)
+    built = scheduler_class(AsyncScheduler, row_budget)
     assert built._handle_blocked_waiting_request is SteeringScheduler._handle_blocked_waiting_request
     assert built.schedule is SteeringScheduler.schedule
     assert current_platform.get_device_total_memory() > 0
@@ -155,3 +171,38 @@ def test_server_touchpoints():
     # POST /v1/steering/features: capture requests through the served engine, tokenized by its tokenizer.
     assert parameters(AsyncLLM.generate)[:4] == ["self", "prompt", "sampling_params", "request_id"]
     assert parameters(AsyncLLM.get_tokenizer) == ["self"]
+
+
+# vLLM's internals the seam reaches (its docstring lists them): no other module may.
+INTERNAL_ATTRIBUTES = {
+    "llm_engine", "engine_core", "input_processor", "model_config", "scheduler_config", "parallel_config",
+    "_handle_blocked_waiting_request", "get_scheduler_cls", "assign_request_id", "skip_reading_prefix_cache",
+    "cache_salt", "prompt_embeds", "num_tokens_after_padding", "idx_mapping", "idx_mapping_np", "query_start_loc",
+    "num_scheduled_tokens", "req_id_to_index", "max_num_reqs", "num_prompt_tokens", "finished_req_ids",
+    "preempted_req_ids", "use_ubatching",
+}
+
+
+def test_only_the_seam_reaches_vllm_internals():
+    """A vLLM upgrade means reading seam.py: every other module imports only vLLM's public
+    top-level names (``LLM``, ``SamplingParams``; the benchmarks also vLLM's own benchmark
+    client) and touches none of the internal attributes the seam reads."""
+    import ast
+
+    from support.engines import REPO
+
+    found = []
+    for path in sorted([*(REPO / "vllm_steer").rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]):
+        if path.name == "seam.py":
+            continue
+        allowed = {"vllm"} | ({"vllm.benchmarks", "vllm.tokenizers"} if path.parent.name == "benchmarks" else set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for module in modules:
+                if (module == "vllm" or module.startswith("vllm.")) and not any(
+                        module == ok or module.startswith(ok + ".") and ok != "vllm" for ok in allowed):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} imports {module}")
+            if isinstance(node, ast.Attribute) and node.attr in INTERNAL_ATTRIBUTES:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} reads .{node.attr}")
+    assert not found, "vLLM internals outside seam.py:\n" + "\n".join(found)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,8 +30,8 @@ from vllm_steer.core.capture import CaptureTables
 from vllm_steer.core.plan import ModelShape, ResolvedSteering
 from vllm_steer.core.rows import RowPool, build_gate_row, build_row, worst_case_rows
 from vllm_steer.core.spec import CaptureSpec
-from vllm_steer.core.staging import HostCopy, HostTable, to_device
 from vllm_steer.core.registry import VectorRegistry, vector_from_wire
+from vllm_steer.core.staging import HostCopy, HostTable, to_device
 
 # What the workers serve over the control plane (engine/rpc.py builds the calls).
 WORKER_OPS = ("add_vector", "remove_vector", "stats", "collect_captures")
@@ -134,13 +134,14 @@ class SteeringRuntime:
         self._step_sum = 0
 
     # ---- admission -------------------------------------------------------------------
-    def admit(self, req_id: str, sampling_params: Any, prompt_len: int) -> int:
-        """Give ``req_id`` a slot holding its steering (and capture); 0 when it has neither.
+    def admit(self, req_id: str, extra_args: Mapping[str, Any] | None, prompt_len: int) -> int:
+        """Give ``req_id`` a slot holding its steering (and capture), which ride in its sampling
+        params' ``extra_args`` (resolved by the front end); 0 when it has neither.
         Never raises: an exception here would kill the engine. A request whose steering
         cannot be applied (no slot free, its vector no longer held) runs without it,
         logged and counted in ``unapplied``."""
         self.release(req_id)
-        extra = getattr(sampling_params, "extra_args", None) or {}
+        extra = extra_args or {}
         slot = 0
         if "steering" in extra or "steering_capture" in extra:
             try:

@@ -192,17 +192,17 @@ _LOCK = threading.Lock()
 
 def frontend_of(input_processor: Any) -> SteeringFrontend | None:
     """The SteeringFrontend of an engine's InputProcessor; None if the model is not steerable."""
-    frontend = getattr(input_processor, "_vllm_steer", None)
+    frontend = seam.attached(input_processor)
     if frontend is None:
         with _LOCK:
-            frontend = getattr(input_processor, "_vllm_steer", None)
+            frontend = seam.attached(input_processor)
             if frontend is None:
                 hf_config = seam.served_hf_config(input_processor)
                 steerable = is_steered(getattr(hf_config, "architectures", None))
                 frontend = SteeringFrontend(
                     hf_config, seam.served_dtype(input_processor), seam.pipeline_stages(input_processor)
                 ) if steerable else False
-                input_processor._vllm_steer = frontend
+                seam.attach(input_processor, frontend)
     return frontend or None
 
 
@@ -213,11 +213,11 @@ def on_new_request(input_processor: Any, request: Any) -> None:
 
 def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
     """Resolve and salt one EngineCoreRequest in place (see the module docstring)."""
-    if (request.cache_salt or "").startswith(SALT_PREFIX):
+    salt = seam.request_cache_salt(request)
+    if (salt or "").startswith(SALT_PREFIX):
         # Otherwise an unsteered request could write KV blocks into a steered namespace.
         raise SteeringRequestError(SteeringError(f"may not start with {SALT_PREFIX!r} (reserved for steering)", "cache_salt"))
-    params = request.sampling_params
-    extra = getattr(params, "extra_args", None)
+    extra = seam.request_extra_args(request)
     if not extra or ("steering" not in extra and "steering_capture" not in extra):
         return
     if frontend is None:
@@ -232,23 +232,16 @@ def prepare_request(frontend: SteeringFrontend | None, request: Any) -> None:
     try:
         if "steering_capture" in extra:
             extra["steering_capture"] = frontend.check_capture(extra["steering_capture"]).model_dump_json()
-            # Every captured token must be computed, not read from the prefix cache.
-            params.skip_reading_prefix_cache = True
         resolved = frontend.accept(extra["steering"]) if "steering" in extra else None
     except SteeringError as exc:
         raise SteeringRequestError(exc) from None
+    # Every captured token must be computed, and a condition reads every prompt token: none
+    # may come from the prefix cache.
+    whole_prompt = "steering_capture" in extra or (resolved is not None and resolved.gate is not None)
     if resolved is not None:
         extra["steering"] = resolved.wire
-        if resolved.gate is not None:
-            # A condition reads every prompt token: none may come from the prefix cache.
-            params.skip_reading_prefix_cache = True
-        request.cache_salt = steering_salt(resolved.cache_namespace(prompt_length(request)), request.cache_salt)
+        salt = steering_salt(resolved.cache_namespace(seam.request_prompt_length(request)), salt)
     else:  # nothing to apply: the request is unsteered, and shares its cache
         extra.pop("steering", None)
-    params.extra_args = extra or None
-
-
-def prompt_length(request: Any) -> int:
-    if request.prompt_token_ids is not None:
-        return len(request.prompt_token_ids)
-    return int(request.prompt_embeds.shape[0])
+        salt = None
+    seam.update_request(request, extra, cache_salt=salt, compute_whole_prompt=whole_prompt)

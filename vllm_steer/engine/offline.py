@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_steer.engine import rpc
+from vllm_steer.engine import rpc, seam
 from vllm_steer.engine.config import hf_overrides
 from vllm_steer.engine.families import architecture_for
 from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, frontend_of
@@ -87,11 +87,11 @@ class SteeredLLM:
 
     def shutdown(self) -> None:
         """Stop the engine's processes now (otherwise they stop when the interpreter exits)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        seam.shutdown_offline(self.llm)
 
     @property
     def frontend(self) -> SteeringFrontend:
-        frontend = frontend_of(self.llm.llm_engine.input_processor)
+        frontend = frontend_of(seam.offline_input_processor(self.llm))
         assert frontend is not None
         return frontend
 

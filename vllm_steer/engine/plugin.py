@@ -16,4 +16,4 @@ def register() -> None:
     for family in FAMILIES.values():
         seam.register_architecture(family.steered, f"vllm_steer.engine.families:{family.steered}")
     seam.wrap_assign_request_id(frontend.on_new_request)
-    seam.wrap_scheduler_cls(scheduler.scheduler_class)
+    seam.wrap_scheduler_cls(scheduler.row_budget)

@@ -1,20 +1,32 @@
-"""Every place vllm-steer reaches into vLLM by name, pinned to vLLM 0.32.0.
+"""Every place vllm-steer reaches into vLLM's internals, pinned to vLLM 0.32.0.
 
-A vLLM upgrade starts as an audit of this file: ``tests/test_touchpoints.py`` asserts that
-each class, method and attribute named here exists with the signature relied on. The rest
-of the package talks to vLLM only through these functions, and through the model classes
-of ``families.py`` (vLLM's ``...ForCausalLM`` classes by module path, their ``model.layers``
-or ``get_language_model().model.layers``, and layers returning ``(hidden, residual)``),
-which the same test imports and the family tests run.
+A vLLM upgrade starts as an audit of this file: ``tests/unit/test_seam.py`` asserts that
+each class, method and attribute named here exists with the signature relied on, and that
+no other module imports vLLM beyond its public ``vllm`` names (``LLM``, ``SamplingParams``).
+The rest of the package talks to vLLM's internals only through these functions, and through
+the model classes of ``families.py`` (vLLM's ``...ForCausalLM`` classes by module path, their
+``model.layers`` or ``get_language_model().model.layers``, and layers returning ``(hidden,
+residual)``), which the same test imports and the family tests run.
+
+vLLM's modules are imported where they are used: this module is imported by processes and
+commands that never load most of vLLM (the CLI, the plugin's ``register`` in every vLLM
+process, the front end), vLLM takes seconds to import, and V2's model states need Triton.
 
 Engine core
-- ``SchedulerConfig.get_scheduler_cls``: wrapped so vLLM's scheduler class gets the row
-  budget mixin (``scheduler.py``); ``Scheduler._handle_blocked_waiting_request``, ``schedule``
-  and ``running``; ``Request.sampling_params.extra_args``.
+- ``SchedulerConfig.get_scheduler_cls``: wrapped so vLLM's scheduler class consults the row
+  budget (``scheduler.py``) through ``SteeringScheduler``, which overrides
+  ``Scheduler._handle_blocked_waiting_request`` and ``schedule`` and reads ``running``;
+  ``Request.sampling_params.extra_args``; the request's rows are memoized on the ``Request``.
+- ``VllmConfig``: ``model_config.hf_config``/``dtype``, ``scheduler_config.max_num_seqs``/
+  ``max_num_batched_tokens``, ``parallel_config``.
 
 Front end (every process that accepts requests)
 - ``InputProcessor.assign_request_id``: the one call every entry path makes once per
-  request; wrapped to resolve and salt steering (``frontend.prepare_request``).
+  request; wrapped to resolve and salt steering (``frontend.prepare_request``), which reads
+  and rewrites the ``EngineCoreRequest``'s ``sampling_params.extra_args``,
+  ``skip_reading_prefix_cache``, ``cache_salt`` and prompt length here. Each front end's
+  steering state is kept on its ``InputProcessor`` (``attach``).
+- The offline ``LLM``'s ``llm_engine.input_processor`` and ``llm_engine.engine_core``.
 - ``ModelRegistry.register_model``: the steered architecture, by name.
 - ``VLLMValidationError``: raised for a bad spec, answered as HTTP 400 by vLLM.
 - ``current_platform.get_device_total_memory``: the default steering row budget (front end,
@@ -30,10 +42,11 @@ Workers
 - ``GPUModelRunner._model_forward`` (V1): wrapped to write each step's token -> slot index;
   it reads ``input_batch.req_ids``/``num_reqs``, ``query_start_loc.np`` and
   ``requests[req_id].sampling_params``/``num_prompt_tokens``.
-- ``DefaultModelState`` (Model Runner V2): subclassed by ``runners.SteeringModelState``; it
-  reads ``InputBatch`` fields ``num_reqs``, ``num_tokens``, ``num_tokens_after_padding``,
-  ``req_ids``, ``idx_mapping``, ``query_start_loc``, ``positions``, ``RequestState
-  .req_id_to_index`` and ``NewRequestData`` ``req_id``/``sampling_params``/``prompt_len``.
+- ``DefaultModelState`` (Model Runner V2): subclassed here (``steering_model_state_cls``),
+  calling a ``writers.V2SlotWriter``; it reads ``max_num_reqs``, ``InputBatch`` fields
+  ``num_reqs``, ``num_tokens``, ``num_tokens_after_padding``, ``req_ids``, ``idx_mapping``,
+  ``query_start_loc``, ``positions``, ``RequestState.req_id_to_index`` and ``NewRequestData``
+  ``req_id``/``sampling_params``/``prompt_len``.
 - ``WorkerBase.steering_rpc``: added, so ``collective_rpc`` reaches every worker.
 
 Server
@@ -46,6 +59,7 @@ Server
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +78,33 @@ def _installed(function: Any) -> bool:
 def _mark(function: Callable) -> Callable:
     setattr(function, _MARK, True)
     return function
+
+
+def attached(owner: Any) -> Any:
+    """What ``attach`` left on a vLLM object (None when nothing)."""
+    return getattr(owner, _MARK, None)
+
+
+def attach(owner: Any, value: Any) -> None:
+    """Keep ``value`` on a vLLM object for as long as it lives (its steering state)."""
+    setattr(owner, _MARK, value)
+
+
+# ---- the engine's configuration ---------------------------------------------------------------
+def offline_config(llm: Any) -> Any:
+    """An offline ``vllm.LLM``'s ``VllmConfig``."""
+    return llm.llm_engine.vllm_config
+
+
+def served_config(vllm_config: Any) -> tuple[Any, str]:
+    """The model's HF config and the dtype the engine runs it in ("bfloat16", ...)."""
+    return vllm_config.model_config.hf_config, str(vllm_config.model_config.dtype).removeprefix("torch.")
+
+
+def scheduler_limits(vllm_config: Any) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens)."""
+    scheduler = vllm_config.scheduler_config
+    return scheduler.max_num_seqs, scheduler.max_num_batched_tokens
 
 
 # ---- front end -------------------------------------------------------------------------------
@@ -97,9 +138,11 @@ def wrap_assign_request_id(prepare: Callable[[Any, Any], None]) -> None:
     InputProcessor.assign_request_id = _mark(assign_request_id)
 
 
-def wrap_scheduler_cls(with_steering: Callable[[type], type]) -> None:
-    """The engine core's scheduler class becomes ``with_steering(the class vLLM would use)``,
-    when that class is vLLM's ``Scheduler`` or a subclass (it has the waiting-request hook)."""
+def wrap_scheduler_cls(make_gate: Callable[[Any], Any]) -> None:
+    """The engine core's scheduler class, when it is vLLM's ``Scheduler`` or a subclass (it
+    has the waiting-request hook), consults a gate: ``make_gate(vllm_config)`` once (None:
+    no gate), ``gate.new_step()`` as a step's scheduling begins, and ``gate.may_start(request,
+    running)`` before a waiting request vLLM would start (``running``: the running requests)."""
     from vllm.config import SchedulerConfig
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -109,9 +152,79 @@ def wrap_scheduler_cls(with_steering: Callable[[type], type]) -> None:
 
     def get_scheduler_cls(self):
         base = original(self)
-        return with_steering(base) if isinstance(base, type) and issubclass(base, Scheduler) else base
+        return scheduler_class(base, make_gate) if isinstance(base, type) and issubclass(base, Scheduler) else base
 
     SchedulerConfig.get_scheduler_cls = _mark(get_scheduler_cls)
+
+
+class SteeringScheduler:
+    """Mixed in before vLLM's scheduler class (``scheduler_class``)."""
+
+    make_gate: Callable[[Any], Any]
+
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any):
+        super().__init__(vllm_config, *args, **kwargs)
+        self.steering_gate = self.make_gate(vllm_config)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self.steering_gate is not None:
+            self.steering_gate.new_step()
+        return super().schedule(*args, **kwargs)
+
+    def _handle_blocked_waiting_request(self, request: Any) -> bool:
+        if not super()._handle_blocked_waiting_request(request):
+            return False
+        return self.steering_gate is None or self.steering_gate.may_start(request, self.running)
+
+
+@functools.cache
+def scheduler_class(base: type, make_gate: Callable[[Any], Any]) -> type:
+    """``base`` (vLLM's Scheduler or AsyncScheduler, or a subclass) consulting ``make_gate``'s gate."""
+    return type(f"Steering{base.__name__}", (SteeringScheduler, base),
+                {"__module__": __name__, "make_gate": staticmethod(make_gate)})
+
+
+def request_extra_args(request: Any) -> dict | None:
+    """Where a request's steering and capture ride (``EngineCoreRequest`` or the engine
+    core's ``Request``): its sampling params' ``extra_args``."""
+    return getattr(request.sampling_params, "extra_args", None)
+
+
+def request_cache_salt(request: Any) -> str | None:
+    return request.cache_salt
+
+
+def request_prompt_length(request: Any) -> int:
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    return int(request.prompt_embeds.shape[0])
+
+
+def update_request(request: Any, extra_args: dict | None, *, cache_salt: str | None = None,
+                   compute_whole_prompt: bool = False) -> None:
+    """Hand a request on with ``extra_args``; ``cache_salt`` (when given) replaces its salt;
+    ``compute_whole_prompt``: no prompt token may be read from the prefix cache."""
+    params = request.sampling_params
+    params.extra_args = extra_args or None
+    if compute_whole_prompt:
+        params.skip_reading_prefix_cache = True
+    if cache_salt is not None:
+        request.cache_salt = cache_salt
+
+
+def offline_input_processor(llm: Any) -> Any:
+    """The front end of an offline ``vllm.LLM``."""
+    return llm.llm_engine.input_processor
+
+
+def shutdown_offline(llm: Any) -> None:
+    """Stop an offline ``vllm.LLM``'s engine processes now."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def served_input_processor(engine_client: Any) -> Any:
+    """The front end of the server's engine client (``AsyncLLM``)."""
+    return engine_client.input_processor
 
 
 def served_hf_config(input_processor: Any) -> Any:
@@ -185,21 +298,52 @@ def v1_batch(runner: Any) -> tuple[list[str], np.ndarray]:
     return runner.input_batch.req_ids[:num_reqs], np.diff(runner.query_start_loc.np[: num_reqs + 1])
 
 
-def v1_request(runner: Any, req_id: str) -> tuple[Any, int]:
-    """A request's sampling params and prompt length."""
+def v1_request(runner: Any, req_id: str) -> tuple[dict | None, int]:
+    """A request's extra_args (its steering and capture) and prompt length."""
     state = runner.requests[req_id]
-    return state.sampling_params, state.num_prompt_tokens
+    return getattr(state.sampling_params, "extra_args", None), state.num_prompt_tokens
 
 
 # ---- workers: Model Runner V2 -----------------------------------------------------------------
-def default_model_state_cls():
+@functools.cache
+def steering_model_state_cls(make_writer: Callable[[Any, int, Any], Any]) -> type:
+    """vLLM's default V2 model state, calling the ``add_request``, ``remove_request``,
+    ``prepare_inputs`` and ``prepare_dummy_inputs`` of ``make_writer(model, max_num_reqs,
+    device)`` after its own (built on first use: importing V2's model states needs Triton)."""
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-    return DefaultModelState
+    class SteeringModelState(DefaultModelState):
+        def __init__(self, vllm_config, model, encoder_cache, device):
+            super().__init__(vllm_config, model, encoder_cache, device)
+            self.steering = make_writer(model, self.max_num_reqs, device)
+
+        def add_request(self, req_index, new_req_data) -> None:
+            super().add_request(req_index, new_req_data)
+            self.steering.add_request(req_index, new_req_data)
+
+        def remove_request(self, req_id) -> None:
+            super().remove_request(req_id)
+            self.steering.remove_request(req_id)
+
+        def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
+            inputs = super().prepare_inputs(input_batch, req_states)
+            self.steering.prepare_inputs(input_batch, req_states)
+            return inputs
+
+        def prepare_dummy_inputs(self, num_reqs, num_tokens) -> dict[str, Any]:
+            self.steering.prepare_dummy_inputs(num_tokens)
+            return super().prepare_dummy_inputs(num_reqs, num_tokens)
+
+    return SteeringModelState
 
 
-def v2_new_request(new_req_data: Any) -> tuple[str, Any, int]:
-    return new_req_data.req_id, new_req_data.sampling_params, new_req_data.prompt_len
+def v2_new_request(new_req_data: Any) -> tuple[str, dict | None, int]:
+    """(request id, its extra_args, its prompt length)."""
+    return new_req_data.req_id, getattr(new_req_data.sampling_params, "extra_args", None), new_req_data.prompt_len
+
+
+def v2_padded_tokens(input_batch: Any) -> int:
+    return input_batch.num_tokens_after_padding
 
 
 def v2_is_dummy(input_batch: Any, req_states: Any) -> bool:

@@ -11,8 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from vllm_steer.engine import seam
+from vllm_steer.engine import seam, writers
 from vllm_steer.engine.config import SteeringConfig
+from vllm_steer.core.kernels import triton_available
 from vllm_steer.core.layer import make_steerable
 from vllm_steer.core.runtime import SteeringRuntime
 
@@ -30,7 +31,7 @@ class SteeredModel:
     family = None  # the families.Family this class steers, set by families.py
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
-        hf_config = vllm_config.model_config.hf_config
+        hf_config, dtype = seam.served_config(vllm_config)
         # hf_overrides replaced the architecture name, never model_type: the checkpoint's own.
         self.family.check_model_type(getattr(hf_config, "model_type", None))
         if seam.uses_microbatches(vllm_config):
@@ -38,13 +39,10 @@ class SteeredModel:
             raise ValueError("steering does not support micro-batching (--enable-dbo / --ubatch-size > 1): turn it off")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = SteeringConfig.from_hf_config(hf_config)
-        if settings.kernel == "triton":
-            from vllm_steer.core.kernels import triton_available
-
-            if not triton_available():
-                raise ValueError("steering.kernel 'triton' needs Triton and a GPU (or Triton's CPU interpreter, TRITON_INTERPRET=1)")
-        shape = settings.model_shape(hf_config, str(vllm_config.model_config.dtype).removeprefix("torch."), seam.device_memory())
-        scheduler = vllm_config.scheduler_config
+        if settings.kernel == "triton" and not triton_available():
+            raise ValueError("steering.kernel 'triton' needs Triton and a GPU (or Triton's CPU interpreter, TRITON_INTERPRET=1)")
+        shape = settings.model_shape(hf_config, dtype, seam.device_memory())
+        max_num_seqs, max_num_batched_tokens = seam.scheduler_limits(vllm_config)
         # Pipeline parallel: layers of other ranks are placeholders and get no tables.
         local_layers = {
             index: make_steerable(layer)
@@ -55,20 +53,15 @@ class SteeredModel:
             shape=shape,
             registry=settings.load_registry(hf_config),
             layers=local_layers,
-            num_slots=scheduler.max_num_seqs + 1,
-            max_tokens=scheduler.max_num_batched_tokens,
+            num_slots=max_num_seqs + 1,
+            max_tokens=max_num_batched_tokens,
             capture=settings.capture,
             kernel=settings.kernel,
         )
-
-        from vllm_steer.engine import writers
-
         writers.install_worker_hooks()
 
     @classmethod
     def get_model_state_cls(cls):
         """Model Runner V2's per-model hook: our ModelState writes the steering slots."""
-        from vllm_steer.engine.writers import steering_model_state_cls
-
-        return steering_model_state_cls()
+        return writers.steering_model_state_cls()
 

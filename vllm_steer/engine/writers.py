@@ -96,7 +96,7 @@ class V2SlotWriter:
     def prepare_inputs(self, input_batch: Any, req_states: Any) -> None:
         try:
             if seam.v2_is_dummy(input_batch, req_states):
-                self.runtime.clear_step(input_batch.num_tokens_after_padding)
+                self.runtime.clear_step(seam.v2_padded_tokens(input_batch))
                 return
             req_index, tokens, positions, num_tokens, num_padded = seam.v2_step(input_batch)
             host_req_index, host_tokens = seam.v2_scheduled(input_batch)
@@ -111,40 +111,13 @@ class V2SlotWriter:
         self.runtime.clear_step(num_tokens)
 
 
-_STATE_CLS = None
+def v2_writer(model: Any, max_num_reqs: int, device) -> V2SlotWriter:
+    return V2SlotWriter(runtime_of(model), max_num_reqs, device)
 
 
-def steering_model_state_cls():
-    """vLLM's default V2 model state plus the steering slot writer (built on first use, so
-    importing this module does not import vLLM's V2 runner)."""
-    global _STATE_CLS
-    if _STATE_CLS is not None:
-        return _STATE_CLS
-
-    class SteeringModelState(seam.default_model_state_cls()):
-        def __init__(self, vllm_config, model, encoder_cache, device):
-            super().__init__(vllm_config, model, encoder_cache, device)
-            self.steering = V2SlotWriter(runtime_of(model), self.max_num_reqs, device)
-
-        def add_request(self, req_index, new_req_data) -> None:
-            super().add_request(req_index, new_req_data)
-            self.steering.add_request(req_index, new_req_data)
-
-        def remove_request(self, req_id) -> None:
-            super().remove_request(req_id)
-            self.steering.remove_request(req_id)
-
-        def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
-            inputs = super().prepare_inputs(input_batch, req_states)
-            self.steering.prepare_inputs(input_batch, req_states)
-            return inputs
-
-        def prepare_dummy_inputs(self, num_reqs, num_tokens) -> dict[str, Any]:
-            self.steering.prepare_dummy_inputs(num_tokens)
-            return super().prepare_dummy_inputs(num_reqs, num_tokens)
-
-    _STATE_CLS = SteeringModelState
-    return _STATE_CLS
+def steering_model_state_cls() -> type:
+    """vLLM's default V2 model state with the steering slot writer (seam.py builds it)."""
+    return seam.steering_model_state_cls(v2_writer)
 
 
 # ---- control plane -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 from argparse import Namespace
 from typing import Any
 
-from vllm_steer.engine import rpc
+from vllm_steer.engine import rpc, seam
 from vllm_steer.engine.frontend import SteeringFrontend, frontend_of
 from vllm_steer.server.metrics import SteeringMetrics
 
@@ -101,7 +101,7 @@ class SteeringEndpoints:
         document_steering_field(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        frontend = frontend_of(engine_client.input_processor) if engine_client is not None else None
+        frontend = frontend_of(seam.served_input_processor(engine_client)) if engine_client is not None else None
         if frontend is None:
             logger.warning("vllm_steer endpoints are idle: the served model is not steerable")
             return
