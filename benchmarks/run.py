@@ -153,8 +153,7 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
                 results = [throughput.run_scenario(engine, s, prompts, args.max_tokens, args.pairs, log, args.min_pass_seconds)
                            for s in common.unique_scenarios(chosen)]
                 tables = engine.table_bytes()
-                scheduler = {"max_num_seqs": engine.scheduler.max_num_seqs,
-                             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens}
+                scheduler = dict(zip(("max_num_seqs", "max_num_batched_tokens"), engine.scheduler_limits()))
                 start_seconds = engine.start_seconds
             finally:
                 engine.shutdown()

@@ -59,11 +59,15 @@ class Engine:
         self.start_seconds = time.perf_counter() - started
         self.kwargs = kwargs
 
-    def table_bytes(self) -> dict[str, int]:
+    def scheduler_limits(self) -> tuple[int, int]:
+        """(max_num_seqs, max_num_batched_tokens) of this engine."""
         from vllm_steer.engine import seam  # imports vLLM (~8 s): the harness's logic is tested without it
 
+        return seam.scheduler_limits(seam.offline_config(self.llm))
+
+    def table_bytes(self) -> dict[str, int]:
         pool = self.steered_llm.steering_stats()[0]["table_rows"]
-        max_num_seqs, max_num_batched_tokens = seam.scheduler_limits(seam.offline_config(self.llm))
+        max_num_seqs, max_num_batched_tokens = self.scheduler_limits()
         return common.steering_table_bytes(
             self.config.hidden_size, self.config.num_hidden_layers, max_num_seqs,
             self.max_directions, max_num_batched_tokens, table_rows=pool["capacity"] + 1,
