@@ -101,10 +101,8 @@ def test_hf_overrides_merge_key_by_key_and_refuse_conflicts():
 
 def test_steered_llm_keeps_every_steering_setting_given_in_hf_overrides(monkeypatch):
     """It used to merge shallowly: hf_overrides={"steering": {...}} dropped vectors/sae/capture."""
-    import vllm
-
     seen = {}
-    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("vllm_steer.engine.offline.LLM", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr("vllm_steer.engine.offline.architecture_for", lambda *args: ARCHITECTURE)
     from vllm_steer import SteeredLLM
 

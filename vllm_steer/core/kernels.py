@@ -75,7 +75,7 @@ def steer_op():
 
 
 def _register():
-    import triton
+    import triton  # optional: only with a GPU, or Triton's interpreter (triton_available)
 
     kernel = _steer_kernel()
 
@@ -126,7 +126,7 @@ def _steer_kernel():
     # through the module's globals (its interpreter knows no closures), and decorating at
     # first use is what lets a test turn the interpreter on first.
     global tl, load_f32, activation, change, sweep, LO, HI, OFFSET, THRESHOLD, FLOOR
-    import triton
+    import triton  # optional (see _register)
     import triton.language as tl
 
     # Where each param sits after a direction's two vectors (rows.PARAM_NAMES).

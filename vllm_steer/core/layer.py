@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_steer.core.kernels import steer_op, steer_triton
 from vllm_steer.core.rows import split_entry
 
 
@@ -50,8 +51,6 @@ class SteeringLayer:
         self.register_buffer("direction_index", pool.direction_index, persistent=False)
         self.kernel = kernel
         if kernel == "triton":
-            from vllm_steer.core.kernels import steer_op
-
             steer_op()  # registered here, outside any compiled region
 
     def attach_capture(self, token_slot: torch.Tensor, token_weight: torch.Tensor, num_slots: int, hidden: int) -> None:
@@ -101,8 +100,6 @@ def steer(hidden: torch.Tensor, residual: torch.Tensor, token_row: torch.Tensor,
     directions = dirs.shape[0]
     reads = gate_sum is not None and token_slot is not None and directions > 0
     if kernel == "triton":
-        from vllm_steer.core.kernels import steer_triton  # only where Triton is (a GPU, or its interpreter)
-
         residual, reading = steer_triton(hidden, residual, token_row, add, dirs, count)
         if reads:
             gate_sum.index_add_(0, token_slot[:count_tokens], reading)

@@ -28,9 +28,9 @@ import torch
 
 from vllm_steer.core.capture import CaptureTables
 from vllm_steer.core.plan import ModelShape, ResolvedSteering
+from vllm_steer.core.registry import VectorRegistry, vector_from_wire
 from vllm_steer.core.rows import RowPool, build_gate_row, build_row, worst_case_rows
 from vllm_steer.core.spec import CaptureSpec
-from vllm_steer.core.registry import VectorRegistry, vector_from_wire
 from vllm_steer.core.staging import HostCopy, HostTable, to_device
 
 # What the workers serve over the control plane (engine/rpc.py builds the calls).

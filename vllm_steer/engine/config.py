@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
 class SteeringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,6 +59,7 @@ class SteeringConfig(BaseModel):
         """What validation needs to know about the served model (``dtype``: the one served;
         ``device_bytes``: the device's memory, for the default row budget; without it and
         without ``table_budget_mib`` the pool is not bounded)."""
+        # torch: `import vllm_steer` stays light
         from vllm_steer.core.plan import ModelShape
 
         text = text_config(hf_config)
@@ -74,6 +76,7 @@ class SteeringConfig(BaseModel):
 
     def table_rows(self, hidden: int, device_bytes: int | None) -> int | None:
         """Rows of the steering row pool (row 0 included) the budget holds."""
+        # torch: `import vllm_steer` stays light
         from vllm_steer.core.rows import budget_rows, default_budget
 
         if self.table_budget_mib is not None:
@@ -87,6 +90,7 @@ class SteeringConfig(BaseModel):
     def load_registry(self, hf_config: Any = None):
         """The registry of the configured files; given the model's config, a vector or SAE
         of another hidden size or beyond the model's layers is refused at start."""
+        # torch: `import vllm_steer` stays light
         from vllm_steer.vectors import load_registry
 
         if hf_config is None:

@@ -101,6 +101,7 @@ def steered_architecture(config: Mapping[str, Any]) -> str:
 def model_config(model: str | Path, revision: str | None = None) -> dict[str, Any]:
     """A model's ``config.json`` contents, from a local folder or the hub (with the
     user's own token, as huggingface-hub reads it)."""
+    # ~2 s to import; the CLI reads a config before anything else
     from transformers import PretrainedConfig
 
     config, _ = PretrainedConfig.get_config_dict(str(model), revision=revision)
@@ -117,6 +118,7 @@ def architecture_for(model: str | Path, user_overrides: Mapping[str, Any] | None
 
 
 def steered_class(family: Family) -> type:
+    # imports vLLM: only when vLLM builds the class
     from vllm_steer.engine.steered_model import SteeredModel
 
     module, name = family.vllm_class.split(":")

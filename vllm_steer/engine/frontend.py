@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from vllm_steer.core.plan import ResolvedSteering
+from vllm_steer.core.registry import Vector
+from vllm_steer.core.resolve import check_layer, resolve
+from vllm_steer.core.spec import DIGEST_PREFIX, CaptureSpec, SteeringError, parse_capture
 from vllm_steer.engine import rpc, seam
 from vllm_steer.engine.config import SteeringConfig
 from vllm_steer.engine.families import FAMILIES, is_steered
-from vllm_steer.core.plan import ResolvedSteering
-from vllm_steer.core.resolve import check_layer, resolve
-from vllm_steer.core.spec import DIGEST_PREFIX, CaptureSpec, SteeringError, parse_capture
 from vllm_steer.engine.seam import VLLMValidationError
-from vllm_steer.core.registry import Vector
 from vllm_steer.vectors.store import RegistryStore
 
 SALT_PREFIX = "vllm-steer:"

@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vllm import LLM, SamplingParams
 
+from vllm_steer.core.spec import SteeringError, SteeringSpec
+from vllm_steer.discovery import finder
+from vllm_steer.discovery.explanations import load_explanations
 from vllm_steer.engine import rpc, seam
 from vllm_steer.engine.config import hf_overrides
 from vllm_steer.engine.families import architecture_for
 from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, frontend_of
-from vllm_steer.core.spec import SteeringError, SteeringSpec
-from vllm_steer.vectors import absolute_source
+from vllm_steer.vectors import absolute_source, export_vectors
 
 SpecLike = SteeringSpec | dict[str, Any] | str | None
 
@@ -69,8 +72,6 @@ class SteeredLLM:
         reads it). ``vectors``: files for the registry; ``sae``: SAE decoders whose features
         the ``features`` form may name; ``table_budget_mib``: device memory for steering rows
         (config.py). ``llm_kwargs`` go to ``vllm.LLM``."""
-        from vllm import LLM
-
         user_overrides = llm_kwargs.pop("hf_overrides", None)
         overrides = hf_overrides(
             user_overrides,
@@ -108,8 +109,6 @@ class SteeredLLM:
 
     def export_vectors(self, names: Sequence[str], path: str | Path, **options: Any) -> None:
         """Save registered vectors to ``.safetensors``, ``.gguf`` (llama.cpp control vector) or ``.pt``."""
-        from vllm_steer.vectors import export_vectors
-
         export_vectors(self.frontend.registry, list(names), path, **options)
 
     def steering_stats(self) -> list[dict[str, Any]]:
@@ -119,8 +118,6 @@ class SteeredLLM:
 
     # ---- generation ---------------------------------------------------------------------
     def _params(self, sampling_params, count: int, steering: SpecLike | Sequence[SpecLike], captures=None) -> list:
-        from vllm import SamplingParams
-
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params or SamplingParams()] * count
         listed = not (steering is None or isinstance(steering, (SteeringSpec, dict, str)))
@@ -192,8 +189,6 @@ class SteeredLLM:
         """The residual stream after each of ``layers`` for each prompt: the last prompt
         token's (``reduce="last"``) or the mean over prompt tokens (``"mean"``), float32,
         computed by this engine alongside whatever else it runs. Needs ``capture=True``."""
-        from vllm import SamplingParams
-
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         keys = [uuid.uuid4().hex for _ in prompts]
         captures = [{"key": key, "layers": list(layers), "reduce": reduce} for key in keys]
@@ -219,9 +214,6 @@ class SteeredLLM:
         conversation (list of messages, rendered with the chat template). ``sae``: a loaded
         SAE's layer or source, another SAE source or a loaded ``vectors.load_sae`` object (its
         layer is captured); None when one SAE is loaded. Needs ``capture=True``."""
-        from vllm_steer.discovery import finder
-        from vllm_steer.discovery.explanations import load_explanations
-
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         prompts = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
         given = {"layer": sae} if isinstance(sae, int) else {"sae": sae} if isinstance(sae, str) else {}
@@ -259,8 +251,6 @@ class SteeredLLM:
     ) -> str:
         """The notebook's ``generate_chat``: missing values come from ``cfg``; the system
         prompt is prepended when the chat has none; the answer is decoded and stripped."""
-        from vllm import SamplingParams
-
         if chat and chat[0].get("role") != "system" and self.cfg.get("system_prompt"):
             chat = [{"role": "system", "content": self.cfg["system_prompt"]}, *chat]
         params = SamplingParams(

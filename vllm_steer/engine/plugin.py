@@ -10,6 +10,8 @@ from __future__ import annotations
 
 
 def register() -> None:
+    # vLLM resolves this entry point in every process, early; what register installs imports
+    # vLLM's engine modules, so it is imported when vLLM calls it.
     from vllm_steer.engine import frontend, scheduler, seam
     from vllm_steer.engine.families import FAMILIES
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from vllm_steer.core.registry import Vector, vector_to_wire
 
 # The worker method (added to vLLM's WorkerBase, see seam.py); it runs core/runtime.py's WORKER_OPS.
@@ -48,8 +50,6 @@ def merge_captures(worker_results: list, keys: list[str], layers: list[int]) -> 
     """Each key's captured rows ``{layer: float32 array}`` from every worker's
     ``collect_captures`` answer (tensor-parallel ranks hold the same rows; pipeline ranks
     their own layers); RuntimeError when one did not come back whole."""
-    import numpy as np
-
     merged: dict[str, dict] = {key: {} for key in keys}
     for worker in worker_results:
         for key, rows in worker.items():

@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from vllm_steer.core.plan import ResolvedSteering
+from vllm_steer.core.rows import worst_case_rows
 from vllm_steer.engine import seam
 from vllm_steer.engine.config import SteeringConfig, text_config
 from vllm_steer.engine.families import is_steered
-from vllm_steer.core.plan import ResolvedSteering
-from vllm_steer.core.rows import worst_case_rows
+
 
 def request_rows(request: Any) -> frozenset:
     """The pool rows a request's steering needs (its row keys), decoded once per request."""
@@ -34,7 +35,7 @@ def request_rows(request: Any) -> frozenset:
 def row_capacity(vllm_config: Any, device_bytes: int) -> int | None:
     """Rows the workers' pools hold for requests (row 0 aside), or None when the budget never
     binds: the model is not steered, or every running request can steer every layer."""
-    hf_config, _ = seam.served_config(vllm_config)
+    hf_config = seam.model_hf_config(vllm_config)
     if not is_steered(getattr(hf_config, "architectures", None)):
         return None
     settings = SteeringConfig.from_hf_config(hf_config)

@@ -96,9 +96,13 @@ def offline_config(llm: Any) -> Any:
     return llm.llm_engine.vllm_config
 
 
-def served_config(vllm_config: Any) -> tuple[Any, str]:
-    """The model's HF config and the dtype the engine runs it in ("bfloat16", ...)."""
-    return vllm_config.model_config.hf_config, str(vllm_config.model_config.dtype).removeprefix("torch.")
+def model_hf_config(vllm_config: Any) -> Any:
+    return vllm_config.model_config.hf_config
+
+
+def model_dtype(vllm_config: Any) -> str:
+    """The dtype the engine runs the model in ("bfloat16", ...), not the checkpoint's."""
+    return str(vllm_config.model_config.dtype).removeprefix("torch.")
 
 
 def scheduler_limits(vllm_config: Any) -> tuple[int, int]:

@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from vllm_steer.engine import seam, writers
-from vllm_steer.engine.config import SteeringConfig
 from vllm_steer.core.kernels import triton_available
 from vllm_steer.core.layer import make_steerable
 from vllm_steer.core.runtime import SteeringRuntime
+from vllm_steer.engine import seam, writers
+from vllm_steer.engine.config import SteeringConfig
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -31,7 +31,7 @@ class SteeredModel:
     family = None  # the families.Family this class steers, set by families.py
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
-        hf_config, dtype = seam.served_config(vllm_config)
+        hf_config = seam.model_hf_config(vllm_config)
         # hf_overrides replaced the architecture name, never model_type: the checkpoint's own.
         self.family.check_model_type(getattr(hf_config, "model_type", None))
         if seam.uses_microbatches(vllm_config):
@@ -41,7 +41,7 @@ class SteeredModel:
         settings = SteeringConfig.from_hf_config(hf_config)
         if settings.kernel == "triton" and not triton_available():
             raise ValueError("steering.kernel 'triton' needs Triton and a GPU (or Triton's CPU interpreter, TRITON_INTERPRET=1)")
-        shape = settings.model_shape(hf_config, dtype, seam.device_memory())
+        shape = settings.model_shape(hf_config, seam.model_dtype(vllm_config), seam.device_memory())
         max_num_seqs, max_num_batched_tokens = seam.scheduler_limits(vllm_config)
         # Pipeline parallel: layers of other ranks are placeholders and get no tables.
         local_layers = {

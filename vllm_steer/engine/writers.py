@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_steer.engine import seam
 from vllm_steer.core.staging import to_device
+from vllm_steer.engine import seam
+from vllm_steer.engine.rpc import RPC_METHOD
 
 logger = logging.getLogger("vllm_steer")
 
@@ -130,7 +131,5 @@ def steering_rpc(worker: Any, op: str, *args: Any) -> Any:
 
 
 def install_worker_hooks() -> None:
-    from vllm_steer.engine.rpc import RPC_METHOD
-
     seam.wrap_v1_runner(runtime_of, release_v1, write_v1)
     seam.add_worker_method(RPC_METHOD, steering_rpc)

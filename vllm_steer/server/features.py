@@ -23,11 +23,12 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from vllm import SamplingParams
 
-from vllm_steer.engine import rpc, seam
-from vllm_steer.discovery import finder
-from vllm_steer.server.middleware import error_body
 from vllm_steer.core.spec import SteeringError
+from vllm_steer.discovery import finder
+from vllm_steer.engine import rpc, seam
+from vllm_steer.server.middleware import error_body
 
 router = APIRouter()
 MAX_POSITIONS = 1024
@@ -70,8 +71,6 @@ async def _json_object(request: Request) -> dict:
 
 async def _capture(state, prefixes: list[list[int]], layer: int) -> list:
     """The stream after ``layer`` at the last token of each prefix, through the served engine."""
-    from vllm import SamplingParams
-
     keys = [f"vllm-steer-features-{uuid.uuid4().hex}" for _ in prefixes]
 
     async def one(token_ids: list[int], key: str) -> None:

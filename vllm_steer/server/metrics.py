@@ -12,6 +12,7 @@ from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from vllm_steer.core.runtime import STEP_BUCKETS
+from vllm_steer.engine.seam import prometheus_registry
 
 
 class _WorkerCollector:
@@ -44,8 +45,6 @@ class SteeringMetrics:
     _instance: SteeringMetrics | None = None
 
     def __init__(self) -> None:
-        from vllm_steer.engine.seam import prometheus_registry
-
         registry = prometheus_registry()
         self.requests_total = Counter(
             "vllm_steer_requests", "Generation requests by steering", ["steering"], registry=registry

@@ -13,9 +13,13 @@ import logging
 from argparse import Namespace
 from typing import Any
 
+from vllm_steer.core.spec import SteeringSpec
 from vllm_steer.engine import rpc, seam
 from vllm_steer.engine.frontend import SteeringFrontend, frontend_of
+from vllm_steer.server import features, pages
 from vllm_steer.server.metrics import SteeringMetrics
+from vllm_steer.server.middleware import GENERATION_PATHS, SteeringFieldMiddleware
+from vllm_steer.server.routes import router
 
 logger = logging.getLogger("vllm_steer")
 POLL_SECONDS = 5.0
@@ -56,8 +60,6 @@ class ServerState:
 def document_steering_field(app) -> None:
     """Add the ``steering`` field to the generation requests of the OpenAPI document, so
     clients and schema-driven tools (e.g. schemathesis) see it."""
-    from vllm_steer.server.middleware import GENERATION_PATHS
-    from vllm_steer.core.spec import SteeringSpec
 
     build = app.openapi
 
@@ -89,11 +91,6 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
-        from vllm_steer.server import pages
-        from vllm_steer.server import features
-        from vllm_steer.server.middleware import SteeringFieldMiddleware
-        from vllm_steer.server.routes import router
-
         app.include_router(router)
         app.include_router(features.router)
         app.include_router(pages.router)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 import tempfile
@@ -25,12 +26,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm_steer.core.registry import ANY_LAYER
+from vllm_steer.core.spec import SteeringError, decode_b64
 from vllm_steer.engine import rpc
 from vllm_steer.server.middleware import error_body
-from vllm_steer.core.spec import SteeringError, decode_b64
 from vllm_steer.vectors import VectorRegistry, load_vector_file
 from vllm_steer.vectors.files import format_for
-from vllm_steer.core.registry import ANY_LAYER
 
 router = APIRouter()
 
@@ -70,8 +71,6 @@ class VectorRegistration(BaseModel):
 
 
 def _json_error(status: int, message: str, param: str | None, err_type: str) -> JSONResponse:
-    import json
-
     return JSONResponse(status_code=status, content=json.loads(error_body(message, status, param, err_type)))
 
 
