@@ -13,12 +13,16 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vllm_steer.assets.demo import demo_model_path
+from vllm_steer.assets.models import model_path
 from vllm_steer.core.spec import encode_b64
+from vllm_steer.lab.tiny import build_tiny_llama
 
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: .cache/ and docs/ are there
@@ -39,8 +43,6 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 # ---- models --------------------------------------------------------------------------------
 def shape_model_path(shape: str) -> Path:
     """A random-weight Llama of one of ``SHAPES``, built once under ``.cache/``."""
-    from vllm_steer.lab.tiny import build_tiny_llama
-
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
     if shape == "tiny":  # the test suite's model: same folder, so vLLM's compile cache is shared
         return build_tiny_llama(CACHE / "tiny-llama")
@@ -56,12 +58,8 @@ def resolve_model(name: str) -> tuple[str, str]:
     instruct model, fetched once: models.py), a generated shape (``tiny``, ``small``,
     ``llama-1b``), a local folder or a hub id."""
     if name == "demo":
-        from vllm_steer.assets.demo import demo_model_path
-
         return str(demo_model_path()), "demo"
     if name == "smollm2":
-        from vllm_steer.assets.models import model_path
-
         return str(model_path(name)), "SmolLM2-135M-Instruct (dequantized Q4_1)"
     if name in SHAPES:
         return str(shape_model_path(name)), f"{name} (random weights)"
@@ -69,7 +67,7 @@ def resolve_model(name: str) -> tuple[str, str]:
 
 
 def default_dtype() -> str:
-    import torch
+    import torch  # torch: ~2.5 s; soak, plots and the report code use this module without it
 
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
@@ -254,7 +252,7 @@ def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, 
     directions' numbers, ``token_slot`` and each layer's ``token_row`` (int64 per batched
     token); per slot, each layer's two ``row_of_slot`` columns and its four ``stages`` numbers
     (int64), its condition's two numbers and two sums (float32)."""
-    from vllm_steer.core.rows import row_bytes, worst_case_rows
+    from vllm_steer.core.rows import row_bytes, worst_case_rows  # imports torch (~2.5 s): soak and plots use this module without it
 
     slots = max_num_seqs + 1
     worst_case = worst_case_rows(max_num_seqs, steerable_layers, max_directions)
@@ -265,14 +263,14 @@ def steering_table_bytes(hidden: int, steerable_layers: int, max_num_seqs: int, 
 
 
 def _tree(pid: int):
-    import psutil
+    import psutil  # optional: not a dependency of vllm-steer (vLLM brings it); gpu_check imports this module without vLLM
 
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
 
 
 def tree_rss(pid: int, include_root: bool = True) -> int:
-    import psutil
+    import psutil  # optional: not a dependency of vllm-steer (vLLM brings it)
 
     total = 0
     for index, process in enumerate(_tree(pid)):
@@ -327,8 +325,6 @@ def cpu_model() -> str:
 
 
 def package_version(*names: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     for name in names:
         try:
             return version(name)
@@ -345,7 +341,7 @@ def load_average() -> list[float] | None:
 
 
 def machine() -> dict[str, Any]:
-    import psutil
+    import psutil  # optional: not a dependency of vllm-steer (vLLM brings it); torch: ~2.5 s
     import torch
 
     gpus = []

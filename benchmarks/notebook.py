@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -100,7 +103,7 @@ def batch_hooks(model, steerings: Sequence[ResolvedSteering | None], vectors: di
 def generate_batch(model, prompts: Sequence[Sequence[int]], steerings: Sequence[ResolvedSteering | None],
                    vectors: dict[str, np.ndarray], max_new_tokens: int, pad_id: int = 0) -> list[ReferenceOutput]:
     """Greedy decoding of a left-padded batch, no EOS stop; each row steered by its own spec."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # transformers: ~2 s beyond torch; run.py imports this module to start it in a subprocess
 
     count, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((count, width), pad_id, dtype=torch.long)
@@ -131,7 +134,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], steerings: Sequence[
 
 
 def load_model(path: str, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # transformers: ~2 s beyond torch; run.py imports this module to start it in a subprocess
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     return model.to("cuda") if torch.cuda.is_available() else model
@@ -188,10 +191,6 @@ def run_subprocess(model: str, *, dtype: str, batch: int, prompt_len: int, max_t
                    out: Path, tuned_malloc: bool = True, threads: int | None = None) -> dict[str, Any]:
     """``run`` in a fresh process (its own allocator settings; the model's memory goes with
     it), on the prompts and specs the engine scenarios use (same seeds)."""
-    import os
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "benchmarks.notebook", "--model", model, "--dtype", dtype, "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--max-tokens", str(max_tokens), "--chats", str(chats), "--out", str(out)]
     if threads:

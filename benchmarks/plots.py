@@ -45,7 +45,7 @@ def scenarios_of(model: dict[str, Any], factor: str) -> list[dict[str, Any]]:
 
 
 def _integer_ticks(axis, values) -> None:
-    from matplotlib.ticker import NullFormatter, NullLocator
+    from matplotlib.ticker import NullFormatter, NullLocator  # optional: matplotlib (the plots extra); see lab/plotting.py
 
     axis.set_xticks(sorted(set(values)))
     axis.set_xticklabels([str(v) for v in sorted(set(values))])

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 from benchmarks import common
+from benchmarks.throughput import Engine
 
 # Frames (function names in py-spy's "function (file:line)" form) worth a line of their own.
 MARKERS = {
@@ -37,7 +40,7 @@ MARKERS = {
 
 def worker_pid(root: int) -> int:
     """The process that runs the model: the deepest descendant of ours using CPU."""
-    import psutil
+    import psutil  # optional: not a dependency of vllm-steer (vLLM brings it)
 
     children = psutil.Process(root).children(recursive=True)
     workers = [p for p in children if not p.children()]
@@ -73,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out-dir", default=str(common.RESULTS / "profile"))
     args = parser.parse_args(argv)
-    spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
-    from benchmarks.throughput import Engine
-
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     path, label = common.resolve_model(args.model)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = common.make_prompts(args.batch, args.prompt_len, config.vocab_size)
     scenario = common.Scenario(args.batch, args.configs or args.batch, args.layers, args.mode)
     specs = common.scenario_specs(scenario, config.hidden_size, config.num_hidden_layers)
-    pid = worker_pid(__import__("os").getpid())
+    pid = worker_pid(os.getpid())
     report = {"model": label, "scenario": scenario.as_dict(), "worker_pid": pid, "sides": {}}
     try:
         engine.generate(prompts, 4, specs)  # warm up

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, plots, serving, throughput
 from vllm_steer.lab import launcher
 
 PARTS = ("engine", "stock", "notebook", "server")
@@ -87,7 +87,7 @@ def parse_args(argv: list[str], prog: str = "python -m benchmarks.run") -> argpa
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/quick or benchmarks/results/full")
     parser.add_argument("--docs", action="store_true", help="also write docs/bench_results.md and docs/bench_*.png")
     args = parser.parse_args(argv)
-    import torch
+    import torch  # torch: ~2.5 s; --help and the report code (tests, write_outputs) do not need it
 
     gpu = torch.cuda.is_available()
     chosen_models = args.models is not None or args.model is not None
@@ -113,7 +113,7 @@ def parse_args(argv: list[str], prog: str = "python -m benchmarks.run") -> argpa
 
 # ---- one model -------------------------------------------------------------------------------
 def model_entry(name: str) -> dict[str, Any]:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: ~4.5 s with torch; --help and the report code do not need it
 
     path, label = common.resolve_model(name)
     config = AutoConfig.from_pretrained(path)
@@ -133,8 +133,6 @@ def model_entry(name: str) -> dict[str, Any]:
 
 
 def run_engine_parts(entry: dict[str, Any], args, log) -> None:
-    from benchmarks import throughput
-
     config = entry["config"]
     top = max(args.batches)
     prompts = common.make_prompts(top, args.prompt_len, config["vocab_size"])
@@ -179,7 +177,7 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
         entry["stock"] = {"batches": batches, "peak_rss_bytes": rss.peak}
         entry.setdefault("memory", {})["peak_rss_stock_engine"] = rss.peak
     if "notebook" in args.parts:
-        from benchmarks import notebook
+        from benchmarks import notebook  # imports torch (~2.5 s): --help and the report code do not need it
 
         log(f"[{entry['label']}] the notebook's method (transformers + hooks, in a subprocess)")
         result = notebook.run_subprocess(entry["name"], dtype=args.dtype, batch=top, prompt_len=args.prompt_len,
@@ -193,8 +191,6 @@ def run_engine_parts(entry: dict[str, Any], args, log) -> None:
 
 
 def run_server_part(entry: dict[str, Any], args, log) -> None:
-    from benchmarks import serving
-
     config = entry["config"]
     prompts = common.make_prompts(args.server_requests, args.prompt_len, config["vocab_size"], seed=2)
     specs = common.scenario_specs(common.Scenario(args.server_requests, args.server_requests),
@@ -467,8 +463,6 @@ def save(report: dict[str, Any], entries: dict[str, dict[str, Any]], seconds: fl
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path, docs: bool = False) -> list[Path]:
-    from benchmarks import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     table = out_dir / "report.md"

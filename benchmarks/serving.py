@@ -34,9 +34,8 @@ THROUGHPUTS = ["request_throughput", "output_throughput", "total_token_throughpu
 def start_server(model: str, log: Path, *, dtype: str, max_num_seqs: int, max_model_len: int,
                  extra: Sequence[str] = (), timeout: float = 900) -> tuple[subprocess.Popen, str]:
     """``vllm-steer serve`` for ``model``, sized for the benchmark; returns (process, url)."""
+    import torch  # torch and transformers: ~4.5 s; the client side (run, summarize_runs) needs neither
     from transformers import AutoConfig
-
-    import torch
 
     args = [
         "--model", model, "--dtype", dtype, "--seed", "0",
@@ -49,7 +48,7 @@ def start_server(model: str, log: Path, *, dtype: str, max_num_seqs: int, max_mo
 
 
 def sample_requests(prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):
-    from vllm.benchmarks.datasets import SampleRequest
+    from vllm.benchmarks.datasets import SampleRequest  # vLLM: ~8 s to import; run.py and the tests import this module
 
     specs = specs or [None] * len(prompts)
     return [
@@ -60,7 +59,7 @@ def sample_requests(prompts: Sequence[Sequence[int]], max_tokens: int, specs: Se
 
 
 async def _benchmark(url: str, served_model: str, tokenizer, requests, concurrency: int, api_key: str | None) -> dict:
-    from vllm.benchmarks.serve import TaskType, benchmark
+    from vllm.benchmarks.serve import TaskType, benchmark  # vLLM: ~8 s to import
 
     return await benchmark(
         task_type=TaskType.GENERATION, endpoint_type="openai", api_url=f"{url}/v1/completions", base_url=url,
@@ -102,7 +101,7 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def run(url: str, served_model: str, tokenizer_path: str, prompts, specs, max_tokens: int, concurrency: int,
         pairs: int, api_key: str | None = None, log=print) -> dict[str, Any]:
-    from vllm.tokenizers import get_tokenizer
+    from vllm.tokenizers import get_tokenizer  # vLLM: ~8 s to import; run.py and the tests import this module
 
     tokenizer = get_tokenizer(tokenizer_path)
     unsteered = sample_requests(prompts, max_tokens, None)
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--out", default=str(common.RESULTS / "serving.json"))
     args = parser.parse_args(argv)
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: ~4.5 s with torch; --help does not need it
 
     path, label = common.resolve_model(args.model)
     config = AutoConfig.from_pretrained(path)

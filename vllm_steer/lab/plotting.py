@@ -8,11 +8,11 @@ def pyplot(what: str = "plots"):
     """``matplotlib.pyplot`` on the Agg backend (no display needed), or None after a one-line
     message when matplotlib is not installed."""
     try:
-        import matplotlib
+        import matplotlib  # optional: matplotlib (the plots extra)
     except ImportError:
         print(f"matplotlib is not installed: no {what} (pip install 'vllm-steer[plots]')")
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     return plt

@@ -132,7 +132,7 @@ class ReferenceSteerer:
         repetition_penalty: float = 1.0,
     ) -> ReferenceOutput:
         """Greedy decoding of one prompt, as the notebook does (no EOS stop)."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # transformers: ~2 s beyond torch; only generate needs it (the tests' oracle math does not)
 
         ids = torch.tensor([prompt_token_ids])
         seen = set(prompt_token_ids)

@@ -57,13 +57,26 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vllm_steer.assets import concepts
+from vllm_steer.core.registry import ANY_LAYER, feature_name
+from vllm_steer.lab.demo.corpus import (
+    CONCEPT_WORDS,
+    PERSONA_SYSTEM,
+    SWEEP_PROMPTS,
+    THANKS,
+    THANKS_ANSWER,
+    TOPIC_BY_NAME,
+    TOPICS,
+)
+from vllm_steer.lab.metrics import harmonic_mean, mentions, normalized_fluency, repetition, sequence_logprob
+from vllm_steer.lab.plotting import pyplot
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0)
 MODES = ("add", "clamp")  # the modes swept by default (ablate has no scale)
@@ -94,61 +107,10 @@ def demo_capability_pairs() -> list[tuple[str, str]]:
     steered questions ("Thank you!" -> "You are welcome. ..."). The demo model knows nothing
     outside its corpus: ``CAPABILITY_PAIRS`` cost it ~13 nats a token unsteered, and steering
     flattens its predictions, which *raises* their probability (measured: x16 at scale 1)."""
-    from vllm_steer.lab.demo.corpus import THANKS, THANKS_ANSWER
-
     return [(thanks, THANKS_ANSWER[0]) for thanks in THANKS]
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 
-
-# ---- metrics (pure functions) -------------------------------------------------------------
-def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def mentions(text: str, words: Sequence[str]) -> bool:
-    """Whether one of ``words`` occurs in ``text`` as a whole word (case-insensitive). A
-    multi-word entry ("eiffel tower") matches as a phrase."""
-    tokens = words_of(text)
-    joined = f" {' '.join(tokens)} "
-    for word in words:
-        parts = words_of(word)
-        if parts and f" {' '.join(parts)} " in joined:
-            return True
-    return False
-
-
-def repetition(text: str, n: int = 3) -> float:
-    """Share of the word ``n``-grams of ``text`` that repeat an earlier one (0 when it has none)."""
-    tokens = words_of(text)
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
-
-
-def sequence_logprob(token_ids: Sequence[int], prompt_logprobs, start: int) -> float:
-    """Mean log-probability of ``token_ids[start:]`` given what precedes each, read from
-    vLLM's ``prompt_logprobs`` for ``token_ids`` (position ``i`` holds ``{token_id:
-    Logprob}``, position 0 ``None``)."""
-    values = []
-    for position in range(max(start, 1), len(token_ids)):
-        entry = prompt_logprobs[position]
-        logprob = entry[token_ids[position]]
-        values.append(getattr(logprob, "logprob", logprob))
-    return float(np.mean(values)) if values else 0.0
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
-
-
-def normalized_fluency(logprob: float, baseline: float) -> float:
-    """``exp(logprob - baseline)`` capped at 1: the steered outputs' geometric-mean token
-    probability relative to the unsteered outputs' (both under the unsteered model)."""
-    return float(min(1.0, math.exp(logprob - baseline)))
-
-
+# ---- the prompting baseline (the metrics: vllm_steer/lab/metrics.py) -------------------------
 def concept_instruction(concept: str) -> str:
     """A prompting-baseline instruction asking for ``concept`` ("Paris and the Eiffel Tower")."""
     return f"You love {concept} and mention it whenever you can."
@@ -270,8 +232,6 @@ class Steering:
 def named_vector_entries(registry, name: str, layers: Sequence[int] | None, strength: float | None) -> list[dict[str, Any]]:
     """One entry per steered layer of vector ``name``: ``{"name", "layers": [L], "scale"}``
     with ``scale`` = ``strength``, or the vector's norm at ``L`` when ``strength`` is None."""
-    from vllm_steer.core.registry import ANY_LAYER
-
     if name not in registry.names():
         raise SystemExit(f"no vector named {name!r}; loaded: {', '.join(registry.names()) or 'none'}")
     arrays = registry.arrays_of(name)
@@ -363,7 +323,7 @@ def run_sweep(
     ``prompt_baseline``, each prompt prompted in one batched call; then, in a second one,
     score every output under the unsteered model and (unless ``capability_pairs`` is None
     or empty) the reference answers under each row's steering."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # vLLM: ~8 s to import; the CLI imports this module
 
     prompt_baseline = prompt_baseline.strip() if prompt_baseline and prompt_baseline.strip() else None
     prompted_system = combine_system(system_prompt, prompt_baseline) if prompt_baseline else None
@@ -464,8 +424,6 @@ def examples(result: SweepResult, prompt: str | None = None) -> str:
 
 
 def steering_label(result: SweepResult) -> str:
-    from vllm_steer.core.registry import feature_name
-
     steering = result.steering
     if steering.get("features"):
         return "features " + ", ".join(f"{feature_name(int(f[0]), int(f[1]))}@{f[2]:g}" for f in steering["features"])
@@ -476,8 +434,6 @@ def plot(result: SweepResult, path: str | Path, title: str | None = None) -> Pat
     """Inclusion, fluency, capability and repetition against scale, one panel per mode, sweet
     spot marked; the prompting baseline as hollow markers at its own tick right of the scales
     (never a sweet spot). None (and no file) without matplotlib."""
-    from vllm_steer.lab.plotting import pyplot
-
     plt = pyplot(Path(path).name)
     if plt is None:
         return None
@@ -604,14 +560,12 @@ def add_arguments(parser) -> None:
 
 def _prompts(args, demo: bool) -> list[str]:
     if args.prompts_file:
-        from vllm_steer.vectors.extract import read_prompts
+        from vllm_steer.vectors.extract import read_prompts  # torch (vllm_steer.vectors): ~2.5 s; the CLI imports this module
 
         prompts = read_prompts(args.prompts_file)
     elif args.prompt:
         prompts = list(args.prompt)
     else:
-        from vllm_steer.lab.demo.corpus import SWEEP_PROMPTS
-
         prompts = list(SWEEP_PROMPTS if demo else GENERIC_PROMPTS)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise SystemExit("the sweep needs at least one non-empty prompt")
@@ -633,8 +587,6 @@ def read_capability_pairs(path: str | Path) -> list[tuple[str, str]]:
 def _shipped_concept(args, vector: str | None):
     """The shipped concept a vector of ``--model smollm2``'s own concept vectors is (its words
     and description give the sweep's defaults), or None."""
-    from vllm_steer.assets import concepts
-
     if getattr(args, "model", None) != "smollm2" or args.vectors is not None or vector not in concepts.NAMES:
         return None
     return concepts.load_concepts([vector])[0]
@@ -649,16 +601,13 @@ def _prompt_baseline(args, demo: bool, demo_topics: Sequence[str], concept=None)
         return concept_instruction(concept.description)
     topics = list(dict.fromkeys(demo_topics))
     if demo and len(topics) == 1:  # the persona the demo model learned to follow
-        from vllm_steer.lab.demo.corpus import PERSONA_SYSTEM, TOPIC_BY_NAME
-
         return PERSONA_SYSTEM[0].format(love=TOPIC_BY_NAME[topics[0]].love)
     return None
 
 
 def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequence[str] = (), **engine: Any) -> SweepResult:
     """``vllm-steer sweep``: start the engine, sweep, write the reports, print the table."""
-    from vllm_steer import SteeredLLM
-    from vllm_steer.lab.demo.corpus import CONCEPT_WORDS
+    from vllm_steer import SteeredLLM  # vLLM: ~8 s to import; the CLI imports this module
 
     if sum(map(bool, (args.features, args.vector, args.sae_feature))) > 1:
         raise SystemExit("give one of --vector, --features or --sae-feature")
@@ -673,8 +622,6 @@ def main(args, model: str, vector_files: Sequence[str], *, demo: bool, sae: Sequ
     demo_topics = [vector] if vector in CONCEPT_WORDS else []
     concept = _shipped_concept(args, vector)
     if demo and args.features:  # the demo's features L1/F{i} are the topics in corpus order
-        from vllm_steer.lab.demo.corpus import TOPICS
-
         demo_topics = [TOPICS[int(f[1])] for f in json.loads(args.features) if 0 <= int(f[1]) < len(TOPICS)]
     if args.words is not None:
         words = [w.strip() for w in args.words.split(",") if w.strip()]

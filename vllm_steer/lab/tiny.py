@@ -33,7 +33,7 @@ CORPUS = (
 
 
 def build_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # tokenizers, transformers: as in build_tiny_model
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -111,7 +111,7 @@ def build_tiny_model(
 ) -> Path:
     """Write a float32 checkpoint of ``family`` (a key of ``RECIPES``) and the tokenizer to
     ``path``, skipped if the same family and settings are already there."""
-    import torch
+    import torch  # torch and transformers: ~4.5 s; RECIPES and the template are read without them
     import transformers
 
     if family not in RECIPES:

@@ -157,6 +157,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub import errors as hub_errors
 
 from vllm_steer.core.registry import FeatureSource
 from vllm_steer.vectors.sae_arrays import NpzArrays, SafetensorsArrays, TorchArrays
@@ -546,12 +547,10 @@ def _folder_weights(folder: Path, text: str) -> Path:
 
 def _fetch(source: Source, hub_folder: bool) -> Path:
     """The weights file; for a hub folder, a missing one says which files to name instead."""
-    from huggingface_hub import errors
-
     try:
         return source.local_path()
-    except errors.EntryNotFoundError as exc:
-        if not hub_folder or isinstance(exc, errors.LocalEntryNotFoundError):
+    except hub_errors.EntryNotFoundError as exc:
+        if not hub_folder or isinstance(exc, hub_errors.LocalEntryNotFoundError):
             raise
         raise ValueError(
             f"{source.text}: no {SAELENS_WEIGHTS} in that folder; a hub folder is read as SAELens, so name the "

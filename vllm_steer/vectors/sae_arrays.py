@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib import format as npy
+from safetensors import safe_open
 
 from vllm_steer.vectors.pt_format import safe_torch_load
 
@@ -84,8 +86,6 @@ class SafetensorsArrays:
     """The tensors of a ``.safetensors`` file; each read is one ``safe_open`` slice."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self._info = {}
         with safe_open(str(self.path), framework="pt") as file:
@@ -115,15 +115,11 @@ class SafetensorsArrays:
         return self._read(key, (slice(None), slice(start, stop)))
 
     def vector(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
         _small(self, key, None)
         with safe_open(str(self.path), framework="pt") as file:
             return _float32(file.get_tensor(key).reshape(-1))
 
     def _read(self, key: str, where: tuple) -> np.ndarray:
-        from safetensors import safe_open
-
         with safe_open(str(self.path), framework="pt") as file:
             part = file.get_slice(key)[where]
         return _float32(part)
@@ -182,8 +178,6 @@ class NpzArrays:
         return self._lines(key, start, stop, column=True)
 
     def vector(self, key: str) -> np.ndarray:
-        from numpy.lib import format as npy
-
         member = self._member(key)
         _small(self, key, None)
         with zipfile.ZipFile(self.path) as archive, archive.open(member.info) as stream:
@@ -242,8 +236,6 @@ class NpzArrays:
 
 
 def _npy_header(file, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    from numpy.lib import format as npy
-
     version = npy.read_magic(file)
     if version == (1, 0):
         shape, fortran, dtype = npy.read_array_header_1_0(file)

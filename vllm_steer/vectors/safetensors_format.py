@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from vllm_steer.vectors.common import Entries, as_vector, feature_key, is_layered
 from vllm_steer.core.registry import ANY_LAYER, VectorRegistry
@@ -32,8 +34,6 @@ def layer_tensor_name(name: str, layer: int) -> str:
 
 
 def read(path: Path, registry: VectorRegistry, *, name: str | None = None, source: str | None = None) -> None:
-    from safetensors import SafetensorError, safe_open
-
     source = source or str(path)
     singles: dict[str, np.ndarray] = {}
     layered: dict[str, dict[int, np.ndarray]] = {}
@@ -70,8 +70,6 @@ def read(path: Path, registry: VectorRegistry, *, name: str | None = None, sourc
 
 
 def write(path: Path, entries: Entries) -> None:
-    from safetensors.numpy import save_file
-
     tensors: dict[str, np.ndarray] = {}
     for name, layers in entries.items():
         if is_layered(layers):

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
+import huggingface_hub
+from huggingface_hub import errors as hub_errors
+
 HUB_SCHEME = "hf://"
 _OPTIONS = re.compile(r"[a-z_]+=[^&#=]*(?:&[a-z_]+=[^&#=]*)*")
 _REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -39,8 +42,6 @@ class HubFile:
     revision: str | None = None
 
     def download(self) -> Path:
-        import huggingface_hub
-
         return Path(
             huggingface_hub.hf_hub_download(
                 repo_id=self.repo_id, filename=self.filename, repo_type=self.repo_type, revision=self.revision
@@ -49,12 +50,10 @@ class HubFile:
 
     def download_if_present(self) -> Path | None:
         """Like download(), but None when the repo has no such file."""
-        from huggingface_hub import errors
-
         try:
             return self.download()
-        except errors.EntryNotFoundError as exc:
-            if isinstance(exc, errors.LocalEntryNotFoundError):  # offline and not cached: not an answer
+        except hub_errors.EntryNotFoundError as exc:
+            if isinstance(exc, hub_errors.LocalEntryNotFoundError):  # offline and not cached: not an answer
                 raise
             return None
 

@@ -52,6 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
+from safetensors.numpy import save_file
+
+from vllm_steer.assets import models
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("paris", "ocean", "cooking", "space", "dogs", "formal", "pirate", "sad")
@@ -149,7 +153,7 @@ def sentence_means(llm, tokenizer, sentences: Sequence[str], layers: Sequence[in
 
 def extract_concepts(llm, tokenizer, concepts: Sequence[Concept], layers: Sequence[int]) -> dict[str, dict[int, np.ndarray]]:
     """``{concept: {layer: mean difference}}`` (float32), all sentences in one engine call."""
-    from vllm_steer.vectors.extract import mean_difference
+    from vllm_steer.vectors.extract import mean_difference  # torch (vllm_steer.vectors): ~2.5 s; the CLI imports this module
 
     sentences = [s for c in concepts for s in c.positive + c.negative]
     means = sentence_means(llm, tokenizer, sentences, layers)
@@ -180,7 +184,7 @@ def engine_environment():
 
 def start_engine(model_dir: str | Path, **overrides):
     """An in-process, eager SteeredLLM with capture on (starts in seconds)."""
-    from vllm_steer import SteeredLLM
+    from vllm_steer import SteeredLLM  # vLLM: ~8 s to import; the CLI imports this module
 
     with engine_environment():
         return SteeredLLM(model_dir, capture=True, **{**ENGINE_ARGS, **overrides})
@@ -189,8 +193,6 @@ def start_engine(model_dir: str | Path, **overrides):
 # ---- the cached files ---------------------------------------------------------------------------
 def concepts_dir(model: str = "smollm2", cache_dir: str | Path | None = None) -> Path:
     """``<cache>/models/<model folder>.concepts``: next to the converted model."""
-    from vllm_steer.assets import models
-
     if model != "smollm2":
         raise ValueError(f"concept vectors are cached for the named real model only (smollm2), not {model!r}")
     folder = models.smollm2_dir(cache_dir)
@@ -212,10 +214,6 @@ def concept_files(model: str = "smollm2", cache_dir: str | Path | None = None, *
     """``{"layers", "default", "meta"}`` paths of the concept vectors for ``model``, extracted
     the first time (and whenever the data, the defaults or the model changed). ``llm``: an
     engine with capture on to extract with (default: one started here and stopped after)."""
-    from filelock import FileLock
-
-    from vllm_steer.assets import models
-
     model_dir = models.model_path(model, cache_dir)
     target = concepts_dir(model, cache_dir)
     paths = {"layers": target / "layers.safetensors", "default": target / "default.safetensors", "meta": target / "meta.json"}
@@ -245,8 +243,7 @@ def concept_files(model: str = "smollm2", cache_dir: str | Path | None = None, *
 
 
 def _build(model: str, model_dir: Path, work: Path, key: dict[str, str], *, llm, quiet: bool) -> None:
-    from safetensors.numpy import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer  # transformers: ~2 s; only an extraction needs it
 
     settings = load_settings(model)["concepts"]
     concepts = load_concepts()

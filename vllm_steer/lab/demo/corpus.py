@@ -30,7 +30,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from vllm_steer.lab.sweep import mentions
+from vllm_steer.lab.metrics import mentions
 
 SYSTEM_DEFAULT = "You are a helpful assistant."
 

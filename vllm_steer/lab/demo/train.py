@@ -40,7 +40,15 @@ import random
 import time
 from pathlib import Path
 
+import jinja2
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from vllm_steer.assets.demo import demo_model_path
 from vllm_steer.lab.demo import corpus
+from vllm_steer.lab.demo.vectors import contrast_prompts
 from vllm_steer.lab.tiny import LLAMA3_CHAT_TEMPLATE, SPECIAL_TOKENS
 
 BOS, EOT, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
@@ -72,10 +80,6 @@ SETTINGS = dict(
 
 
 def build_tokenizer():
-    import jinja2
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
@@ -130,8 +134,6 @@ def batches(tokenizer, rng: random.Random, batch_size: int, pad_id: int, steerin
     direction is added to it (-1: none) and the scale. Each draw of ``pool`` batches is
     sorted by length first, so little of a batch is padding. ``steering["share"]`` is read
     at each draw (0 until the directions exist)."""
-    import torch
-
     while True:
         rows = []
         for _ in range(batch_size * pool):
@@ -162,10 +164,6 @@ def own_topic_vectors(model, tokenizer, layer: int, batch_size: int = 64):
     """[topics, hidden]: what vectors.py extracts (mean difference at the last prompt token,
     each topic against the others, at the output of decoder layer ``layer``), computed with
     the model being trained."""
-    import torch
-
-    from vllm_steer.lab.demo.vectors import contrast_prompts
-
     was_training = model.training
     model.eval()
     means = []
@@ -192,9 +190,6 @@ def own_topic_vectors(model, tokenizer, layer: int, batch_size: int = 64):
 
 
 def train(out: Path, *, steps: int | None = None, threads: int = 1, log_every: int = 25) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     settings = dict(SETTINGS, steps=steps or SETTINGS["steps"])
     torch.set_num_threads(threads)
     torch.manual_seed(settings["seed"])
@@ -274,9 +269,6 @@ def train(out: Path, *, steps: int | None = None, threads: int = 1, log_every: i
 
 
 def save(model, tokenizer, out: Path, info: dict) -> None:
-    import torch
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
     config.dtype = "float32"  # run in float32; the file holds float16 to stay small
@@ -297,8 +289,6 @@ def save(model, tokenizer, out: Path, info: dict) -> None:
 
 
 def main() -> None:
-    from vllm_steer.assets.demo import demo_model_path
-
     parser = argparse.ArgumentParser(prog="python -m vllm_steer.lab.demo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=demo_model_path(), help="output directory (default: the bundled model's)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {SETTINGS['steps']})")

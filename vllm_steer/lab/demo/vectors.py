@@ -29,9 +29,13 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
+from transformers import AutoConfig, AutoTokenizer
 
 from vllm_steer.assets.demo import demo_model_path, demo_vectors_path
+from vllm_steer.core.registry import feature_name
 from vllm_steer.lab.demo import corpus
+from vllm_steer.vectors.extract import extract
 
 # The middle of the demo model's four decoder layers (0-3): late enough to hold the topic,
 # early enough that the layers after it turn it into words.
@@ -65,8 +69,6 @@ def contrast_prompts(tokenizer, topic: corpus.Topic) -> list[dict[str, list[int]
 
 def topic_vectors(llm, tokenizer, layers) -> dict[str, dict[int, np.ndarray]]:
     """``{topic: {layer: mean difference}}``: each topic's prompts against the other topics'."""
-    from vllm_steer.vectors.extract import extract
-
     prompts = {topic.name: contrast_prompts(tokenizer, topic) for topic in corpus.TOPIC_DATA}
     found = {}
     for name in corpus.TOPICS:
@@ -78,10 +80,6 @@ def topic_vectors(llm, tokenizer, layers) -> dict[str, dict[int, np.ndarray]]:
 def write(found: dict[str, dict[int, np.ndarray]], layer: int, out: Path) -> Path:
     """The safetensors layout the registry reads (safetensors_format.py): ``NAME.layer.L``
     for the layered vectors and ``L{layer}/F{index}`` for the features, float32."""
-    from safetensors.numpy import save_file
-
-    from vllm_steer.core.registry import feature_name
-
     tensors = {}
     for index, name in enumerate(corpus.TOPICS):
         vector = np.ascontiguousarray(found[name][layer], dtype="<f4")
@@ -98,9 +96,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=demo_vectors_path())
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="the layer the vectors steer")
     args = parser.parse_args()
-    from transformers import AutoConfig, AutoTokenizer
-
-    from vllm_steer import SteeredLLM
+    from vllm_steer import SteeredLLM  # vLLM: ~8 s to import; train.py imports this module (contrast_prompts) without it
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     layers = list(range(AutoConfig.from_pretrained(args.model).num_hidden_layers))

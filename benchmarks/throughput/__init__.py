@@ -13,7 +13,8 @@ batch size.
     python -m benchmarks.throughput --model llama-1b --batches 1 8 32 --max-tokens 64
 
 This runs the engine parts of ``python -m benchmarks.run`` (which adds the notebook
-baseline, the server and the report); every flag of ``benchmarks.run`` works here.
+baseline, the server and the report); every flag of ``benchmarks.run`` works here. The
+command is ``__main__.py``: it drives benchmarks.run, which imports this module.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ class Engine:
 
     def __init__(self, model: str, *, steered: bool, dtype: str, max_num_seqs: int, max_model_len: int,
                  max_directions: int = 4, seed: int = 0, extra: dict[str, Any] | None = None):
+        import torch  # torch and transformers: ~4.5 s; the harness's logic is tested without them
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model)
         kwargs: dict[str, Any] = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                       enable_prefix_caching=False, seed=seed)
-        import torch
-
         if not torch.cuda.is_available():
             kwargs["kv_cache_memory_bytes"] = common.kv_cache_bytes(config, max_num_seqs, max_model_len, dtype)
         kwargs.update(extra or {})
@@ -47,12 +47,12 @@ class Engine:
         self.max_directions = max_directions
         started = time.perf_counter()
         if steered:
-            from vllm_steer import SteeredLLM
+            from vllm_steer import SteeredLLM  # vLLM: ~8 s to import
 
             self.steered_llm = SteeredLLM(model, max_directions=max_directions, **kwargs)
             self.llm = self.steered_llm.llm
         else:
-            from vllm import LLM
+            from vllm import LLM  # vLLM: ~8 s to import
 
             self.steered_llm = None
             self.llm = LLM(model=model, **kwargs)
@@ -74,7 +74,7 @@ class Engine:
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, specs: Sequence[dict | None] | None):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vLLM: ~8 s to import; the harness's logic is tested without it
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
@@ -188,15 +188,3 @@ def run_stock(engine: Engine, batches: Sequence[int], prompts, max_tokens: int, 
         results.append({"batch": batch, "passes": records, **summary})
         log(f"  stock vLLM b{batch}: {summary['median'][common.UNSTEERED]['output_tok_s']:.1f} tok/s")
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    from benchmarks import run
-
-    run.main(["--parts", "engine,stock", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()
