@@ -5,12 +5,16 @@ Every test here runs on the session's model runner (``--runner v1`` or ``v2``; `
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from support.helpers import assert_same_tokens_close_logprobs, reference, run
-from vllm_steer.core.spec import encode_b64
+from support.engines import start_engine
+from support.helpers import assert_same_tokens_close_logprobs, generations, greedy, reference, run
+from vllm_steer.core.spec import encode_b64, vector_digest
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +136,47 @@ def test_bad_specs_get_clear_errors_and_the_engine_keeps_serving(llm, prompt_ids
     assert after.token_ids == before.token_ids
 
 
-def test_worker_side_failure_degrades_to_unsteered(llm, prompt_ids, gen_len):
-    """A vector only the front end knows (the worker never got it) runs unsteered, logged."""
+@pytest.fixture(scope="module")
+def in_process(tiny_model, feature_file, runner):
+    """An engine whose workers run in the test process, so the test reads their log
+    (in-process and eager: starts in seconds), for this module only."""
+    llm = start_engine(tiny_model, feature_file, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, enforce_eager=True)
+    yield llm
+    llm.shutdown()
+
+
+def unapplied(llm) -> int:
+    """Requests whose steering the workers could not apply (steering_stats; the server's
+    /metrics vllm_steer_unapplied_requests_total)."""
+    return sum(stats["unapplied_requests"] for stats in llm.steering_stats())
+
+
+@pytest.mark.parametrize("engine", ["llm", "in_process"], ids=["engine process", "test process"])
+def test_worker_side_failure_degrades_to_unsteered(engine, request, prompt_ids, gen_len, caplog):
+    """A vector only the front end knows (the worker never got it) runs unsteered, logged
+    (naming the request and the vector) and counted once."""
+    llm = request.getfixturevalue(engine)
+    missing = vector_digest(np.ones(256, np.float32))
+    before = unapplied(llm)
     llm.frontend.registry.add("front-end-only", np.ones(256, np.float32), replace=True)
-    ghost, plain = run(llm, [prompt_ids[0]] * 2, [{"vectors": [{"name": "front-end-only", "layers": [1], "scale": 50.0}]}, None], gen_len)
-    llm.frontend.registry.remove("front-end-only")
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm_steer"):
+            outputs = llm.generate([{"prompt_token_ids": prompt_ids[0]}] * 2, greedy(gen_len), use_tqdm=False,
+                                   steering=[{"vectors": [{"name": "front-end-only", "layers": [1], "scale": 50.0}]}, None])
+    finally:
+        llm.frontend.registry.remove("front-end-only")
+    ghost, plain = generations(outputs)
     assert ghost.token_ids == plain.token_ids
     assert run(llm, [prompt_ids[0]], [None], gen_len)[0].token_ids == plain.token_ids
+    # Counted once (not once per step it ran unsteered), and only the request that asked.
+    assert unapplied(llm) - before == 1
+    if engine == "in_process":  # the other engine's workers log in their own process
+        lines = [record for record in caplog.records if "runs unsteered" in record.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING, [r.getMessage() for r in lines]
+        message = lines[0].getMessage()
+        # vLLM's internal request id is the caller's plus a random suffix.
+        named = re.match(r"request (\S+) runs unsteered: its steering could not be applied: (.*)", message)
+        assert named, message
+        assert named[1] == outputs[0].request_id or named[1].startswith(f"{outputs[0].request_id}-"), message
+        assert outputs[1].request_id not in (named[1], named[1].rsplit("-", 1)[0])
+        assert missing in named[2], message  # which vector the worker lacks

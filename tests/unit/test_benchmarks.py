@@ -175,6 +175,35 @@ def test_rss_sampler_sees_this_process():
     assert rss.peak > 10 << 20
 
 
+def test_rss_sampler_catches_a_peak_that_is_gone_by_the_end():
+    """What the sampler is for: the highest resident memory while it ran, also when that
+    memory is freed again before the end (the engine's load, then its steady state)."""
+    import time
+
+    import psutil
+
+    process = psutil.Process()
+
+    def tree() -> int:  # this process and its children (engines other tests started), read here
+        return process.memory_info().rss + sum(child.memory_info().rss for child in process.children(recursive=True))
+
+    block_bytes = 128 << 20
+    with common.RssSampler(include_root=True, interval=0.01) as rss:
+        own_start, start = process.memory_info().rss, tree()
+        block = np.ones(block_bytes, dtype=np.uint8)  # every page written: resident
+        held = process.memory_info().rss
+        deadline = time.monotonic() + 5.0
+        while rss.peak < start + 0.75 * block_bytes and time.monotonic() < deadline:  # a sample while it is held
+            time.sleep(0.02)
+        del block
+        after = tree()
+        time.sleep(0.1)  # samples after the block is gone: they must not lower the peak
+    assert held - own_start >= 0.9 * block_bytes, "the test needs the block to be resident"
+    assert rss.peak >= own_start
+    assert rss.peak - start >= 0.75 * block_bytes, f"the peak {rss.peak >> 20} MiB missed the {block_bytes >> 20} MiB block (start {start >> 20} MiB)"
+    assert rss.peak >= after + 0.5 * block_bytes  # the peak, not the last sample
+
+
 def test_machine_description():
     info = common.machine()
     for key in ("cpu", "logical_cores", "memory_gib", "gpus", "torch", "vllm", "load_average_at_start"):

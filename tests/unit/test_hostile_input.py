@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_steer.engine.families import FAMILIES
-from vllm_steer.engine.frontend import SteeringFrontend, SteeringRequestError, prepare_request
+from vllm_steer.engine.frontend import SALT_PREFIX, SteeringFrontend, SteeringRequestError, prepare_request, steering_salt
 from vllm_steer.core.plan import ResolvedSteering
 from vllm_steer.core.resolve import resolve
 from vllm_steer.core.spec import SteeringError, SteeringSpec, encode_b64, parse_spec
@@ -112,6 +112,16 @@ def test_resolution_yields_finite_steering_or_one_clear_error(value):
         for op in resolved.ops:
             assert np.isfinite(op.coeff) and 0 <= op.layer < 4
         assert ResolvedSteering.from_wire(resolved.wire) == resolved
+        # What the workers will apply: steerable layers, vectors of the model's size that
+        # every process can find (inline, or by digest in the registry), all finite.
+        assert resolved.ops and {op.layer for op in resolved.ops} <= set(FRONT.shape.steerable_layers)
+        arrays = resolved.arrays(FRONT.registry)
+        assert all(array.shape == (HIDDEN,) and np.isfinite(array).all() for array in arrays.values())
+        assert all(digest in resolved.inline or FRONT.registry.digest_of(digest) == digest for digest in arrays)
+        assert not any(op.mode == "add" and op.coeff == 0.0 for op in resolved.ops)  # an add of 0 is dropped
+        # Decoded and encoded again, it is the same steering: nothing is lost on the wire.
+        again = ResolvedSteering.from_wire(resolved.wire)
+        assert ResolvedSteering(again.ops, again.apply_to, again.inline, again.gate).wire == resolved.wire
 
 
 @SETTINGS
@@ -123,6 +133,24 @@ def test_the_front_end_hook_accepts_or_refuses_with_a_400_class_error(value, cap
         prepare_request(FRONT, request)
     except SteeringRequestError as error:
         assert error.parameter and str(error)
+        return
+    # Accepted: the request now carries exactly what resolution gives, in the workers' form,
+    # and a cache salt of that steering's own (or, when it changes nothing, neither).
+    assert capture is None  # this front end has capture off: any capture is refused
+    expected = resolve(value, FRONT.shape, FRONT.registry)
+    params = request.sampling_params
+    if expected is None:
+        assert params.extra_args is None and request.cache_salt is None
+        assert params.skip_reading_prefix_cache is None
+        return
+    assert set(params.extra_args) == {"steering"}
+    wire = params.extra_args["steering"]
+    assert isinstance(wire, str)
+    sent = ResolvedSteering.from_wire(wire)
+    assert sent == expected and sent.fingerprint == expected.fingerprint and wire == expected.wire
+    assert request.cache_salt == steering_salt(expected.cache_namespace(3), None)
+    assert request.cache_salt.startswith(SALT_PREFIX)
+    assert params.skip_reading_prefix_cache is (True if expected.gate is not None else None)
 
 
 @SETTINGS
