@@ -284,3 +284,23 @@ def test_a_feature_condition_reads_the_saes_encoder_at_the_features_layer(regist
 def test_a_condition_on_steering_that_changes_nothing_is_nothing(registry):
     spec = {"vectors": [{"name": "eiffel", "layers": [1], "scale": 0.0}], "condition": {"name": "happy", "layer": 1, "threshold": 0.0}}
     assert resolve(spec, SHAPE, registry) is None
+
+
+def test_a_bad_condition_is_an_error_even_when_the_steering_adds_nothing(registry):
+    """Without it, a spec whose adds are all zero returned unsteered before its condition was read."""
+    spec = {"vectors": [{"name": "eiffel", "layers": [1], "scale": 0.0}],
+            "condition": {"name": "nope", "layer": 1, "threshold": 0.0}}
+    error = refused(spec, registry)
+    assert error.field == "steering.condition.name" and "unknown vector 'nope'" in error.reason
+    spec["condition"] = {"name": "eiffel", "layer": 9, "threshold": 0.0}
+    assert refused(spec, registry).field == "steering.condition.layer"
+    spec["condition"]["layer"] = 1
+    assert resolve(spec, SHAPE, registry) is None  # a good condition over nothing: unsteered
+
+
+def test_a_negative_zero_coefficient_fingerprints_as_zero(registry):
+    """A clamp to 0 reached by a negative spec scale steers as a clamp to 0: same cache namespace."""
+    clamp = {"name": "eiffel", "layers": [1], "mode": "clamp", "scale": 0.0}
+    negative = resolve({"vectors": [clamp], "scale": -1.0}, SHAPE, registry)
+    positive = resolve({"vectors": [clamp], "scale": 1.0}, SHAPE, registry)
+    assert negative.fingerprint == positive.fingerprint and negative.row_keys == positive.row_keys

@@ -220,6 +220,13 @@ def test_a_full_pool_refuses_the_whole_acquire_and_changes_nothing():
     assert held["a"] in rows.values()  # the freed row was reused
 
 
+def test_an_acquire_missing_a_new_rows_content_changes_nothing():
+    pool = RowPool(4, HIDDEN, 1)
+    with pytest.raises(KeyError, match="no content for the new steering rows"):
+        pool.acquire(["a", "b"], {"a": content(1.0)})
+    assert pool.in_use == 0 and not pool.held("a")
+
+
 def test_a_released_row_is_reused_and_rewritten_with_its_new_content():
     pool = RowPool(2, HIDDEN, 1)  # one usable row
     row = pool.acquire(["a"], {"a": content(1.0, direction(3.0))})["a"]

@@ -31,7 +31,8 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         where = f"steering.vectors[{index}]"
         needs_direction = entry.mode != "add" or entry.normalize
         # Ablation and ranges have no strength; a fixed coefficient keeps equal steering equal.
-        coeff = 0.0 if entry.mode in ("ablate", "range") else spec.scale * entry.scale
+        # + 0.0: a -0.0 (a zero scale times a negative one) steers as 0.0 and must fingerprint as it.
+        coeff = 0.0 if entry.mode in ("ablate", "range") else spec.scale * entry.scale + 0.0
         # A feature_clamp moves along the SAE's own decoder row, as the SAE would decode it.
         normalize = entry.normalize or entry.mode not in ("add", "feature_clamp")
         bounds = (entry.min, entry.max) if entry.mode == "range" else None
@@ -57,7 +58,7 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
         _check_vector(registry.array(digest), True, shape, where)
         effective = strength * layer if spec.use_reduced_strengths else strength
         _check_magnitude(spec.scale * effective, 1.0, shape, where)
-        ops.append(Op(layer, mode, digest, spec.scale * effective, True))
+        ops.append(Op(layer, mode, digest, spec.scale * effective + 0.0, True))
 
     _check_op_count(len(ops), shape)
     directions = Counter(op.layer for op in ops if op.mode != "add")
@@ -68,11 +69,12 @@ def resolve(spec_value, shape: ModelShape, registry: VectorRegistry) -> Resolved
                 f"{shape.max_directions} per layer (hf_overrides steering.max_directions)"
             )
 
+    # A condition is checked even when nothing else applies: a bad one is an error, not ignored.
+    gate = _resolve_condition(spec.condition, shape, registry, inline) if spec.condition is not None else None
     # An add with coefficient 0 is exactly nothing: drop it, so `scale: 0` is unsteered.
     ops = [op for op in ops if op.mode != "add" or op.coeff != 0.0]
     if not ops:
         return None
-    gate = _resolve_condition(spec.condition, shape, registry, inline) if spec.condition is not None else None
     used = {digest for op in ops for digest in op.digests} | ({gate.digest} if gate else set())
     resolved = ResolvedSteering(tuple(ops), spec.phase, {d: a for d, a in inline.items() if d in used}, gate)
     _check_summed_adds(resolved, resolved.arrays(registry), shape)

@@ -199,6 +199,9 @@ class RowPool:
         nothing: raises ``PoolFull`` before changing anything."""
         keys = set(keys)
         new = [key for key in keys if key not in self._row_of]
+        missing = [key for key in new if key not in contents]
+        if missing:
+            raise KeyError(f"no content for the new steering rows {missing}")
         if len(new) > len(self._free):
             raise PoolFull(f"{len(new)} new steering rows needed, {len(self._free)} of {self.capacity} free (steering.table_budget_mib)")
         for key in new:
