@@ -1,4 +1,4 @@
-"""Every SAE suite encodes exactly as its own reference does (tests/sae_references.py, each
+"""Every SAE suite encodes exactly as its own reference does (tests/support/sae_references.py, each
 suite's encoder written from its reference code): the per-feature encoder that
 ``feature_clamp`` and conditions read, the whole encoder that finds features, and the decoder
 direction a feature steers along, each on a file with a non-zero ``b_dec`` (and a dataset-wise

@@ -6,7 +6,7 @@ the stream SAEs and Neuronpedia features are trained on (Gemma's extra norms sit
 layer, before the residual add, so this holds for Gemma too). A family with that convention
 is one entry in ``FAMILIES``.
 
-A steered class is ``Steered<Architecture>``: vLLM's class with ``model.SteeredModel`` mixed
+A steered class is ``Steered<Architecture>``: vLLM's class with ``steered_model.SteeredModel`` mixed
 in, built on first use as ``vllm_steer.engine.families:Steered<Architecture>`` (the plugin registers
 every one by name). An engine selects it with
 ``hf_overrides={"architectures": ["Steered<Architecture>"]}``; ``SteeredLLM`` and the
