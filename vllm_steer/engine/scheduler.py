@@ -2,8 +2,8 @@
 
 vLLM's scheduler asks whether each waiting request may start this step (the mechanism that
 keeps a request waiting for a LoRA slot); through the seam (``wrap_scheduler_cls``) it asks
-``RowBudget`` too, which says no while the request's rows not already held, added to the rows of the running requests,
-would exceed the pool (rows.py). It counts rows by ``ResolvedSteering.row_keys``, as the
+``RowBudget`` too, which says no while the request's rows not already held, added to the
+rows of the running requests, would exceed the pool (rows.py). It counts rows by ``ResolvedSteering.row_keys``, as the
 workers' pools do, over every layer (a pipeline rank holds fewer: counting all is
 conservative), and workers release finished requests' rows before admitting new ones, so a
 request let through always finds room. A request that needs more rows than the whole pool is
