@@ -14,8 +14,8 @@ from vllm_steer.core.spec import SteeringError
 from vllm_steer.vectors import load_sae
 
 D_MODEL, D_SAE = 256, 32
-ENGINE_SUITES = [name for name in SUITES if "TopK" not in name and name != "Qwen-Scope"]
-TOPK_SUITES = ["dictionary_learning AutoEncoderTopK", "Qwen-Scope"]
+TOPK_SUITES = ["dictionary_learning AutoEncoderTopK", "Qwen-Scope"]  # one feature's activation needs all of them
+ENGINE_SUITES = [name for name in SUITES if name not in TOPK_SUITES]
 
 LAYERS = 4  # the tiny model's: four suites a batch, one on each layer
 
@@ -175,20 +175,22 @@ def test_a_feature_condition_reads_the_suites_activation(suite_outputs, suite_en
 
 @pytest.mark.parametrize("name", ENGINE_SUITES + TOPK_SUITES)
 def test_top_features_through_the_engine_are_the_suites(suite_engine, engine_suites, name):
+    """The last token of each prompt (one capture request each; every ``over`` is
+    tests/engine/test_discovery_engine.py's)."""
     from vllm_steer.discovery import finder
 
     sae = engine_suites[name]
-    prompts = ["The Eiffel Tower in Paris", "Who are you?"]
+    prompts = ["The Eiffel Tower in Paris", "Who are you?", "Give me three business ideas."]
     source = f"{sae.source}{'&' if '#' in sae.source else '#'}layer={sae.layer}"
-    got = suite_engine.top_features(prompts, sae=source, k=5, over="mean")
-    plan = finder.plan(suite_engine.llm.get_tokenizer(), finder.FeatureQuery.parse({"prompts": prompts, "over": "mean"}))
+    got = suite_engine.top_features(prompts, sae=source, k=5, over="last")
+    plan = finder.plan(suite_engine.llm.get_tokenizer(), finder.FeatureQuery.parse({"prompts": prompts, "over": "last"}))
     rows = suite_engine.capture([{"prompt_token_ids": p} for p in plan.prefixes()], [sae.layer], use_tqdm=False)
     streams = plan.streams([row[sae.layer] for row in rows])
     for result, stream in zip(got, streams, strict=True):
-        mean = sae.activation(stream).mean(0)
-        expected = sorted((i for i in range(D_SAE) if mean[i] > 0), key=lambda i: (-mean[i], i))[:5]
+        last = sae.activation(stream)[-1]
+        expected = sorted((i for i in range(D_SAE) if last[i] > 0), key=lambda i: (-last[i], i))[:5]
         assert [f.feature for f in result.features] == expected
-        np.testing.assert_allclose([f.activation for f in result.features], mean[expected], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose([f.activation for f in result.features], last[expected], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", TOPK_SUITES)

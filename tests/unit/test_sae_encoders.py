@@ -19,8 +19,8 @@ from vllm_steer.discovery import top_features_of_streams
 from vllm_steer.vectors import load_sae
 
 D_MODEL, D_SAE = 256, 32
-THRESHOLD_SUITES = [name for name in SUITES if "TopK" not in name and name != "Qwen-Scope"]
-TOPK_SUITES = ["dictionary_learning AutoEncoderTopK", "Qwen-Scope"]
+TOPK_SUITES = ["dictionary_learning AutoEncoderTopK", "Qwen-Scope"]  # one feature's activation needs all of them
+THRESHOLD_SUITES = [name for name in SUITES if name not in TOPK_SUITES]
 
 
 def random_streams(seed: int = 0, tokens: int = 40) -> np.ndarray:
