@@ -227,12 +227,23 @@ class NpzArrays:
         length = member.shape[0] if column else member.shape[1]
         size = length * member.dtype.itemsize
         with zipfile.ZipFile(self.path) as archive, archive.open(member.info) as stream:
-            stream.seek(member.offset + start * size)  # forward: decompresses and discards, in bounded chunks
+            _skip(stream, member.offset + start * size)
             raw = stream.read(size * (stop - start))
         if len(raw) != size * (stop - start):
             raise ValueError(f"{self.path}[{key!r}]: truncated: line {stop - 1} is past the member's end")
         lines = np.frombuffer(raw, dtype=member.dtype).astype(np.float32).reshape(stop - start, length)
         return lines.T if column else lines
+
+
+def _skip(stream, count: int, chunk: int = 1 << 20) -> None:
+    """Decompress and discard ``count`` bytes in 1 MiB reads. ``ZipExtFile.seek`` reads 16 MiB at
+    a time: buffers that size land on the heap once glibc has raised its mmap threshold, and
+    stay in the process after they are freed."""
+    while count > 0:
+        read = len(stream.read(min(count, chunk)))
+        if read == 0:
+            return
+        count -= read
 
 
 def _npy_header(file, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
