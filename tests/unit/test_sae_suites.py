@@ -78,21 +78,24 @@ def test_gemma_scope_stored_decoder_is_read_in_place(tmp_path, monkeypatch):
 
 
 def test_gemma_scope_compressed_decoder_is_streamed_to_the_row(tmp_path, monkeypatch):
-    """A compressed member cannot be mapped: it is decompressed up to the row, never np.load-ed."""
+    """A compressed member cannot be mapped: it is decompressed up to the row in bounded reads,
+    never np.load-ed."""
     rows = decoder_rows(3)
     source = load_sae(str(write_gemma_scope(tmp_path / GEMMA_RES, rows, compressed=True)))
-    seeks = []
-    real_seek = zipfile.ZipExtFile.seek
+    reads = []  # (position, size) of each read from an archive member
+    real_read = zipfile.ZipExtFile.read
 
-    def seek(self, offset, whence=0):
-        seeks.append(offset)
-        return real_seek(self, offset, whence)
+    def read(self, n=-1):
+        reads.append((self.tell(), n))
+        return real_read(self, n)
 
-    monkeypatch.setattr(zipfile.ZipExtFile, "seek", seek)
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load loads the whole archive member"))
     assert source.feature(5).tobytes() == rows[5].tobytes()
-    header = seeks[-1] - 5 * D_MODEL * 4
-    assert 0 < header < 256  # the .npy header, then 5 rows skipped
+    position, size = reads[-1]
+    assert size == D_MODEL * 4
+    assert 0 < position - 5 * D_MODEL * 4 < 256  # the .npy header, then 5 rows skipped
+    assert all(0 <= n <= 1 << 20 for _, n in reads)  # ZipExtFile.seek's 16 MiB reads stay on the heap
 
 
 @pytest.mark.parametrize(
