@@ -151,20 +151,42 @@ def unapplied(llm) -> int:
     return sum(stats["unapplied_requests"] for stats in llm.steering_stats())
 
 
+def test_a_vector_the_workers_lack_travels_with_the_request(llm, prompt_ids, gen_len):
+    """A name only the front end knows (another replica registered it in the shared registry
+    directory; these workers were never given it) steers exactly as the same vector sent
+    inline: the request carries its content, and nothing runs unsteered."""
+    vector = np.random.default_rng(155).standard_normal(256).astype(np.float32)
+    before = unapplied(llm)
+    llm.frontend.registry.add("front-end-only", vector, replace=True)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": prompt_ids[0]}] * 3, greedy(gen_len), use_tqdm=False, steering=[
+            {"vectors": [{"name": "front-end-only", "layers": [1], "scale": 8.0}]},
+            {"vectors": [{"vector": vector.tolist(), "layers": [1], "scale": 8.0}]},
+            None,
+        ])
+    finally:
+        llm.frontend.registry.remove("front-end-only")
+    named, inline, plain = generations(outputs)
+    assert named.token_ids == inline.token_ids != plain.token_ids
+    assert unapplied(llm) == before
+
+
 @pytest.mark.parametrize("engine", ["llm", "in_process"], ids=["engine process", "test process"])
 def test_worker_side_failure_degrades_to_unsteered(engine, request, prompt_ids, gen_len, caplog):
-    """A vector only the front end knows (the worker never got it) runs unsteered, logged
-    (naming the request and the vector) and counted once."""
+    """A vector the front end wrongly believes its workers hold runs unsteered, logged
+    (naming the request and the vector) and counted once: the engine never dies of it."""
     llm = request.getfixturevalue(engine)
     missing = vector_digest(np.ones(256, np.float32))
     before = unapplied(llm)
     llm.frontend.registry.add("front-end-only", np.ones(256, np.float32), replace=True)
+    llm.frontend.mark_pushed("front-end-only")  # but it was not
     try:
         with caplog.at_level(logging.WARNING, logger="vllm_steer"):
             outputs = llm.generate([{"prompt_token_ids": prompt_ids[0]}] * 2, greedy(gen_len), use_tqdm=False,
                                    steering=[{"vectors": [{"name": "front-end-only", "layers": [1], "scale": 50.0}]}, None])
     finally:
         llm.frontend.registry.remove("front-end-only")
+        llm.frontend.workers.drop("front-end-only")
     ghost, plain = generations(outputs)
     assert ghost.token_ids == plain.token_ids
     assert run(llm, [prompt_ids[0]], [None], gen_len)[0].token_ids == plain.token_ids

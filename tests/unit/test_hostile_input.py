@@ -83,6 +83,8 @@ def frontend() -> SteeringFrontend:
     front = SteeringFrontend(config)
     front.registry.add("tower", np.arange(1, HIDDEN + 1, dtype=np.float32))
     front.registry.add_feature(1, 3, np.ones(HIDDEN, np.float32), source="test")
+    for name in front.registry.names():  # as a registration does: the workers hold them
+        front.mark_pushed(name)
     return front
 
 

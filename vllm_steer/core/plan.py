@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -154,10 +155,18 @@ class ResolvedSteering:
         next turn of a chat, whose prompt holds this turn's answer) were steered differently."""
         return self.fingerprint if self.apply_to == "all" else f"{self.fingerprint}@{prompt_len}"
 
+    @cached_property
+    def digests(self) -> frozenset[str]:
+        """The content every op and the condition read."""
+        return frozenset(digest for op in self.ops for digest in op.digests) | ({self.gate.digest} if self.gate else set())
+
     def arrays(self, registry: VectorRegistry) -> dict[str, np.ndarray]:
         """digest -> float32 vector for every op (inline ones first, then the registry's)."""
-        digests = {digest for op in self.ops for digest in op.digests} | ({self.gate.digest} if self.gate else set())
-        return {digest: self.inline[digest] if digest in self.inline else registry.array(digest) for digest in digests}
+        return {digest: self.inline[digest] if digest in self.inline else registry.array(digest) for digest in self.digests}
+
+    def carrying(self, arrays: Mapping[str, np.ndarray]) -> ResolvedSteering:
+        """The same steering with ``arrays`` travelling inline too (same fingerprint)."""
+        return replace(self, inline={**self.inline, **arrays})
 
     @cached_property
     def wire(self) -> str:

@@ -272,6 +272,19 @@ class VectorRegistry:
         """How many arrays are held: live (named), retired, read on demand."""
         return {"live": len(self._arrays), "retired": len(self._retired), "on_demand": len(self._on_demand)}
 
+    def entry_digest(self, name: str) -> str:
+        """The digest of what a name points at (its vector, or all its layers' vectors)."""
+        return _entry_digest(self._names[name])
+
+    def vector(self, name: str) -> Vector:
+        """A name's vector, or ``{layer: vector}`` for a layered one."""
+        arrays = self.arrays_of(name)
+        return arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays
+
+    def content_digests(self, name: str) -> tuple[str, ...]:
+        """The digests of a name's vectors (one per layer of a layered vector)."""
+        return tuple(self._names[name].values())
+
     def arrays_of(self, name: str) -> dict[int, np.ndarray]:
         """``{layer: vector}`` of a name (key ``ANY_LAYER`` for a vector usable anywhere)."""
         return {layer: self._arrays[digest] for layer, digest in self._names[name].items()}

@@ -10,7 +10,10 @@ For a request with ``extra_args["steering"]`` it
    header; it hands the result on *sealed* (HMAC with this process's key), so it is
    decoded here, not resolved again;
 2. replaces it with the resolved wire form (vectors by digest), which workers only decode:
-   they apply exactly what was validated, even if a name is re-registered meanwhile;
+   they apply exactly what was validated, even if a name is re-registered meanwhile. A
+   vector the workers may not hold (a name another replica registered in the shared
+   registry directory, not yet pushed to this engine) travels inline with the request,
+   so no request is accepted that its workers cannot steer (``WorkerContents``);
 3. folds the spec's cache namespace into ``cache_salt``: vLLM's prefix-cache hashes cover
    the salt but not ``extra_args``, so without this a steered request's KV blocks would be
    reused by unsteered or differently steered requests with the same prompt.
@@ -24,13 +27,15 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from vllm_steer.core.plan import ResolvedSteering
-from vllm_steer.core.registry import Vector
+from vllm_steer.core.registry import Vector, VectorRegistry
 from vllm_steer.core.resolve import check_layer, resolve
 from vllm_steer.core.spec import DIGEST_PREFIX, CaptureSpec, SteeringError, parse_capture
 from vllm_steer.engine import rpc, seam
@@ -69,6 +74,37 @@ def steering_salt(namespace: str, user_salt: str | None) -> str:
     return SALT_PREFIX + hashlib.sha256(f"{namespace}\0{user_salt}".encode()).hexdigest()[:32]
 
 
+class WorkerContents:
+    """What this front end knows its workers hold: the names loaded at start and those it
+    pushed, each with its entry digest and content digests. Content some such name points
+    at is live on the workers (not a retired copy their LRU may drop)."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._refs: Counter[str] = Counter()
+
+    def set(self, name: str, entry_digest: str, contents: tuple[str, ...]) -> None:
+        self.drop(name)
+        self._names[name] = (entry_digest, contents)
+        self._refs.update(contents)
+
+    def drop(self, name: str) -> None:
+        for digest in self._names.pop(name, (None, ()))[1]:
+            self._refs[digest] -= 1
+            if not self._refs[digest]:
+                del self._refs[digest]
+
+    def holds(self, digest: str) -> bool:
+        return digest in self._refs
+
+    def behind(self, registry: VectorRegistry) -> tuple[list[str], list[str]]:
+        """The names whose current entry the workers lack, and those they hold but the
+        registry no longer has: what to push and what to remove to bring them up to date."""
+        stale = [name for name in registry.names() if self._names.get(name, (None,))[0] != registry.entry_digest(name)]
+        gone = [name for name in self._names if name not in registry]
+        return stale, gone
+
+
 class SteeringFrontend:
     """The front end's view of the served model: its shape, and a registry mirroring the
     workers' (plus, with ``registry_dir``, the run-time changes every front end shares)."""
@@ -78,6 +114,9 @@ class SteeringFrontend:
         self.shape = self.settings.model_shape(hf_config, dtype, seam.device_memory(), pipeline_stages)
         self.registry = self.settings.load_registry(hf_config)
         self.bos_token_id = getattr(hf_config, "bos_token_id", None)  # for engines without a tokenizer
+        self.workers = WorkerContents()  # workers load the same files at start
+        for name in self.registry.names():
+            self.mark_pushed(name)
         self.store = RegistryStore(self.settings.registry_dir) if self.settings.registry_dir else None
         self._seal_key = secrets.token_bytes(32)
         # The latest sealed specs, by their text: the hook takes its own seal's result as it
@@ -92,9 +131,33 @@ class SteeringFrontend:
             self.store.refresh(self.registry)
 
     def resolve(self, spec: Any) -> ResolvedSteering | None:
-        """Validate a user's spec (dict, JSON text or SteeringSpec); None when it changes nothing."""
+        """Validate a user's spec (dict, JSON text or SteeringSpec); None when it changes nothing.
+        Content the workers may not hold is carried inline."""
         self.refresh()
-        return resolve(spec, self.shape, self.registry)
+        resolved = resolve(spec, self.shape, self.registry)
+        if resolved is None:
+            return None
+        unheld = [d for d in resolved.digests if d not in resolved.inline and not self.workers.holds(d)]
+        return resolved.carrying({d: self.registry.array(d) for d in unheld}) if unheld else resolved
+
+    def worker_updates(self) -> list[tuple[rpc.WorkerCall, Callable[[], None]]]:
+        """The calls that bring the workers up to this front end's registry (the shared
+        directory's changes: other replicas' registrations and deletions), each with what to
+        record once the workers have run it."""
+        self.refresh()
+        stale, gone = self.workers.behind(self.registry)
+        updates = []
+        for name in stale:
+            held = partial(self.workers.set, name, self.registry.entry_digest(name), self.registry.content_digests(name))
+            updates.append((rpc.add_vector(name, self.registry.vector(name), self.registry.info(name).source), held))
+        for name in gone:
+            self.workers.drop(name)  # now: nothing resolves the name, and its content may be another's
+            updates.append((rpc.remove_vector(name), lambda: None))
+        return updates
+
+    def mark_pushed(self, name: str) -> None:
+        """The workers now hold ``name`` as this front end's registry has it."""
+        self.workers.set(name, self.registry.entry_digest(name), self.registry.content_digests(name))
 
     # ---- the middleware's hand-off to prepare_request (same process) ---------------------
     def seal(self, resolved: ResolvedSteering) -> str:
@@ -170,6 +233,7 @@ class SteeringFrontend:
 
     def commit_vector(self, name: str, vector: Vector, *, source: str, replace: bool) -> str:
         digest = self.registry.add(name, vector, replace=True, source=source)
+        self.mark_pushed(name)  # the Registration pushed it first
         if self.store is not None:
             self.store.put(name, vector, digest=digest, source=source, replace=replace)
         logger.info("steering registry: %s %r = %s (%s)", "replaced" if replace else "added", name, digest, source)
@@ -181,6 +245,7 @@ class SteeringFrontend:
         if name not in self.registry:
             raise KeyError(name)
         self.registry.remove(name)
+        self.workers.drop(name)
         if self.store is not None:
             self.store.delete(name)
         logger.info("steering registry: deleted %r", name)

@@ -37,20 +37,21 @@ class ServerState:
     async def send(self, call: rpc.WorkerCall) -> list:
         return await rpc.send_async(self.engine_client, call)
 
-    async def push_stored_vectors(self) -> None:
-        """Hand the workers the registry directory's vectors (a restarted server's included)."""
-        store = self.frontend.store
-        if store is None:
-            return
-        for name, entry in store.entries().items():
-            await self.send(rpc.add_vector(name, store.load(name), entry["source"]))
+    async def sync_workers(self) -> None:
+        """Push what the registry directory gained to this engine's workers (another
+        replica's registrations; a restarted server's vectors) and remove what it lost.
+        Meanwhile, requests carry such vectors inline (SteeringFrontend.resolve)."""
+        for call, done in self.frontend.worker_updates():
+            await self.send(call)
+            done()
 
     async def poll_workers(self) -> None:
+        """Every POLL_SECONDS: the workers' stats, and the registry directory's changes."""
         while True:
             try:
                 stats = await self.send(rpc.stats())
                 self.metrics.worker_stats(stats[0])
-                self.frontend.refresh()
+                await self.sync_workers()
                 self.metrics.registry_vectors.set(len(self.frontend.registry))
             except Exception:  # noqa: BLE001 - metrics must never take the server down
                 logger.debug("steering stats poll failed", exc_info=True)
@@ -108,7 +109,7 @@ class SteeringEndpoints:
                 "with --api-server-count > 1, registry changes stay in the API server that made them "
                 "unless hf_overrides steering.registry_dir names a shared directory (vllm-steer serve sets one)"
             )
-        await server.push_stored_vectors()
+        await server.sync_workers()
         server.metrics.registry_vectors.set(len(frontend.registry))
         server.poll_task = asyncio.get_running_loop().create_task(server.poll_workers())
         state.vllm_steer = server

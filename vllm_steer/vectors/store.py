@@ -7,6 +7,11 @@ Objects are immutable (content-addressed); ``names.json`` is replaced atomically
 file lock. ``null`` marks a deleted name (also one loaded from a vector file at start).
 Each process calls ``refresh`` before it resolves names: one ``stat`` when nothing changed.
 A restarted server finds the same names pointing at the same digests.
+
+Every change prunes the objects no name points at any more, under the lock (a writer adds
+its objects under it too, so none is pruned before its name is written). A reader holding
+an older ``names.json`` may find an object gone: that means the file changed, so it reads
+it again.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import numpy as np
 
 from vllm_steer.core.spec import DIGEST_PREFIX, vector_digest
 from vllm_steer.core.registry import ANY_LAYER, Vector, VectorRegistry
+
+# Reads of names.json and its objects, each after a change pruned what the last one named.
+READ_ATTEMPTS = 5
 
 
 class RegistryStore:
@@ -47,19 +55,25 @@ class RegistryStore:
         seen = (stat.st_mtime_ns, stat.st_size)
         if seen == self._seen:
             return
-        for name, entry in self._read_names().items():
-            if entry is None:
-                if name in registry:
-                    registry.remove(name)
-            elif name not in registry or registry.info(name).digest != entry["digest"]:
-                registry.add(name, self._load(entry["vectors"]), replace=True, source=entry["source"])
+        for attempt in range(READ_ATTEMPTS):
+            names = self._read_names()
+            try:
+                changes = {
+                    name: entry and self._load(entry["vectors"])
+                    for name, entry in names.items()
+                    if (entry is None and name in registry)
+                    or (entry is not None and (name not in registry or registry.entry_digest(name) != entry["digest"]))
+                }
+                break
+            except FileNotFoundError:  # pruned by a change since this names.json was read
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+        for name, vector in changes.items():
+            if vector is None:
+                registry.remove(name)
+            else:
+                registry.add(name, vector, replace=True, source=names[name]["source"])
         self._seen = seen
-
-    def entries(self) -> dict:
-        return {name: entry for name, entry in self._read_names().items() if entry is not None}
-
-    def load(self, name: str) -> Vector:
-        return self._load(self._read_names()[name]["vectors"])
 
     def _load(self, vectors: dict[str, str]) -> Vector:
         arrays = {int(layer): np.fromfile(self.root / "objects" / f"{hex_}.f32", dtype="<f4") for layer, hex_ in vectors.items()}
@@ -76,6 +90,7 @@ class RegistryStore:
             with os.fdopen(fd, "w") as out:
                 json.dump(names, out, indent=1, sort_keys=True)
             os.replace(tmp, self._names_file)
+            self._prune(names)
 
     def _write_object(self, array: np.ndarray) -> str:
         hex_ = vector_digest(array).removeprefix(DIGEST_PREFIX)
@@ -89,12 +104,19 @@ class RegistryStore:
 
     def put(self, name: str, vector: Vector, *, digest: str, source: str, replace: bool) -> None:
         arrays = vector if isinstance(vector, dict) else {ANY_LAYER: vector}
-        objects = {str(layer): self._write_object(array) for layer, array in arrays.items()}
         with self._locked_names() as names:
             if names.get(name) is not None and not replace:
                 raise ValueError(f"vector {name!r} already exists; send \"replace\": true to replace it")
+            objects = {str(layer): self._write_object(array) for layer, array in arrays.items()}
             names[name] = {"vectors": objects, "digest": digest, "source": source}
 
     def delete(self, name: str) -> None:
         with self._locked_names() as names:
             names[name] = None
+
+    def _prune(self, names: dict) -> None:
+        """Remove the objects no name points at (called under the lock)."""
+        kept = {f"{hex_}.f32" for entry in names.values() if entry for hex_ in entry["vectors"].values()}
+        for path in (self.root / "objects").glob("*.f32"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
