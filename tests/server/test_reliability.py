@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from vllm_steer.lab.launcher import start_server, stop_server
+from vllm_steer.lab.launcher import stop_server
 from benchmarks.soak import run as soak
-from support.engines import API_KEY
+from support.engines import API_KEY, serve
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
@@ -46,16 +46,6 @@ def test_registry_change_during_a_stream_does_not_touch_it(server, gen_len):
     moved = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**request, "stream": False}, timeout=300).json()["choices"][0]["text"]
     assert text.replace(" ", "") == expected.replace(" ", "") and moved != expected
     httpx.delete(f"{url}/v1/steering/vectors/moving", headers=AUTH, timeout=60)
-
-
-def serve(tiny_model, feature_file, registry_dir, *extra: str):
-    """Start another server; returns (process, url, log path)."""
-    log = registry_dir.parent / f"another-server{''.join(extra).replace('--', '-')}.log"
-    process, url = start_server(["--model", str(tiny_model), "--vectors", str(feature_file), "--registry-dir", str(registry_dir),
-                                 "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 27),
-                                 "--enforce-eager", *extra],  # restarts and the registry are tested, not compilation
-                                log, timeout=300)
-    return process, url, log
 
 
 def test_restart_reloads_the_registry_directory(server, tiny_model, feature_file, runner):

@@ -33,3 +33,15 @@ def start_engine(model: Path, vector_file: Path, env: dict[str, str] | None = No
 
     with scoped_environ(env or {}):
         return SteeredLLM(model, vectors=[vector_file], **{**ENGINE_ARGS, **overrides})
+
+
+def serve(tiny_model, feature_file, registry_dir, *extra: str):
+    """Start another server on ``registry_dir`` (a restart, a replica); returns (process, url, log path)."""
+    from vllm_steer.lab.launcher import start_server
+
+    log = registry_dir.parent / f"another-server{''.join(extra).replace('--', '-')}.log"
+    process, url = start_server(["--model", str(tiny_model), "--vectors", str(feature_file), "--registry-dir", str(registry_dir),
+                                 "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 27),
+                                 "--enforce-eager", *extra],  # restarts and the registry are tested, not compilation
+                                log, timeout=300)
+    return process, url, log

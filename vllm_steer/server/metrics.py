@@ -53,6 +53,13 @@ class SteeringMetrics:
         self.registry_vectors = Gauge(
             "vllm_steer_registry_vectors", "Named vectors in the steering registry", registry=registry, multiprocess_mode="max"
         )
+        self.worker_vectors = Gauge(
+            "vllm_steer_worker_vectors",
+            "Named vectors the workers hold (worker 0): behind vllm_steer_registry_vectors until the next poll "
+            "pushes another replica's changes",
+            registry=registry,
+            multiprocess_mode="max",
+        )
         self.slots_in_use = Gauge(
             "vllm_steer_slots_in_use", "Steering slots held by running requests (worker 0)", registry=registry, multiprocess_mode="max"
         )
@@ -74,4 +81,5 @@ class SteeringMetrics:
 
     def worker_stats(self, stats: dict) -> None:
         self.slots_in_use.set(stats["slots_in_use"])
+        self.worker_vectors.set(stats["vectors"])
         self.workers.stats = stats

@@ -49,9 +49,9 @@ class ServerState:
         """Every POLL_SECONDS: the workers' stats, and the registry directory's changes."""
         while True:
             try:
+                await self.sync_workers()
                 stats = await self.send(rpc.stats())
                 self.metrics.worker_stats(stats[0])
-                await self.sync_workers()
                 self.metrics.registry_vectors.set(len(self.frontend.registry))
             except Exception:  # noqa: BLE001 - metrics must never take the server down
                 logger.debug("steering stats poll failed", exc_info=True)
