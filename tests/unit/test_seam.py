@@ -57,7 +57,15 @@ def test_front_end_touchpoints():
     # The offline LLM's and the server's engine client's front end, engine core and config.
     assigned_in_init(LLM, "llm_engine")
     assigned_in_init(LLMEngine, "input_processor", "engine_core", "vllm_config")
-    assigned_in_init(AsyncLLM, "input_processor")
+    assigned_in_init(AsyncLLM, "input_processor", "engine_core")
+    # Every data-parallel engine's collective_rpc answer (collective_rpc_all), and the engine
+    # core's utility it calls: (method, timeout, args, kwargs).
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core_client import AsyncMPClient, DPLBAsyncMPClient
+
+    assert parameters(AsyncMPClient.call_utility_all_async) == ["self", "method", "args"]
+    assert issubclass(DPLBAsyncMPClient, AsyncMPClient)
+    assert parameters(EngineCore.collective_rpc)[:5] == ["self", "method", "timeout", "args", "kwargs"]
     assert {"extra_args", "skip_reading_prefix_cache"} <= set(inspect.signature(SamplingParams).parameters) | set(
         getattr(SamplingParams, "__struct_fields__", ()))
     assert {"model_config", "scheduler_config", "parallel_config"} <= fields(VllmConfig)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vllm_steer.core.registry import Vector, vector_to_wire
+from vllm_steer.engine import seam
 
 # The worker method (added to vLLM's WorkerBase, see seam.py); it runs core/runtime.py's WORKER_OPS.
 RPC_METHOD = "steering_rpc"
@@ -67,8 +68,9 @@ def send(llm: Any, call: WorkerCall) -> list:
 
 
 async def send_async(engine_client: Any, call: WorkerCall) -> list:
-    """Run ``call`` on every worker of an ``AsyncLLM`` (the server's engine client)."""
-    return await engine_client.collective_rpc(RPC_METHOD, args=call.rpc_args)
+    """Run ``call`` on every worker of an ``AsyncLLM`` (the server's engine client), of every
+    data-parallel engine it drives; one result per worker."""
+    return await seam.collective_rpc_all(engine_client, RPC_METHOD, call.rpc_args)
 
 
 @dataclass

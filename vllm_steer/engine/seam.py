@@ -51,7 +51,8 @@ Workers
 
 Server
 - Endpoint plugins (``attach_router(app)``, ``init_state(engine_client, state, args)``),
-  ``engine_client.input_processor`` and ``collective_rpc``; ``engine_client.generate`` and
+  ``engine_client.input_processor``, ``engine_core.call_utility_all_async("collective_rpc", ...)``
+  (every data-parallel engine's answer); ``engine_client.generate`` and
   ``get_tokenizer`` (``POST /v1/steering/features`` runs its captures through them); vLLM's
   Prometheus registry; the ``serve`` subcommand (``ServeSubcommand``, ``cli_env_setup``,
   ``FlexibleArgumentParser``).
@@ -385,6 +386,18 @@ def add_worker_method(name: str, method: Callable) -> None:
 
 
 # ---- the server's engine ----------------------------------------------------------------------
+async def collective_rpc_all(engine_client: Any, method: str, args: tuple) -> list:
+    """``collective_rpc`` on every worker of every engine the client drives, one result each.
+    With data parallelism, ``AsyncLLM.collective_rpc`` reaches every engine but answers with the
+    first engine's workers only (``DPLBAsyncMPClient.call_utility_async``): stats and captures
+    of the other ranks would be lost, so each engine's answer is gathered here."""
+    gather = getattr(getattr(engine_client, "engine_core", None), "call_utility_all_async", None)
+    if gather is None:
+        return await engine_client.collective_rpc(method, args=args)
+    per_engine = await gather("collective_rpc", method, None, args, None)
+    return [result for engine in per_engine for result in engine]
+
+
 def engine_tokenizer(engine_client: Any) -> Any:
     return engine_client.get_tokenizer()
 

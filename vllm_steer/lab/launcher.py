@@ -23,14 +23,16 @@ def free_port() -> int:
 
 
 def start_server(args: Sequence[str], log: Path, *, port: int | None = None,
-                 timeout: float = 900) -> tuple[subprocess.Popen, str]:
-    """``vllm-steer serve ARGS --host 127.0.0.1 --port PORT``; returns (process, url).
-    Raises with the end of the server's log when it exits or ``timeout`` passes first."""
+                 timeout: float = 900, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``vllm-steer serve ARGS --host 127.0.0.1 --port PORT`` (with ``env`` added to this
+    process's environment); returns (process, url). Raises with the end of the server's log
+    when it exits or ``timeout`` passes first."""
     port = port or free_port()
     command = [sys.executable, "-m", "vllm_steer.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=None if env is None else {**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while True:
