@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.fleet_soak import run as fleet_soak
 from vllm_steer.core.spec import vector_digest
 from vllm_steer.lab.launcher import stop_server
 from vllm_steer.server.plugin import POLL_SECONDS
@@ -84,3 +85,15 @@ def test_a_name_registered_on_one_replica_steers_the_same_on_another(server, rep
     assert refused.status_code == 400 and "unknown vector 'fleet'" in refused.text
     # The directory keeps only objects some name points at: both of fleet's are gone.
     assert not any(stored(server.registry_dir, v).exists() for v in (first, second))
+
+
+def test_fleet_soak(server, replica):
+    """Mixed traffic over both replicas while names are registered, replaced and deleted on
+    either (benchmarks/fleet_soak.py; longer runs there)."""
+    report = fleet_soak([server.url, replica], server.model, 48, 12, AUTH, seed=31)
+    print(report)
+    assert report["mismatches"] == 0 and report["errors"] == {}, report
+    assert report["completed"] > 0 and report["registry_changes"].get("registered", 0) > 0, report
+    assert report["registries_identical"], report
+    assert len({tuple(vectors) for vectors in report["worker_vectors"]}) == 1, report
+    assert report["slots_in_use_after"] == [[0], [0]], report
