@@ -3,7 +3,11 @@ directory behave as one registry, and a steered request means the same on either
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -97,3 +101,73 @@ def test_fleet_soak(server, replica):
     assert report["registries_identical"], report
     assert len({tuple(vectors) for vectors in report["worker_vectors"]}) == 1, report
     assert report["slots_in_use_after"] == [[0], [0]], report
+
+
+# ---- routing: the tested recipe ---------------------------------------------------------------
+def affinity_key(body: dict) -> str:
+    """A conversation's routing key: its steering field and its first message (or prompt). Every
+    turn of a conversation has both, so it stays on one replica, whose prefix cache holds it.
+    (Correctness does not depend on it: the cache salt keeps steered KV apart everywhere.)"""
+    first = body["messages"][0].get("content") if body.get("messages") else body.get("prompt")
+    return hashlib.sha256(json.dumps([body.get("steering"), first], sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def affinity_proxy(replicas: list[str]):
+    """A minimal router in front of the replicas; yields its url and the replica of each request."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    routed = []
+
+    async def forward(request):
+        body = await request.json()
+        replica = replicas[int(affinity_key(body), 16) % len(replicas)]
+        routed.append(replica)
+        async with httpx.AsyncClient(timeout=300) as client:
+            answer = await client.post(replica + request.url.path, json=body, headers={"authorization": request.headers["authorization"]})
+        kept = {key: value for key, value in answer.headers.items() if key.lower() in ("content-type", "x-vllm-steer-fingerprint")}
+        return Response(answer.content, answer.status_code, headers=kept)
+
+    app = Starlette(routes=[Route(path, forward, methods=["POST"]) for path in ("/v1/completions", "/v1/chat/completions")])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", routed
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_an_affinity_router_keeps_a_steered_conversation_on_its_cache(server, replica):
+    """Both turns of a steered chat go to one replica, where the second reads the first's KV
+    blocks from the prefix cache; the answers equal those of the other replica, cold."""
+    a, model = server.url, server.model
+    register(a, "routed", np.random.default_rng(281).standard_normal(256).tolist(), replace=True)
+    steering = {"vectors": [{"name": "routed", "layers": [1], "scale": 3.0}]}
+    first = [{"role": "user", "content": "Tell me a long story about the sea and the ships on it. " * 6}]
+
+    def chat(url, messages):
+        body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0, "steering": steering}
+        answer = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["choices"][0]["message"]["content"]
+
+    try:
+        with affinity_proxy([a, replica]) as (proxy, routed):
+            one = chat(proxy, first)
+            second = [*first, {"role": "assistant", "content": one}, {"role": "user", "content": "And then?"}]
+            hits = metric(routed[0], "vllm:prefix_cache_hits_total")
+            two = chat(proxy, second)
+            assert routed[0] == routed[1]
+            assert metric(routed[0], "vllm:prefix_cache_hits_total") - hits >= 16  # at least a block of turn one
+        other = replica if routed[0] == a else a
+        assert [chat(other, first), chat(other, second)] == [one, two]
+    finally:
+        httpx.delete(f"{a}/v1/steering/vectors/routed", headers=AUTH, timeout=60)
