@@ -312,8 +312,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             speed = entry.get("speedup") or {}
             batched = notebook["batched"]
             top = batched["batch"]
-            lines += ["", f"The notebook's method (transformers + forward hooks, the same steering: every request its own "
-                          f"vector on every layer):", "",
+            lines += ["", "The notebook's method (transformers + forward hooks, the same steering: every request its own "
+                          "vector on every layer):", "",
                       common.markdown_table(
                           ["method", "output tok/s", f"vllm-steer b{top} steered, speedup"],
                           [["one chat at a time" + f" ({notebook['one_at_a_time']['requests']} timed)",
