@@ -504,3 +504,21 @@ def test_rows_a_failed_step_could_not_write_are_written_at_the_next(monkeypatch)
     monkeypatch.setattr(rows, "stack_rows", stack_rows)
     pool.flush()
     assert torch.equal(pool.add[row], torch.ones(HIDDEN))
+
+
+def test_condition_counts_never_wait_for_the_device(runtime, monkeypatch):
+    """An outcome whose copy to the host is still in flight (a GPU step behind it) is counted
+    by a later call, not waited for: counting runs in the step path and the stats call."""
+    from vllm_steer.core.staging import HostCopy
+
+    spec = {"vectors": [{"name": "a", "layers": [0], "scale": 3.0}], "condition": {"name": "b", "layer": 1, "threshold": -1.0}}
+    in_flight = {"yes": True}
+    monkeypatch.setattr(HostCopy, "ready", lambda self: not in_flight["yes"])
+    monkeypatch.setattr(HostCopy, "numpy", lambda self: pytest.fail("waited") if in_flight["yes"] else self._host.numpy())
+    slot = runtime.admit("r", params(spec), prompt_len=2)
+    runtime.fill_token_slot(torch.tensor([slot]), torch.tensor([2]), torch.tensor([0, 1]), 2, 2)
+    runtime.release("r")
+    runtime.flush()
+    assert runtime.stats()["conditions"] == {"held": 0, "not_held": 0}  # in flight: not counted yet
+    in_flight["yes"] = False
+    assert runtime.stats()["conditions"] == {"held": 1, "not_held": 0}

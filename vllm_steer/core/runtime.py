@@ -270,7 +270,7 @@ class SteeringRuntime:
             leaving = to_device(torch.tensor(self._gates_leaving, dtype=torch.int64), self.gate.device)
             self._gate_outcomes.append(HostCopy(self._holds().index_select(0, leaving)))  # copied back without waiting
             self._gates_leaving.clear()
-            if len(self._gate_outcomes) > 64:  # long since copied: counting waits for nothing
+            if len(self._gate_outcomes) > 64:  # fold the complete ones into the counts (never waits)
                 self._condition_counts()
 
     def slot_of(self, req_id: str) -> int | None:
@@ -376,13 +376,20 @@ class SteeringRuntime:
         return self.capture.collect(keys) if self.capture is not None else {}
 
     def _condition_counts(self) -> dict[str, int]:
-        """Released requests with a condition: how many steered (it held) and how many not."""
+        """Released requests with a condition: how many steered (it held) and how many not.
+        Counts only outcomes whose copy to the host is complete: this runs in the step path
+        and in the stats call, and must never wait for the step in flight (one released just
+        now is counted by a later call)."""
         self._read_gate_outcomes()
+        pending = []
         for outcome in self._gate_outcomes:
+            if not outcome.ready():
+                pending.append(outcome)
+                continue
             held = outcome.numpy()
             self._conditions["held"] += int(held.sum())
             self._conditions["not_held"] += held.size - int(held.sum())
-        self._gate_outcomes.clear()
+        self._gate_outcomes = pending
         return {"held": self._conditions["held"], "not_held": self._conditions["not_held"]}
 
     def stats(self) -> dict[str, Any]:

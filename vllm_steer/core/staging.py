@@ -34,6 +34,10 @@ class HostCopy:
         self._event = torch.cuda.Event()
         self._event.record()
 
+    def ready(self) -> bool:
+        """Whether the copy is complete: ``numpy()`` would not wait."""
+        return self._event is None or self._event.query()
+
     def numpy(self) -> np.ndarray:
         if self._event is not None:
             self._event.synchronize()
