@@ -522,3 +522,16 @@ def test_condition_counts_never_wait_for_the_device(runtime, monkeypatch):
     assert runtime.stats()["conditions"] == {"held": 0, "not_held": 0}  # in flight: not counted yet
     in_flight["yes"] = False
     assert runtime.stats()["conditions"] == {"held": 1, "not_held": 0}
+
+
+def test_tokens_past_the_scheduled_counts_read_slot_zero(runtime):
+    """Counts summing to fewer tokens than the step holds (V2's adaptive speculative
+    verification) must not fail the step: the tokens counted read their request's slot, the
+    rest slot 0, as repeat_interleave would give where the counts add up."""
+    a = runtime.admit("a", params(SPEC_A), prompt_len=3)
+    b = runtime.admit("b", params(SPEC_A), prompt_len=3)
+    slots, counts = torch.tensor([a, 0, b]), torch.tensor([2, 1, 2])
+    runtime.fill_token_slot(slots, counts, torch.arange(5), 5, 6)
+    assert runtime.token_slot[:6].tolist() == torch.repeat_interleave(slots, counts).tolist() + [0]
+    runtime.fill_token_slot(slots, torch.tensor([2, 1, 1]), torch.arange(5), 5, 6)
+    assert runtime.token_slot[:6].tolist() == [a, a, 0, b, 0, 0]

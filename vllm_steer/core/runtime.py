@@ -83,6 +83,7 @@ class SteeringRuntime:
         # slot's gate column, or 0), and per local layer the pool row each token reads
         # (token_row[n] is layer_order[n]'s).
         self.token_slot = torch.zeros(max_tokens, dtype=torch.int64)
+        self._token_index = torch.arange(max_tokens, dtype=torch.int64)  # 0..max_tokens-1, for _token_slots
         self.token_row = torch.zeros(len(layers), max_tokens, dtype=torch.int64)
         self.row_of_slot = torch.zeros(len(layers), 2 * num_slots, dtype=torch.int64)
         # A slot's tokens read one column of row_of_slot before a position and another from it
@@ -265,6 +266,18 @@ class SteeringRuntime:
         if any(pushed):  # the stages' push also overwrote column_after
             self._outcomes_stale = True
 
+    def _token_slots(self, slot_per_request: torch.Tensor, tokens_per_request: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Each token's slot: its request's, found by where the token falls among the requests'
+        cumulative counts. Not ``repeat_interleave(..., output_size=num_tokens)``: where the
+        counts sum to fewer tokens (V2's adaptive speculative verification may schedule
+        fewer) that fails, killing the engine (on a GPU, a device assert). Tokens past the
+        counts read slot 0."""
+        ends = torch.cumsum(tokens_per_request, 0)
+        request = torch.searchsorted(ends, self._token_index[:num_tokens], right=True)
+        last = slot_per_request.shape[0] - 1
+        slots = slot_per_request.index_select(0, request.clamp(max=last))
+        return slots.masked_fill_(request > last, 0)
+
     def _read_gate_outcomes(self) -> None:
         if self._gates_leaving:
             leaving = to_device(torch.tensor(self._gates_leaving, dtype=torch.int64), self.gate.device)
@@ -312,7 +325,7 @@ class SteeringRuntime:
         if num_tokens == slot_per_request.shape[0]:
             slots = slot_per_request  # a token per request (a step's requests each have >= 1): decode
         else:
-            slots = torch.repeat_interleave(slot_per_request, tokens_per_request, output_size=num_tokens)
+            slots = self._token_slots(slot_per_request, tokens_per_request, num_tokens)
         pos = positions[:num_tokens]
         if self._staged:
             if self._gated and self._outcomes_stale:
