@@ -16,7 +16,6 @@ workers, and no steering slot.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -28,8 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import common
-from benchmarks.soak import PROMPTS, make_jobs, settled_slots
+from benchmarks.soak import PROMPTS, auth, make_jobs, served_vectors, settled_slots, soak_arguments
 from vllm_steer.lab import launcher
 
 STABLE = ("fleet-a", "fleet-b")
@@ -198,11 +196,8 @@ def worker_vectors(urls: list[str], headers: dict) -> list[list[int]]:
 
 
 def run(urls: list[str], model: str, count: int, concurrency: int, headers: dict, seed: int = 0, settle_s: float = 20.0) -> dict:
+    hidden, features = served_vectors(urls[0], headers)
     with httpx.Client(headers=headers, timeout=60) as client:
-        listed = client.get(f"{urls[0]}/v1/steering/vectors").json()["data"]
-        hidden = listed[0]["dimension"]
-        features = [[int(e["name"][1:].split("/F")[0]), int(e["name"].split("/F")[1]), round(e["norm"], 3)]
-                    for e in listed if e["name"].startswith("L") and "/F" in e["name"]]
         generator = random.Random(seed)
         for name in STABLE:  # on the first replica; the others resolve them from the directory
             vector = [generator.gauss(0.0, 1.0) for _ in range(hidden)]
@@ -252,16 +247,10 @@ def run(urls: list[str], model: str, count: int, concurrency: int, headers: dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = soak_arguments(__doc__, requests=300, concurrency=32, out="fleet_soak.json")
     parser.add_argument("--url", action="append", default=None, help="a running replica; repeat (default: start two)")
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(common.RESULTS / "fleet_soak.json"))
     args = parser.parse_args()
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth(args.api_key)
     processes, urls = [], args.url
     if urls is None:
         registry, urls = tempfile.mkdtemp(prefix="fleet-soak-registry-"), []

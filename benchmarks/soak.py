@@ -126,14 +126,35 @@ def settled_slots(url: str, model: str, headers: dict) -> list[int]:
         return [w["slots_in_use"] for w in client.get("/v1/steering/stats").json()["workers"]]
 
 
-def run(url: str, model: str, count: int, concurrency: int, headers: dict, server_pid: int | None, seed: int = 0) -> dict:
+def served_vectors(url: str, headers: dict) -> tuple[int, list[list]]:
+    """The server's hidden size, and its notebook features as ``[layer, feature_id, norm]``."""
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
         listed = client.get("/v1/steering/vectors").json()["data"]
     features = [
         [int(e["name"][1:].split("/F")[0]), int(e["name"].split("/F")[1]), round(e["norm"], 3)]
         for e in listed if e["name"].startswith("L") and "/F" in e["name"]
     ]
-    hidden = listed[0]["dimension"]
+    return listed[0]["dimension"], features
+
+
+def soak_arguments(doc: str, *, requests: int, concurrency: int, out: str) -> argparse.ArgumentParser:
+    """The options both soaks take (each adds its own ``--url``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--requests", type=int, default=requests)
+    parser.add_argument("--concurrency", type=int, default=concurrency)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(common.RESULTS / out))
+    return parser
+
+
+def auth(api_key: str | None) -> dict:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def run(url: str, model: str, count: int, concurrency: int, headers: dict, server_pid: int | None, seed: int = 0) -> dict:
+    hidden, features = served_vectors(url, headers)
     jobs = make_jobs(count, hidden, features, seed)
     # Warm up (compile, allocator pools at full concurrency), then take the memory baseline.
     asyncio.run(soak(url, model, make_jobs(2 * concurrency, hidden, features, seed + 1), concurrency, headers))
@@ -166,16 +187,10 @@ def run(url: str, model: str, count: int, concurrency: int, headers: dict, serve
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = soak_arguments(__doc__, requests=500, concurrency=64, out="soak.json")
     parser.add_argument("--url", default=None, help="a running server (default: start the demo server)")
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(common.RESULTS / "soak.json"))
     args = parser.parse_args()
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth(args.api_key)
     process = None
     url = args.url
     if url is None:

@@ -278,8 +278,7 @@ class VectorRegistry:
 
     def vector(self, name: str) -> Vector:
         """A name's vector, or ``{layer: vector}`` for a layered one."""
-        arrays = self.arrays_of(name)
-        return arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays
+        return as_vector(self.arrays_of(name))
 
     def content_digests(self, name: str) -> tuple[str, ...]:
         """The digests of a name's vectors (one per layer of a layered vector)."""
@@ -316,6 +315,11 @@ class VectorRegistry:
 
 
 Vector = np.ndarray | Mapping[int, np.ndarray]
+
+
+def as_vector(arrays: Mapping[int, np.ndarray]) -> Vector:
+    """``{layer: vector}`` as a Vector: the one vector itself when it applies at any layer."""
+    return arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays
 
 
 def vector_to_wire(vector: Vector) -> bytes | dict[int, bytes]:

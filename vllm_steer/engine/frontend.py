@@ -148,8 +148,7 @@ class SteeringFrontend:
         stale, gone = self.workers.behind(self.registry)
         updates = []
         for name in stale:
-            held = partial(self.workers.set, name, self.registry.entry_digest(name), self.registry.content_digests(name))
-            updates.append((rpc.add_vector(name, self.registry.vector(name), self.registry.info(name).source), held))
+            updates.append((rpc.add_vector(name, self.registry.vector(name), self.registry.info(name).source), self._pushed(name)))
         for name in gone:
             self.workers.drop(name)  # now: nothing resolves the name, and its content may be another's
             updates.append((rpc.remove_vector(name), lambda: None))
@@ -157,7 +156,11 @@ class SteeringFrontend:
 
     def mark_pushed(self, name: str) -> None:
         """The workers now hold ``name`` as this front end's registry has it."""
-        self.workers.set(name, self.registry.entry_digest(name), self.registry.content_digests(name))
+        self._pushed(name)()
+
+    def _pushed(self, name: str) -> Callable[[], None]:
+        """What records that the workers hold ``name`` as the registry has it now (call it once they do)."""
+        return partial(self.workers.set, name, self.registry.entry_digest(name), self.registry.content_digests(name))
 
     # ---- the middleware's hand-off to prepare_request (same process) ---------------------
     def seal(self, resolved: ResolvedSteering) -> str:

@@ -26,7 +26,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_steer.core.registry import ANY_LAYER
 from vllm_steer.core.spec import SteeringError, decode_b64
 from vllm_steer.engine import rpc
 from vllm_steer.server.middleware import error_body
@@ -221,5 +220,4 @@ def _read_file(path: Path, file_vector: str | None, field: str, shown: str | Non
     choice = file_vector or (names[0] if len(names) == 1 else None)
     if choice not in names:
         raise SteeringError(f"name the vector to take with 'file_vector'; the file holds: {', '.join(names[:20])}", "file_vector")
-    arrays = registry.arrays_of(choice)
-    return (arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays), choice
+    return registry.vector(choice), choice

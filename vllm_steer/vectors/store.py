@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_steer.core.spec import DIGEST_PREFIX, vector_digest
-from vllm_steer.core.registry import ANY_LAYER, Vector, VectorRegistry
+from vllm_steer.core.registry import ANY_LAYER, Vector, VectorRegistry, as_vector
 
 # Reads of names.json and its objects, each after a change pruned what the last one named.
 READ_ATTEMPTS = 5
@@ -76,8 +76,7 @@ class RegistryStore:
         self._seen = seen
 
     def _load(self, vectors: dict[str, str]) -> Vector:
-        arrays = {int(layer): np.fromfile(self.root / "objects" / f"{hex_}.f32", dtype="<f4") for layer, hex_ in vectors.items()}
-        return arrays[ANY_LAYER] if ANY_LAYER in arrays else arrays
+        return as_vector({int(layer): np.fromfile(self.root / "objects" / f"{hex_}.f32", dtype="<f4") for layer, hex_ in vectors.items()})
 
     # ---- writing ------------------------------------------------------------------------
     @contextmanager
